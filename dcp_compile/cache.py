@@ -1,0 +1,198 @@
+"""The sharded paged MLA cache: each rank holds only the tokens it owns (design §3).
+
+Per layer and per rank, two page pools: latent rows ``c ‖ k_rope`` and indexer keys ``k_idx``. Pages are
+``page_size`` rows; one allocator hands them out for all layers at once (every layer of a sequence owns
+the same positions, so one block table per sequence serves every layer). Pages for a request are reserved
+up front, so the decode step never allocates: it only reads ``block_table`` and the Python int
+``seq_length`` — no host sync, no data-dependent shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from .layout import DCPLayout
+
+
+class CachePoolExhausted(RuntimeError):
+    """The fixed page pool cannot hold the request. Nothing was allocated; the cache is as before."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the pass learned about the layers it rewrote: their cache indices and row widths."""
+
+    layer_ids: tuple[int, ...]
+    latent_dim: int  # d_c + d_rope
+    index_dim: int  # d_idx
+    dtype: torch.dtype
+    index_dtype: torch.dtype
+
+
+class PageAllocator:
+    """Free list of page ids. Allocation is all-or-nothing."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise CachePoolExhausted(f"{count} pages needed, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class ShardedPagedCache(Cache):
+    """A transformers ``Cache`` whose DCP layers keep 1/N of the latent and indexer caches on each rank.
+
+    ``seq_length`` counts positions per sequence (left padding included, as HF's caches do); all sequences
+    of a batch advance together. ``reserve(num_tokens)`` gives every sequence the pages for its owned
+    positions among ``0 .. num_tokens-1``.
+    """
+
+    def __init__(
+        self,
+        spec: CacheSpec,
+        layout: DCPLayout,
+        rank: int,
+        num_pages: int,
+        device: torch.device | str = "cpu",
+        batch_size: int = 1,
+    ):
+        super().__init__(layers=[])
+        if not 0 <= rank < layout.world:
+            raise ValueError(f"rank {rank} is outside the DCP group of size {layout.world}")
+        self.spec, self.layout, self.rank = spec, layout, rank
+        self.device = torch.device(device)
+        self.allocator = PageAllocator(num_pages)
+        rows = num_pages * layout.page_size
+        self.latent = {i: torch.zeros(rows, spec.latent_dim, dtype=spec.dtype, device=self.device) for i in spec.layer_ids}
+        self.index_keys = {i: torch.zeros(rows, spec.index_dim, dtype=spec.index_dtype, device=self.device) for i in spec.layer_ids}
+        self._last_layer = max(spec.layer_ids)
+        self.seq_length = 0
+        self.capacity = 0  # positions per sequence with pages reserved
+        self._set_batch(batch_size)
+
+    # -- allocation (host side, outside the decode step) -------------------------------------------------------
+    def _set_batch(self, batch_size: int) -> None:
+        self.num_sequences = batch_size
+        self._pages: list[list[int]] = [[] for _ in range(batch_size)]
+        self.block_table = torch.full(
+            (batch_size, max(1, self.allocator.num_pages)), -1, dtype=torch.int32, device=self.device
+        )
+
+    def start_request(self, batch_size: int, num_tokens: int) -> None:
+        """Free everything, then reserve ``num_tokens`` positions for each of ``batch_size`` sequences.
+        On failure the cache is left empty and usable."""
+        self.reset()
+        self._set_batch(batch_size)
+        self.reserve(num_tokens)
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for positions ``0 .. num_tokens-1`` in every sequence (all-or-nothing)."""
+        if num_tokens <= self.capacity:
+            return
+        # Every rank has a pool of the same size and runs the same check for the rank that needs the most
+        # (rank 0), so either all ranks raise here, before any collective, or none does.
+        P, worst = self.layout.page_size, 0
+        worst_need = self.num_sequences * self.layout.pages(num_tokens, worst)
+        if worst_need > self.allocator.num_pages:
+            raise CachePoolExhausted(
+                f"the DCP cache pool cannot hold {self.num_sequences} sequence(s) of {num_tokens} tokens: DCP rank "
+                f"{worst} needs {worst_need} pages ({worst_need * P} token rows) but its pool has "
+                f"{self.allocator.num_pages} pages ({self.allocator.num_pages * P} token rows, page size {P}). "
+                f"Lower the batch, the prompt or max_new_tokens, or raise cache_budget_tokens."
+            )
+        need = [self.layout.pages(num_tokens, self.rank) - len(p) for p in self._pages]
+        for seq, count in enumerate(need):
+            new = self.allocator.allocate(count)
+            start = len(self._pages[seq])
+            self._pages[seq].extend(new)
+            if new:
+                self.block_table[seq, start : start + len(new)] = torch.tensor(new, dtype=torch.int32)
+        self.capacity = num_tokens
+
+    def free_sequence(self, seq: int) -> None:
+        self.allocator.release(self._pages[seq])
+        self._pages[seq] = []
+        self.block_table[seq].fill_(-1)
+
+    def reset(self) -> None:
+        for seq in range(self.num_sequences):
+            self.free_sequence(seq)
+        self.seq_length = 0
+        self.capacity = 0
+
+    # -- the decode step ------------------------------------------------------------------------------------------
+    def layer_state(self, layer_idx: int, num_new: int):
+        """(latent pool, index pool, block table, past length) for one DCP layer's step."""
+        past = self.seq_length
+        if past + num_new > self.capacity:
+            raise CachePoolExhausted(
+                f"step writes positions {past}..{past + num_new - 1} but only {self.capacity} positions per "
+                f"sequence are reserved; call reserve() or generate() so the cache is sized for the request"
+            )
+        return self.latent[layer_idx], self.index_keys[layer_idx], self.block_table, past
+
+    def advance(self, layer_idx: int, num_new: int) -> None:
+        """Called by each DCP layer after its step; the last layer moves the sequence length on."""
+        if layer_idx == self._last_layer:
+            self.seq_length = self.seq_length + num_new
+
+    # -- what transformers asks of a Cache ----------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_length + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # keeps HF generate from wrapping forward in its own torch.compile
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.seq_length = max(0, self.seq_length + tokens_to_remove)
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(f"ShardedPagedCache does not support {what} yet (beam search, num_return_sequences > 1)")
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("reorder_cache")
+
+    def batch_repeat_interleave(self, repeats: int):
+        if repeats != 1:
+            self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+    # -- accounting -------------------------------------------------------------------------------------------------
+    def storage_bytes(self) -> int:
+        """Bytes of this rank's cache pools (latent + indexer, all layers)."""
+        return sum(t.numel() * t.element_size() for t in (*self.latent.values(), *self.index_keys.values()))
+
+    def used_pages(self) -> int:
+        return self.allocator.num_pages - self.allocator.free_pages
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedPagedCache(rank={self.rank}, {self.layout}, layers={len(self.spec.layer_ids)}, "
+            f"pages={self.used_pages()}/{self.allocator.num_pages}, seq_length={self.seq_length})"
+        )

@@ -1,0 +1,285 @@
+"""Match: find MLA sparse attention in a captured layer graph by its dataflow.
+
+The pieces (each a small dataclass, found independently, then combined):
+
+- ``LatentCacheMatch``: the ``cache_update`` marker — the step's new latent ``c`` and rotary key rows.
+- ``KVExpansionMatch``: the linear that expands the full latent cache per head (``kv_b_proj``), and its
+  split into per-head non-rotary keys and values.
+- ``AttentionMatch``: the attention core that consumes those values (eager ``matmul → softmax → matmul``
+  or ``scaled_dot_product_attention``), its query ``cat(q_nope, q_rope)``, scale, and the output
+  projection that follows.
+- ``IndexerMatch``: the ``indexer_update`` marker, the indexer's ``matmul → scale → relu → weighted sum →
+  mask → topk`` and its query, head weights, scale and k.
+- ``QueryProjectionMatch``: the linear whose output is split into heads to make the query (for head sharding).
+
+Nothing here names a model class or a module attribute; parameters are found as graph inputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+# Ops that move, cast or re-view a tensor without changing which values it holds.
+TRANSPARENT = {
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.transpose.int, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.default, aten.contiguous.default, aten.view.default, aten.reshape.default,
+    aten.expand.default, aten.clone.default, aten.t.default, aten.permute.default, aten.alias.default,
+    aten.dropout.default, aten.slice.Tensor, aten.select.int,
+}
+ATTENTION_CORES = (aten.matmul.default, aten.scaled_dot_product_attention.default)
+
+
+class MatchError(ValueError):
+    """A layer did not have the shape of MLA sparse attention; the message names the layer and what is missing."""
+
+
+@dataclass
+class LatentCacheMatch:
+    update: Node
+    latent_new: Node  # [B, 1, S, d_c]
+    rope_new: Node  # [B, 1, S, d_rope]
+    latent_all: Node  # the full latent cache read back
+
+
+@dataclass
+class KVExpansionMatch:
+    linear: Node
+    weight: Node  # parameter placeholder [H·(nope + v), d_c]
+    nope_dim: int
+    v_dim: int
+    values: Node  # per-head values [B, H, T, v]
+
+
+@dataclass
+class AttentionMatch:
+    core: Node
+    query_nope: Node  # [B, H, S, nope]
+    query_rope: Node  # [B, H, S, rope]
+    scale: float
+    output: Node  # attention output as the output projection receives it: [B, S, H·v]
+    out_proj: Node  # the output projection (aten.linear)
+
+
+@dataclass
+class IndexerMatch:
+    update: Node
+    key_new: Node  # [B, S, Di]
+    query: Node  # [B, S, Hi, Di]
+    weights: Node  # [B, S, Hi]
+    scale: float
+    topk: int
+
+
+@dataclass
+class QueryProjectionMatch:
+    linear: Node
+    weight: Node  # [H·head_dim, q_lora]
+    head_dim: int
+
+
+@dataclass
+class MLASparseAttentionMatch:
+    layer: str
+    latent_cache: LatentCacheMatch
+    kv_expansion: KVExpansionMatch
+    attention: AttentionMatch
+    indexer: IndexerMatch
+    query_projection: QueryProjectionMatch
+    mask: Node | None
+
+    @property
+    def heads(self) -> int:
+        rows = self.kv_expansion.weight.meta["val"].shape[0]
+        return rows // (self.kv_expansion.nope_dim + self.kv_expansion.v_dim)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_expansion.weight.meta["val"].shape[1]
+
+    @property
+    def rope_dim(self) -> int:
+        return self.latent_cache.rope_new.meta["val"].shape[-1]
+
+
+# --- graph walking -----------------------------------------------------------------------------------------------------
+def source(node: Node) -> Node:
+    """Follow a value back through TRANSPARENT ops to where it was computed."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in TRANSPARENT:
+        node = node.args[0]
+    return node
+
+
+def consumers(node: Node) -> list[Node]:
+    """The non-transparent nodes that read ``node`` (looking through TRANSPARENT ops)."""
+    out, todo, seen = [], [node], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "call_function" and u.target in TRANSPARENT and u.args[0] is n:
+                todo.append(u)
+            else:
+                out.append(u)
+    return out
+
+
+def getitem(node: Node, index: int) -> Node | None:
+    for u in node.users:
+        if u.target is __import__("operator").getitem and u.args[1] == index:
+            return u
+    return None
+
+
+def _scalar(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _only(nodes: list[Node], what: str, layer: str) -> Node:
+    if len(nodes) != 1:
+        raise MatchError(f"layer {layer}: expected exactly one {what}, found {len(nodes)}")
+    return nodes[0]
+
+
+# --- the pieces ----------------------------------------------------------------------------------------------------------
+def match_latent_cache(gm: GraphModule, layer: str) -> LatentCacheMatch:
+    updates = [n for n in gm.graph.nodes if n.target is torch.ops.dcp_capture.cache_update.default]
+    if not updates:
+        raise MatchError(f"layer {layer}: no latent cache update (the layer never calls cache.update)")
+    update = _only(updates, "latent cache update", layer)
+    latent_all = getitem(update, 0)
+    if latent_all is None:
+        raise MatchError(f"layer {layer}: the latent cache is written but never read back")
+    return LatentCacheMatch(update, update.args[0], update.args[1], latent_all)
+
+
+def match_kv_expansion(latent: LatentCacheMatch, params: set[Node], layer: str) -> KVExpansionMatch:
+    linears = [u for u in consumers(latent.latent_all) if u.target is aten.linear.default and u.args[0] is not None]
+    if not linears or source(linears[0].args[1]) not in params:
+        raise MatchError(
+            f"layer {layer}: the cached latent is not expanded per head by a linear projection (kv_b_proj) — "
+            f"is this MLA? Dense multi-head caches are not supported"
+        )
+    linear = linears[0]
+    splits = [u for u in consumers(linear) if u.target is aten.split_with_sizes.default]
+    if not splits or len(splits[0].args[1]) != 2:
+        raise MatchError(f"layer {layer}: the expanded latent is not split into per-head keys and values")
+    nope_dim, v_dim = (int(x) for x in splits[0].args[1])
+    values = getitem(splits[0], 1)
+    return KVExpansionMatch(linear, source(linear.args[1]), nope_dim, v_dim, values)
+
+
+def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
+    cores = [u for u in consumers(kv.values) if u.target in ATTENTION_CORES]
+    if not cores:
+        raise MatchError(
+            f"layer {layer}: no attention core (matmul/softmax or scaled_dot_product_attention) reads the expanded "
+            f"values; attention implementations other than 'eager' and 'sdpa' are not supported"
+        )
+    core = cores[0]
+    if core.target is aten.scaled_dot_product_attention.default:
+        query = source(core.args[0])
+        scale = core.kwargs.get("scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(query.meta["val"].shape[-1])
+    else:
+        query, scale = _eager_query_and_scale(core, layer)
+    if query.target is not aten.cat.default or len(query.args[0]) != 2:
+        raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
+    q_nope, q_rope = query.args[0]
+    projections = [u for u in consumers(core) if u.target is aten.linear.default]
+    if not projections:
+        raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
+    out_proj = projections[0]
+    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj)
+
+
+def _eager_query_and_scale(pv: Node, layer: str) -> tuple[Node, float]:
+    probs = source(pv.args[0])
+    if probs.target not in (aten.softmax.int, aten._softmax.default):
+        raise MatchError(f"layer {layer}: the values are multiplied by something other than softmax probabilities")
+    node, scale = probs.args[0], 1.0
+    while node.target is not aten.matmul.default:
+        if node.target is aten.mul.Tensor and _scalar(node.args[1]) is not None:
+            scale *= _scalar(node.args[1])
+            node = node.args[0]
+        elif node.target is aten.div.Tensor and _scalar(node.args[1]) is not None:
+            scale /= _scalar(node.args[1])
+            node = node.args[0]
+        elif node.target in (aten.add.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            node = node.args[0]  # the mask is added to (or filled into) the scores
+        else:
+            raise MatchError(f"layer {layer}: cannot follow the attention scores through {node.target}")
+    return source(node.args[0]), scale
+
+
+def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
+    updates = [n for n in gm.graph.nodes if n.target is torch.ops.dcp_capture.indexer_update.default]
+    if not updates:
+        raise MatchError(
+            f"layer {layer}: no indexer key cache update (cache.update_indexer): the layer has no DeepSeek Sparse "
+            f"Attention indexer; dense MLA is not supported yet"
+        )
+    update = _only(updates, "indexer key cache update", layer)
+    mms = [u for u in consumers(update) if u.target is aten.matmul.default]
+    if not mms:
+        raise MatchError(f"layer {layer}: the indexer keys are not scored by a matmul")
+    mm = mms[0]
+    node, scale, relu = mm, 1.0, False
+    while True:
+        users = [u for u in consumers(node)]
+        if len(users) != 1:
+            raise MatchError(f"layer {layer}: the indexer scores branch before the head-weighted sum")
+        u = users[0]
+        if u.target is aten.mul.Tensor and _scalar(u.args[1]) is not None:
+            scale *= _scalar(u.args[1])
+        elif u.target is aten.relu.default:
+            relu = True
+        elif u.target is aten.matmul.default and relu:
+            weights_mm = u
+            break
+        else:
+            raise MatchError(f"layer {layer}: unexpected {u.target} between indexer scoring and its head weighting")
+        node = u
+    topks, node = [], weights_mm
+    for _ in range(8):  # through squeeze / mask add / masked_fill to the top-k
+        users = consumers(node)
+        topks = [u for u in users if u.target is aten.topk.default]
+        if topks or len(users) != 1:
+            break
+        node = users[0]
+    if not topks or not isinstance(topks[0].args[1], int):
+        raise MatchError(f"layer {layer}: the indexer scores do not end in a top-k of fixed size")
+    return IndexerMatch(update, update.args[0], mm.args[0], source(weights_mm.args[0]), scale, int(topks[0].args[1]))
+
+
+def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -> QueryProjectionMatch:
+    item = att.query_nope
+    split = item.args[0] if item.target is __import__("operator").getitem else None
+    if split is None or split.target is not aten.split_with_sizes.default:
+        raise MatchError(f"layer {layer}: the non-rotary query is not a split of per-head query states")
+    view = split.args[0]
+    while view.target is aten.transpose.int:
+        view = view.args[0]
+    linear = source(view)
+    if view.target is not aten.view.default or linear.target is not aten.linear.default or source(linear.args[1]) not in params:
+        raise MatchError(f"layer {layer}: the query heads do not come from one linear projection")
+    return QueryProjectionMatch(linear, source(linear.args[1]), int(view.args[1][-1]))
+
+
+def match_layer(gm: GraphModule, num_params: int, mask: Node | None, layer: str) -> MLASparseAttentionMatch:
+    params = set(list(n for n in gm.graph.nodes if n.op == "placeholder")[:num_params])
+    latent = match_latent_cache(gm, layer)
+    kv = match_kv_expansion(latent, params, layer)
+    att = match_attention(kv, layer)
+    idx = match_indexer(gm, layer)
+    qp = match_query_projection(att, params, layer)
+    if source(att.out_proj.args[1]) not in params:
+        raise MatchError(f"layer {layer}: the output projection's weight is not a parameter")
+    return MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, mask)

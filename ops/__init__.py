@@ -1,0 +1,120 @@
+"""The ``dcp`` custom-op library (importable as ``dcp_compile.ops``).
+
+Each op has a schema, a fake (meta) implementation for tracing, a plain-PyTorch implementation that serves
+the CPU (``ops/reference.py``), and a Triton implementation for CUDA tensors where one pays (``ops/triton``).
+The ops are local: collectives live in ``ops/distributed.py`` as c10d functional collectives, so Inductor
+sees them and can schedule around them.
+
+    dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
+    dcp::paged_write(pool!, rows, slots) -> ()
+    dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
+    dcp::topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
+        -> (slots, counts)
+    dcp::lse_combine(out, lse, lse_all) -> out_scaled
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .distributed import all_gather_heads, distributed_topk, lse_merge  # noqa: F401  (re-export)
+
+LIB = "dcp"
+
+
+# --- sparse_mla_attn ---------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::sparse_mla_attn", mutates_args=())
+def sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
+    """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
+    out [T, H, v_dim] (q's dtype), lse [T, H] float32 (natural log, -inf where counts is 0, out 0 there)."""
+    return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+
+
+@sparse_mla_attn.register_fake
+def _(q, kv, slots, counts, scale, v_dim):
+    T, H, _ = q.shape
+    return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=torch.float32)
+
+
+@sparse_mla_attn.register_kernel("cuda")
+def _(q, kv, slots, counts, scale, v_dim):
+    from .triton.sparse_mla_attn import sparse_mla_attn as kernel
+
+    return kernel(q, kv, slots, counts, scale, v_dim)
+
+
+# --- paged_write -------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::paged_write", mutates_args=("pool",))
+def paged_write(pool: Tensor, rows: Tensor, slots: Tensor) -> None:
+    """pool [S, D] <- rows [N, D] at slots [N] (int); slots < 0 are rows this rank does not own: skipped."""
+    reference.paged_write(pool, rows, slots)
+
+
+@paged_write.register_fake
+def _(pool, rows, slots):
+    return None
+
+
+@paged_write.register_kernel("cuda")
+def _(pool, rows, slots):
+    # No boolean indexing on CUDA: it would sync the host and break CUDA-graph capture.
+    from .triton.paged_write import paged_write as kernel
+
+    kernel(pool, rows, slots)
+
+
+# --- indexer_scores ----------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::indexer_scores", mutates_args=())
+def indexer_scores(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """q [B, S, Hi, Di], w [B, S, Hi], k_pool [P, Di], key_slots [B, L] int32, allowed [B, S, L] bool ->
+    [B, S, L] float32 scores, -inf where not allowed or slot < 0."""
+    return reference.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+
+
+@indexer_scores.register_fake
+def _(q, w, k_pool, key_slots, allowed, scale):
+    return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
+
+
+@indexer_scores.register_kernel("cuda")
+def _(q, w, k_pool, key_slots, allowed, scale):
+    from .triton.indexer_scores import indexer_scores as kernel
+
+    return kernel(q, w, k_pool, key_slots, allowed, scale)
+
+
+# --- topk_select -------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())
+def topk_select(
+    cand_scores: Tensor, cand_pos: Tensor, seq_index: Tensor, block_table: Tensor,
+    k: int, rank: int, world: int, interleave: int, page_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Global top-k of gathered (score, position) candidates [T, C] -> this rank's compacted slots [T, k]
+    int32 and counts [T] int32. Sort-based and fixed-width: no host sync, no data-dependent shape."""
+    return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
+
+
+@topk_select.register_fake
+def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
+    T = cand_scores.shape[0]
+    return cand_scores.new_empty(T, k, dtype=torch.int32), cand_scores.new_empty(T, dtype=torch.int32)
+
+
+# --- lse_combine -------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::lse_combine", mutates_args=())
+def lse_combine(out: Tensor, lse: Tensor, lse_all: Tensor) -> Tensor:
+    """out [T, H, D] partial attention of this rank, lse [T, H], lse_all [N, T, H] of every rank ->
+    out · exp(lse - logsumexp(lse_all)) in float32 (float64 for float64), exactly 0 for empty ranks."""
+    return reference.lse_combine(out, lse, lse_all)
+
+
+@lse_combine.register_fake
+def _(out, lse, lse_all):
+    return out.new_empty(out.shape, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+
+
+__all__ = [
+    "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
+    "all_gather_heads", "distributed_topk", "lse_merge", "reference",
+]

@@ -1,0 +1,69 @@
+"""The collective steps of DCP attention, written with c10d *functional* collectives.
+
+Why functional collectives and not ``dcp`` ops that call ``dist.*`` inside: Dynamo traces
+``_c10d_functional.all_gather_into_tensor`` / ``reduce_scatter_tensor`` / ``wait_tensor`` as graph nodes,
+so Inductor can start a collective early and wait late (overlapping it with the local top-k or the
+absorbed-query matmul), and CUDA-graph capture records them like any other kernel. An opaque op would
+hide them. The local math between the collectives is in ``dcp`` ops (``ops/__init__.py``).
+
+Every function takes the process group by name and its size; a group of one does no communication.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def all_gather_heads(q: Tensor, group_name: str, world: int) -> Tensor:
+    """[T, H, D] on each rank -> [T, world·H, D], rank r's heads at block r (design §4.4)."""
+    if world == 1:
+        return q
+    return funcol.all_gather_tensor(q.contiguous(), 1, group_name)
+
+
+def distributed_topk(
+    scores: Tensor, positions: Tensor, seq_index: Tensor, block_table: Tensor, k: int,
+    rank: int, world: int, interleave: int, page_size: int, group_name: str,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the whole DCP group (design §4.2).
+
+    scores [T, L] this rank's indexer scores of its own keys (-inf = not a candidate), positions [L] or
+    [T, L] their global positions. Local top-k, all-gather (score, position), global top-k, keep the ones
+    this rank owns as compacted local slots [T, k] and counts [T].
+    """
+    num_queries = scores.shape[0]
+    positions = positions.expand(num_queries, -1) if positions.dim() == 1 else positions
+    # Always k extra -inf columns: the local top-k is then fixed-width k whatever this rank holds, with no
+    # branch on the (growing) local length, so a decode graph compiles once.
+    scores = F.pad(scores, (0, k), value=float("-inf"))
+    positions = F.pad(positions, (0, k), value=torch.iinfo(torch.int32).max)
+    top_scores, top_idx = torch.topk(scores, k, dim=-1)
+    top_pos = torch.gather(positions, -1, top_idx)
+    if world > 1:
+        # One collective for both: float32 scores and positions < 2**53 are exact in float64.
+        packed = torch.stack([top_scores.double(), top_pos.double()], dim=0)  # [2, T, k]
+        packed = funcol.all_gather_tensor(packed, 2, group_name)  # [2, T, world·k]
+        top_scores, top_pos = packed[0].float(), packed[1].long()
+    return torch.ops.dcp.topk_select(
+        top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
+    )
+
+
+def lse_merge(out: Tensor, lse: Tensor, group_name: str, world: int) -> Tensor:
+    """Merge partial attention of all ranks (design §4.6).
+
+    out [T, world·H, D], lse [T, world·H] this rank's partial over its own rows, for every gathered head ->
+    [T, H, D] exact attention for this rank's own H heads: all-gather lse, rescale, reduce-scatter heads.
+    Returned in float32 (float64 for float64 inputs); the caller casts.
+    """
+    if world == 1:
+        return out
+    lse_all = funcol.all_gather_tensor(lse.unsqueeze(0).contiguous(), 0, group_name)  # [world, T, world·H]
+    scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
+    heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
+    mine = torch.ops._c10d_functional.wait_tensor(
+        torch.ops._c10d_functional.reduce_scatter_tensor(heads_first, "sum", world, group_name)
+    )  # [H, T, D]
+    return mine.transpose(0, 1)

@@ -1,0 +1,405 @@
+"""The local `dcp` ops (ops/__init__.py): opcheck, fake shapes/dtypes, and the CPU implementation against an
+independent float64 reference written here (loops over queries, plain Python sorting)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import dcp_compile  # noqa: F401  registers torch.ops.dcp
+from dcp_compile.layout import DCPLayout
+
+dcp = torch.ops.dcp
+NEG_INF = float("-inf")
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- sample inputs -------------------------------------------------------------------------------------------
+def attn_inputs(dtype=torch.float64, T=5, H=3, Dk=10, S=23, K=6, v_dim=7, seed=0, zero_rows=(1,)):
+    g = _gen(seed)
+    q = torch.randn(T, H, Dk, generator=g, dtype=torch.float64).to(dtype)
+    kv = torch.randn(S, Dk, generator=g, dtype=torch.float64).to(dtype)
+    counts = torch.randint(1, K + 1, (T,), generator=g)
+    for t in zero_rows:
+        counts[t] = 0
+    counts[0] = K  # a full row
+    slots = torch.full((T, K), -1, dtype=torch.int32)
+    for t in range(T):
+        slots[t, : counts[t]] = torch.randperm(S, generator=g)[: counts[t]].to(torch.int32)
+    return q, kv, slots, counts.to(torch.int32), 0.37, v_dim
+
+
+def write_inputs(dtype=torch.float64, S=17, D=6, n=9, seed=1):
+    g = _gen(seed)
+    pool = torch.randn(S, D, generator=g, dtype=torch.float64).to(dtype)
+    rows = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    slots = torch.randperm(S, generator=g)[:n]
+    slots[::3] = -1  # rows another rank owns
+    return pool, rows, slots
+
+
+def indexer_inputs(B=2, S=3, Hi=4, Di=8, L=11, Pn=29, seed=2, q_dtype=torch.float64):
+    g = _gen(seed)
+    q = torch.randn(B, S, Hi, Di, generator=g, dtype=torch.float64).to(q_dtype)
+    w = torch.randn(B, S, Hi, generator=g, dtype=torch.float64).to(q_dtype)
+    k_pool = torch.randn(Pn, Di, generator=g, dtype=torch.float64)
+    key_slots = torch.randperm(Pn, generator=g)[: B * L].view(B, L).to(torch.int32)
+    key_slots[:, -2:] = -1  # keys past the sequence end
+    allowed = torch.rand(B, S, L, generator=g) < 0.7
+    allowed[0, 0] = False  # a query with no allowed key at all
+    return q, w, k_pool, key_slots, allowed, 0.125
+
+
+def topk_inputs(T=6, C=12, k=5, rank=1, world=3, interleave=2, page_size=4, seed=3, B=2):
+    g = _gen(seed)
+    layout = DCPLayout(world, interleave, page_size)
+    max_pos = 40
+    cand_pos = torch.stack([torch.randperm(max_pos, generator=g)[:C] for _ in range(T)])
+    # Few distinct values: plenty of ties.
+    cand_scores = torch.randint(0, 4, (T, C), generator=g).float()
+    cand_scores[torch.rand(T, C, generator=g) < 0.25] = NEG_INF
+    cand_scores[0] = NEG_INF  # nothing selectable
+    seq_index = torch.randint(0, B, (T,), generator=g)
+    pages = layout.pages(max_pos, 0)
+    block_table = torch.randperm(B * pages + 5, generator=g)[: B * pages].view(B, pages).to(torch.int32)
+    return cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size
+
+
+def combine_inputs(dtype=torch.float64, N=3, T=4, H=2, D=5, rank=1, seed=4):
+    g = _gen(seed)
+    lse_all = torch.randn(N, T, H, generator=g, dtype=torch.float32) * 3
+    lse_all[rank, 0] = NEG_INF  # this rank empty for query 0
+    lse_all[:, 1] = NEG_INF  # every rank empty for query 1
+    lse_all[:, 2, 0] = NEG_INF
+    lse_all[0, 2, 0] = 2.0  # only rank 0 has rows for query 2, head 0
+    out = torch.randn(T, H, D, generator=g, dtype=torch.float64).to(dtype)
+    return out, lse_all[rank].clone(), lse_all
+
+
+# --- opcheck ---------------------------------------------------------------------------------------------------
+OPCHECK_CASES = {
+    "sparse_mla_attn_f64": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float64)),
+    "sparse_mla_attn_f32": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, zero_rows=(1, 2))),
+    "sparse_mla_attn_all_empty": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, T=2, zero_rows=(0, 1))),
+    "paged_write_f64": (dcp.paged_write, lambda: write_inputs(torch.float64)),
+    "paged_write_f32_int32_slots": (
+        dcp.paged_write, lambda: (lambda p, r, s: (p, r, s.to(torch.int32)))(*write_inputs(torch.float32))
+    ),
+    "indexer_scores_f64": (dcp.indexer_scores, lambda: indexer_inputs()),
+    "indexer_scores_f32": (dcp.indexer_scores, lambda: indexer_inputs(q_dtype=torch.float32)),
+    "topk_select": (dcp.topk_select, lambda: topk_inputs()),
+    "topk_select_world1": (dcp.topk_select, lambda: topk_inputs(rank=0, world=1, interleave=1)),
+    "lse_combine_f64": (dcp.lse_combine, lambda: combine_inputs(torch.float64)),
+    "lse_combine_f32": (dcp.lse_combine, lambda: combine_inputs(torch.float32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
+def test_opcheck(case):
+    op, make = OPCHECK_CASES[case]
+    torch.library.opcheck(op, make())
+
+
+# --- fake implementations ----------------------------------------------------------------------------------------
+def _to_fake(mode, args):
+    return tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _meta(x):
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype)
+    if x is None:
+        return None
+    return tuple(_meta(y) for y in x)
+
+
+FAKE_CASES = {
+    "sparse_mla_attn_f64": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float64)),
+    "sparse_mla_attn_f32": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32)),
+    "sparse_mla_attn_bf16": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.bfloat16)),
+    "paged_write": (dcp.paged_write, lambda: write_inputs()),
+    "indexer_scores_f64": (dcp.indexer_scores, lambda: indexer_inputs()),
+    "indexer_scores_bf16": (dcp.indexer_scores, lambda: indexer_inputs(q_dtype=torch.bfloat16)),
+    "topk_select": (dcp.topk_select, lambda: topk_inputs()),
+    # Fewer candidates than k (C=3 < k=5): the fake says [T, k]; the real op must agree.
+    "topk_select_few_candidates": (dcp.topk_select, lambda: topk_inputs(C=3, k=5)),
+    "lse_combine_f64": (dcp.lse_combine, lambda: combine_inputs(torch.float64)),
+    "lse_combine_f32": (dcp.lse_combine, lambda: combine_inputs(torch.float32)),
+    "lse_combine_bf16": (dcp.lse_combine, lambda: combine_inputs(torch.bfloat16)),
+}
+
+EXPECTED_META = {
+    # (op, args) -> expected (shape, dtype) tree, from the op's documented contract
+    "sparse_mla_attn": lambda q, kv, slots, counts, scale, v_dim: (
+        ((q.shape[0], q.shape[1], v_dim), q.dtype), ((q.shape[0], q.shape[1]), torch.float32)
+    ),
+    "paged_write": lambda pool, rows, slots: None,
+    "indexer_scores": lambda q, w, k_pool, key_slots, allowed, scale: (
+        (q.shape[0], q.shape[1], key_slots.shape[1]), torch.float32
+    ),
+    "topk_select": lambda cs, cp, si, bt, k, *rest: (((cs.shape[0], k), torch.int32), ((cs.shape[0],), torch.int32)),
+    "lse_combine": lambda out, lse, lse_all: (
+        tuple(out.shape), torch.float64 if out.dtype == torch.float64 else torch.float32
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAKE_CASES))
+def test_fake_shapes(case):
+    op, make = FAKE_CASES[case]
+    args = make()
+    expected = EXPECTED_META[case.split("_f")[0].split("_bf")[0].replace("_few_candidates", "")](*args)
+    real = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    with FakeTensorMode() as mode:
+        fake = op(*_to_fake(mode, args))
+    assert _meta(fake) == expected, f"fake: {_meta(fake)} expected {expected}"
+    assert _meta(real) == expected, f"real: {_meta(real)} expected {expected}"
+
+
+def test_fake_under_compile_no_graph_break():
+    """The ops trace into one graph (fake impls are enough for Dynamo/AOT) and match eager."""
+    args = attn_inputs(torch.float64)
+
+    def f(q, kv, slots, counts):
+        out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, 0.37, 7)
+        return out * 2, lse
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(*args[:4])
+    ref = f(*args[:4])
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+
+
+# --- CPU implementations vs independent float64 references ----------------------------------------------------
+def ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
+    T, H, _ = q.shape
+    out = torch.zeros(T, H, v_dim, dtype=torch.float64)
+    lse = torch.full((T, H), NEG_INF, dtype=torch.float64)
+    for t in range(T):
+        n = int(counts[t])
+        if n == 0:
+            continue
+        rows = kv[slots[t, :n].long()].double()  # [n, Dk]
+        for h in range(H):
+            logits = [scale * float(q[t, h].double() @ rows[j]) for j in range(n)]
+            m = max(logits)
+            z = sum(math.exp(x - m) for x in logits)
+            lse[t, h] = m + math.log(z)
+            for j in range(n):
+                out[t, h] += math.exp(logits[j] - m) / z * rows[j, :v_dim]
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_mla_attn_vs_reference(dtype):
+    q, kv, slots, counts, scale, v_dim = attn_inputs(dtype, T=7, zero_rows=(1, 4))
+    # Garbage (but valid) row ids after counts: they must be ignored.
+    for t in range(slots.shape[0]):
+        slots[t, counts[t]:] = torch.arange(slots.shape[1] - counts[t]).to(torch.int32) % kv.shape[0]
+    out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    ref_out, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    empty = counts == 0
+    assert (out[empty] == 0).all(), "count 0 must give out exactly 0"
+    assert (lse[empty] == NEG_INF).all(), "count 0 must give lse = -inf"
+    assert torch.isfinite(lse[~empty]).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)  # lse is fp32 by contract
+
+
+def test_sparse_mla_attn_large_logits_no_overflow():
+    q, kv, slots, counts, scale, v_dim = attn_inputs(torch.float64, T=3, zero_rows=(2,))
+    q = q * 300.0  # logits in the thousands: a naive exp would overflow
+    out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    ref_out, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-3)
+
+
+def test_paged_write_skips_negative_slots():
+    for slot_dtype in (torch.int64, torch.int32):
+        pool, rows, slots = write_inputs()
+        slots = slots.to(slot_dtype)
+        expected = pool.clone()
+        for i in range(rows.shape[0]):
+            if int(slots[i]) >= 0:
+                expected[int(slots[i])] = rows[i]
+        before_ptr = pool.data_ptr()
+        result = dcp.paged_write(pool, rows, slots)
+        assert result is None
+        assert pool.data_ptr() == before_ptr  # in place
+        assert torch.equal(pool, expected)
+    # Casting rows to the pool's dtype.
+    pool = torch.zeros(4, 3, dtype=torch.float32)
+    dcp.paged_write(pool, torch.ones(2, 3, dtype=torch.float64), torch.tensor([-1, 2]))
+    assert torch.equal(pool, torch.tensor([[0.0] * 3, [0.0] * 3, [1.0] * 3, [0.0] * 3]))
+
+
+def ref_indexer_scores(q, w, k_pool, key_slots, allowed, scale):
+    B, S, Hi, _ = q.shape
+    L = key_slots.shape[1]
+    out = torch.full((B, S, L), NEG_INF, dtype=torch.float64)
+    for b in range(B):
+        for s in range(S):
+            for l in range(L):
+                slot = int(key_slots[b, l])
+                if slot < 0 or not allowed[b, s, l]:
+                    continue
+                k = k_pool[slot].double()
+                out[b, s, l] = sum(float(w[b, s, h]) * max(0.0, scale * float(q[b, s, h].double() @ k)) for h in range(Hi))
+    return out
+
+
+def test_indexer_scores_vs_reference():
+    args = indexer_inputs()
+    got = dcp.indexer_scores(*args)
+    ref = ref_indexer_scores(*args)
+    assert got.dtype == torch.float32
+    masked = ref == NEG_INF
+    assert torch.equal(got == NEG_INF, masked)
+    torch.testing.assert_close(got.double()[~masked], ref[~masked], rtol=1e-5, atol=1e-5)
+    # Long prefill: more queries than one internal block.
+    q, w, k_pool, key_slots, allowed, scale = indexer_inputs(B=1, S=300, Hi=2, Di=4, L=5, Pn=9)
+    got = dcp.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+    ref = ref_indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+    masked = ref == NEG_INF
+    assert torch.equal(got == NEG_INF, masked)
+    torch.testing.assert_close(got.double()[~masked], ref[~masked], rtol=1e-5, atol=1e-5)
+
+
+def ref_topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
+    """Python: sort candidates by (score desc, position asc), drop -inf, keep k, keep owned, map to slots."""
+    T = cand_scores.shape[0]
+    result = []
+    for t in range(T):
+        cands = [(float(s), int(p)) for s, p in zip(cand_scores[t].tolist(), cand_pos[t].tolist()) if s != NEG_INF]
+        cands.sort(key=lambda sp: (-sp[0], sp[1]))
+        chosen = [p for _, p in cands[:k]]
+        table = block_table[int(seq_index[t])]
+        slots = []
+        for p in chosen:
+            if (p // interleave) % world != rank:
+                continue
+            local = (p // (world * interleave)) * interleave + p % interleave
+            slots.append(int(table[local // page_size]) * page_size + local % page_size)
+        result.append(slots)
+    return result
+
+
+def _check_topk(args):
+    slots, counts = dcp.topk_select(*args)
+    expected = ref_topk_select(*args)
+    k = args[4]
+    assert slots.dtype == torch.int32 and counts.dtype == torch.int32
+    assert slots.shape == (args[0].shape[0], k)
+    for t, exp in enumerate(expected):
+        n = int(counts[t])
+        assert n == len(exp), f"query {t}: count {n}, expected {len(exp)} ({exp})"
+        assert sorted(slots[t, :n].tolist()) == sorted(exp), f"query {t}: {slots[t].tolist()} vs {exp}"
+        assert (slots[t, n:] == -1).all(), f"query {t}: not compacted: {slots[t].tolist()}"
+    return expected
+
+
+def test_topk_select_vs_reference():
+    seen_partial = False
+    for seed in range(6):
+        for rank in range(3):
+            args = topk_inputs(seed=seed, rank=rank, T=8, C=14, k=5)
+            expected = _check_topk(args)
+            seen_partial |= any(0 < len(e) < 5 for e in expected)
+        # The ranks' shares of one query partition the global top-k.
+        all_ranks = [ref_topk_select(*topk_inputs(seed=seed, rank=r, T=8, C=14, k=5)) for r in range(3)]
+        cs = topk_inputs(seed=seed, T=8, C=14, k=5)[0]
+        for t in range(8):
+            assert sum(len(all_ranks[r][t]) for r in range(3)) == min(5, int((cs[t] > NEG_INF).sum()))
+    assert seen_partial
+    # world 1, interleave = page size
+    _check_topk(topk_inputs(rank=0, world=1, interleave=4, page_size=4))
+    _check_topk(topk_inputs(rank=1, world=2, interleave=4, page_size=4, C=20, k=7))
+
+
+def test_topk_select_ties_and_edge_cases():
+    layout = DCPLayout(1, 1, 4)
+    block_table = torch.tensor([[3, 0, 2, 1]], dtype=torch.int32)  # positions 0..15 -> slots via pages 3,0,2,1
+    seq_index = torch.tensor([0, 0, 0])
+    # Query 0: ties at the cut; the lower positions win.   Query 1: -inf never selected though k is larger.
+    # Query 2: higher score beats lower position.
+    cand_pos = torch.tensor([[9, 2, 7, 5, 11, 0], [4, 1, 8, 3, 6, 10], [0, 1, 2, 3, 4, 15]])
+    cand_scores = torch.tensor(
+        [[1.0, 1.0, 2.0, 1.0, 1.0, 0.5], [NEG_INF, 3.0, NEG_INF, NEG_INF, 1.0, NEG_INF], [1.0, 1.0, 1.0, 1.0, 1.0, 1.5]]
+    )
+    slots, counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 3, 0, 1, 1, 4)
+    to_slot = lambda ps: sorted(int(layout.slot(block_table[0], torch.tensor([p]))) for p in ps)  # noqa: E731
+    assert counts.tolist() == [3, 2, 3]
+    assert sorted(slots[0].tolist()) == to_slot([7, 2, 5])
+    assert sorted(slots[1, :2].tolist()) == to_slot([1, 6]) and slots[1, 2].item() == -1
+    assert sorted(slots[2].tolist()) == to_slot([15, 0, 1])
+    # Position order must not depend on the candidates' order (the all-gather order of ranks).
+    perm = torch.tensor([5, 3, 1, 0, 4, 2])
+    slots2, counts2 = dcp.topk_select(cand_scores[:, perm], cand_pos[:, perm], seq_index, block_table, 3, 0, 1, 1, 4)
+    assert torch.equal(counts2, counts)
+    for t in range(3):
+        assert sorted(slots2[t].tolist()) == sorted(slots[t].tolist())
+
+
+def test_topk_select_fewer_candidates_than_k():
+    """C < k (e.g. a direct call on a short candidate list): the result is still [T, k] with -1 padding, as the
+    fake implementation declares."""
+    args = topk_inputs(T=4, C=3, k=5)
+    slots, counts = dcp.topk_select(*args)
+    assert slots.shape == (4, 5), f"topk_select returned {tuple(slots.shape)} but its fake says (T, k) = (4, 5)"
+    _check_topk(args)
+
+
+def ref_lse_combine(out, lse, lse_all):
+    N, T, H = lse_all.shape
+    res = torch.zeros(out.shape, dtype=torch.float64)
+    for t in range(T):
+        for h in range(H):
+            finite = [float(x) for x in lse_all[:, t, h] if x != NEG_INF]
+            if not finite or lse[t, h] == NEG_INF:
+                continue
+            m = max(finite)
+            total = m + math.log(sum(math.exp(x - m) for x in finite))
+            res[t, h] = out[t, h].double() * math.exp(float(lse[t, h]) - total)
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lse_combine_vs_reference(dtype):
+    out, lse, lse_all = combine_inputs(dtype)
+    got = dcp.lse_combine(out, lse, lse_all)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not got.isnan().any()
+    ref = ref_lse_combine(out, lse, lse_all)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    # Empty rank (lse = -inf): exactly zero weight even though its out is non-zero.
+    assert (got[0] == 0).all()
+    # No rank has rows: exactly 0, no NaN, for every rank.
+    for rank in range(lse_all.shape[0]):
+        g = dcp.lse_combine(out, lse_all[rank], lse_all)
+        assert not g.isnan().any()
+        assert (g[1] == 0).all()
+    # Only rank 0 has rows for (query 2, head 0): its weight is exactly 1.
+    g0 = dcp.lse_combine(out, lse_all[0], lse_all)
+    assert torch.equal(g0[2, 0], out[2, 0].to(g0.dtype))
+
+
+def test_lse_combine_weights_sum_to_one_and_large_lse():
+    g = _gen(7)
+    N, T, H, D = 4, 3, 2, 3
+    lse_all = torch.randn(N, T, H, generator=g) * 200  # huge spread: naive exp would overflow
+    lse_all[1, 0] = NEG_INF
+    ones = torch.ones(T, H, D, dtype=torch.float64)
+    total = sum(dcp.lse_combine(ones, lse_all[r], lse_all) for r in range(N))
+    assert torch.isfinite(total).all()
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-6, atol=1e-6)

@@ -174,14 +174,14 @@ def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=T
                 if frac == 1:
                     full_us = us
                 bytes_, flops, floor = mla_floor(T, H, count, bw, rate)
-                n_hb = math.ceil(H / smla.choose_block_h(H))
+                n_hb = math.ceil(H / (kw.get('block_h') or smla.choose_block_h(H, T, pool.device)))
                 row = dict(kind="decode", T=T, H=H, K=K, frac=frac, count=count, us=us,
                            GBps=bytes_ / us * 1e-3, TFLOPs=flops / us * 1e-6, floor_us=floor,
                            pct_floor=100 * floor / us, torch_us=ref_us,
                            x_torch=(ref_us / us) if ref_us else None,
                            vs_full_over_n=(us / (full_us * frac)) if (full_us and frac < 1) else None,
                            nsplit=kw.get("num_splits") or smla.choose_num_splits(T, n_hb, K, pool.device),
-                           block_h=kw.get("block_h") or smla.choose_block_h(H))
+                           block_h=kw.get("block_h") or smla.choose_block_h(H, T, pool.device))
                 rows.append(row)
                 print(fmt_row(row), flush=True)
                 del sets, fns
@@ -206,7 +206,7 @@ def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, bl
     row = dict(kind="prefill", T=T, H=H, K=K, frac=1.0, count=count, us=us, GBps=bytes_ / us * 1e-3,
                TFLOPs=flops / us * 1e-6, floor_us=floor, pct_floor=100 * floor / us, torch_us=ref_us,
                x_torch=(ref_us / us) if ref_us else None, vs_full_over_n=None, nsplit=1,
-               block_h=block_h or smla.choose_block_h(H))
+               block_h=block_h or smla.choose_block_h(H, T, pool.device))
     print(fmt_row(row), flush=True)
     return [row]
 
@@ -308,7 +308,10 @@ def compiled_info(kernels):
                                   if isinstance(v, (int, bool))}
                     except Exception:
                         pass
+                    asm = getattr(ck, "asm", {}) or {}
+                    ptx = asm.get("ptx", "") if isinstance(asm, dict) else ""
                     rows.append(dict(kernel=getattr(k, "__name__", str(k)), n_regs=getattr(ck, "n_regs", None),
+                                     wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
                                      n_spills=getattr(ck, "n_spills", None),
                                      shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
                                      num_stages=getattr(md, "num_stages", None), constants=consts))
@@ -422,13 +425,16 @@ def main():
     if args.sweep:
         def sweep():
             rows = []
-            for ns in [1, 2, 3, 4, 8]:
+            for ns in [2, 3, 4, 5]:
                 rows += bench_decode(smla, pool, [64], [16], [1.0], bw, rate, with_ref=False,
                                      extra={"num_splits": ns})
-            for ns in [4, 8, 16, 32]:
-                rows += bench_decode(smla, pool, [8], [64], [1.0], bw, rate, with_ref=False,
+            for ns in [2, 3]:
+                rows += bench_decode(smla, pool, [128], [16], [1.0], bw, rate, with_ref=False,
                                      extra={"num_splits": ns})
-            for bh in [16, 32]:
+            for ns in [1, 2, 4]:
+                rows += bench_decode(smla, pool, [64], [128], [0.125], bw, rate, with_ref=False,
+                                     extra={"num_splits": ns})
+            for bh in [32, 64]:
                 rows += bench_decode(smla, pool, [64], [128], [1.0], bw, rate, with_ref=False,
                                      extra={"block_h": bh})
                 rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, block_h=bh)

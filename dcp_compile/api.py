@@ -213,9 +213,10 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
             if tp_rank // dcp_size == g:
                 dcp_group_name = pg.group_name
 
-    for layer, (_, first) in zip(layers, matched):
-        shard_heads(layer.module, first, tp_rank, tp_size)
-        captured, match = capture_and_match(layer)
+    for layer, (captured, match) in zip(layers, matched):
+        if tp_size > 1:  # the weights change shape: trace the sharded layer again
+            shard_heads(layer.module, match, tp_rank, tp_size)
+            captured, match = capture_and_match(layer)
         spec = DCPAttentionSpec(
             heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
             latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,

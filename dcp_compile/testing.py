@@ -7,6 +7,7 @@ is raised in the parent; stragglers are killed; the port is picked free.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,10 @@ def _child(rank: int, world: int, port: int, fn, args, kwargs, queue) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
         )
         result = fn(rank, world, *args, **kwargs)
-        queue.put((rank, "ok", result))
+        # Serialised, not sent as shared-memory tensors: those die with this process.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 — everything goes back to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,7 +62,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 600, **kwargs) -> list:
             try:
                 rank, status, payload = queue.get(timeout=timeout)
             except Exception as exc:  # queue.Empty
-                raise RankFailed(f"ranks {sorted(set(range(world)) - results.keys() - errors.keys())} gave no result in {timeout}s") from exc
+                missing = sorted(set(range(world)) - results.keys() - errors.keys())
+                raise RankFailed(f"ranks {missing} gave no result ({type(exc).__name__}: {exc}; timeout {timeout}s)") from exc
             (results if status == "ok" else errors)[rank] = payload
             if errors:
                 break
@@ -70,7 +75,9 @@ def run_ranks(fn, world: int, *args, timeout: float = 600, **kwargs) -> list:
     if errors:
         rank = min(errors)
         raise RankFailed(f"rank {rank} of {world} failed:\n{errors[rank]}")
-    return [results[r] for r in range(world)]
+    import torch
+
+    return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]
 
 
 def tiny_deepseek_v32_config(**overrides):
@@ -96,7 +103,8 @@ def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eag
 
     cfg = tiny_deepseek_v32_config(**overrides)
     cfg._attn_implementation = attn_implementation
-    cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    if dtype == torch.float64:
+        cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     torch.manual_seed(seed)
     model = DeepseekV32ForCausalLM(cfg)
     # HF initialises with std 0.02: scale the weights up so attention is far from uniform and the indexer's
@@ -107,3 +115,70 @@ def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eag
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model = model.to(dtype) if dtype is not None else model
     return model.eval()
+
+
+def left_padded_prompts(lengths, vocab: int = 128, seed: int = 0, pad_id: int = 0):
+    """A batch of random prompts of the given lengths, left padded: (input_ids, attention_mask)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(2, vocab, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+class TopkGapRecorder:
+    """Watches every ``Tensor.topk(k)`` over a last dim longer than k (the indexer's selection) and keeps the
+    smallest gap between the k-th and (k+1)-th *unmasked* scores: parity tests assert it is far above
+    rounding, so that no exact or near tie at the top-k boundary can make two correct runs differ."""
+
+    def __init__(self, k: int, masked_below: float = -1e30):
+        self.k, self.masked_below, self.min_gap, self.calls = k, masked_below, float("inf"), 0
+
+    def __enter__(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        recorder = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if func in (torch.Tensor.topk, torch.topk) and len(args) > 1 and args[1] == recorder.k:
+                    recorder._observe(args[0])
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def _observe(self, scores) -> None:
+        import torch
+
+        if scores.shape[-1] <= self.k:
+            return
+        self.calls += 1
+        top = torch.topk(scores.detach().double().reshape(-1, scores.shape[-1]), self.k + 1, dim=-1).values
+        boundary = top[:, self.k] > self.masked_below  # more than k unmasked candidates
+        if boundary.any():
+            gap = (top[:, self.k - 1] - top[:, self.k])[boundary].min().item()
+            self.min_gap = min(self.min_gap, gap)
+
+
+def hf_cache_bytes(cache) -> int:
+    """Bytes HF's own cache holds (keys, values and indexer keys of every layer)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "indexer_keys"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total

@@ -15,10 +15,14 @@ import torch
 
 
 def _smin(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.clamp(a, max=b)
     return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
 
 
 def _smax(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.clamp(a, min=b)
     return torch.sym_max(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else max(a, b)
 
 

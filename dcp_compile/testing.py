@@ -56,17 +56,26 @@ def run_ranks(fn, world: int, *args, timeout: float = 600, **kwargs) -> list:
     procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, kwargs, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
+    import queue as queue_module
+    import time
+
     results, errors = {}, {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
+        while len(results) + len(errors) < world and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception as exc:  # queue.Empty
-                missing = sorted(set(range(world)) - results.keys() - errors.keys())
-                raise RankFailed(f"ranks {missing} gave no result ({type(exc).__name__}: {exc}; timeout {timeout}s)") from exc
-            (results if status == "ok" else errors)[rank] = payload
-            if errors:
-                break
+                rank, status, payload = queue.get(timeout=1.0)
+                (results if status == "ok" else errors)[rank] = payload
+                continue
+            except queue_module.Empty:
+                pass
+            # A rank that died without reporting (segfault, OOM kill, os._exit) fails the run now.
+            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+            if dead and queue.empty():
+                raise RankFailed(f"rank {dead[0]} of {world} died with exit code {procs[dead[0]].exitcode} and no traceback")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world)) - results.keys())
+                raise RankFailed(f"ranks {missing} gave no result in {timeout}s")
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)

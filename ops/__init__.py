@@ -27,18 +27,21 @@ LIB = "dcp"
 @torch.library.custom_op(f"{LIB}::sparse_mla_attn", mutates_args=())
 def sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
     """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
-    out [T, H, v_dim] (q's dtype), lse [T, H] float32 (natural log, -inf where counts is 0, out 0 there)."""
+    out [T, H, v_dim] (q's dtype), lse [T, H] float32 (float64 for float64 q; natural log, -inf where
+    counts is 0, out exactly 0 there)."""
     return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
 
 
 @sparse_mla_attn.register_fake
 def _(q, kv, slots, counts, scale, v_dim):
     T, H, _ = q.shape
-    return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=torch.float32)
+    return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=reference._lse_dtype(q))
 
 
 @sparse_mla_attn.register_kernel("cuda")
 def _(q, kv, slots, counts, scale, v_dim):
+    if q.dtype == torch.float64:  # no float64 Triton path: the reference is exact and fine for tests
+        return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
     from .triton.sparse_mla_attn import sparse_mla_attn as kernel
 
     return kernel(q, kv, slots, counts, scale, v_dim)
@@ -79,6 +82,8 @@ def _(q, w, k_pool, key_slots, allowed, scale):
 
 @indexer_scores.register_kernel("cuda")
 def _(q, w, k_pool, key_slots, allowed, scale):
+    if q.dtype == torch.float64 or k_pool.dtype == torch.float64:
+        return reference.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
     from .triton.indexer_scores import indexer_scores as kernel
 
     return kernel(q, w, k_pool, key_slots, allowed, scale)

@@ -39,7 +39,10 @@ def distributed_topk(
     # branch on the (growing) local length, so a decode graph compiles once.
     scores = F.pad(scores, (0, k), value=float("-inf"))
     positions = F.pad(positions, (0, k), value=torch.iinfo(torch.int32).max)
-    top_scores, top_idx = torch.topk(scores, k, dim=-1)
+    # Stable sort, not topk: ties must go to the lower position (local order is position order) so that
+    # the selection is the same whatever the number of ranks.
+    top_idx = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
+    top_scores = torch.gather(scores, -1, top_idx)
     top_pos = torch.gather(positions, -1, top_idx)
     if world > 1:
         # One collective for both: float32 scores and positions < 2**53 are exact in float64.

@@ -12,19 +12,25 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """lse is float32, except for float64 queries, where it stays float64 (exact float64 parity)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def sparse_mla_attn(q, kv, slots, counts, scale: float, v_dim: int):
     """Softmax attention of every head of query t over the rows ``kv[slots[t, :counts[t]]]``."""
     acc = _acc_dtype(q)
     num_slots = slots.shape[1]
     valid = torch.arange(num_slots, device=q.device)[None, :] < counts[:, None].long()  # [T, K]
     rows = kv[torch.where(valid, slots.long(), 0)].to(acc)  # [T, K, Dk]
+    rows = torch.where(valid[..., None], rows, torch.zeros_like(rows))  # never let an unselected row in (NaN·0)
     scores = torch.einsum("thd,tkd->thk", q.to(acc), rows) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where the query has no rows
     finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.where(valid[:, None, :], torch.exp(scores - finite_lse[..., None]), torch.zeros_like(scores))
     out = torch.einsum("thk,tkv->thv", probs, rows[..., :v_dim])
-    return out.to(q.dtype), lse.to(torch.float32)
+    return out.to(q.dtype), lse.to(_lse_dtype(q))
 
 
 def paged_write(pool, rows, slots) -> None:
@@ -58,6 +64,10 @@ def topk_select(cand_scores, cand_pos, seq_index, block_table, k: int, rank: int
     from dcp_compile.layout import DCPLayout
 
     layout = DCPLayout(world, interleave, page_size)
+    if cand_scores.shape[-1] < k:  # fewer candidates than k: pad with never-selected ones
+        pad = k - cand_scores.shape[-1]
+        cand_scores = torch.nn.functional.pad(cand_scores, (0, pad), value=float("-inf"))
+        cand_pos = torch.nn.functional.pad(cand_pos, (0, pad), value=torch.iinfo(torch.int32).max)
     by_pos = torch.argsort(cand_pos, dim=-1, stable=True)
     scores = torch.gather(cand_scores, -1, by_pos)
     pos = torch.gather(cand_pos, -1, by_pos)

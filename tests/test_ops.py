@@ -133,10 +133,15 @@ FAKE_CASES = {
     "lse_combine_bf16": (dcp.lse_combine, lambda: combine_inputs(torch.bfloat16)),
 }
 
+def _lse_dtype(q):
+    # fp32 by contract; float64 inputs may keep float64 (the 1e-10 float64 DCP parity needs a float64 lse).
+    return (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+
+
 EXPECTED_META = {
-    # (op, args) -> expected (shape, dtype) tree, from the op's documented contract
+    # (op, args) -> expected (shape, dtype) tree, from the op's documented contract; a tuple of dtypes = any of them
     "sparse_mla_attn": lambda q, kv, slots, counts, scale, v_dim: (
-        ((q.shape[0], q.shape[1], v_dim), q.dtype), ((q.shape[0], q.shape[1]), torch.float32)
+        ((q.shape[0], q.shape[1], v_dim), q.dtype), ((q.shape[0], q.shape[1]), _lse_dtype(q))
     ),
     "paged_write": lambda pool, rows, slots: None,
     "indexer_scores": lambda q, w, k_pool, key_slots, allowed, scale: (
@@ -149,6 +154,16 @@ EXPECTED_META = {
 }
 
 
+def _matches(meta, expected):
+    if meta is None or expected is None:
+        return meta is None and expected is None
+    if isinstance(meta[1], torch.dtype):  # a (shape, dtype) leaf
+        shape, dtype = meta
+        dtypes = expected[1] if isinstance(expected[1], tuple) else (expected[1],)
+        return shape == tuple(expected[0]) and dtype in dtypes
+    return len(meta) == len(expected) and all(_matches(m, e) for m, e in zip(meta, expected))
+
+
 @pytest.mark.parametrize("case", sorted(FAKE_CASES))
 def test_fake_shapes(case):
     op, make = FAKE_CASES[case]
@@ -157,8 +172,9 @@ def test_fake_shapes(case):
     real = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     with FakeTensorMode() as mode:
         fake = op(*_to_fake(mode, args))
-    assert _meta(fake) == expected, f"fake: {_meta(fake)} expected {expected}"
-    assert _meta(real) == expected, f"real: {_meta(real)} expected {expected}"
+    assert _matches(_meta(fake), expected), f"fake: {_meta(fake)} expected {expected}"
+    assert _matches(_meta(real), expected), f"real: {_meta(real)} expected {expected}"
+    assert _meta(fake) == _meta(real), f"fake {_meta(fake)} != real {_meta(real)}"
 
 
 def test_fake_under_compile_no_graph_break():
@@ -204,7 +220,7 @@ def test_sparse_mla_attn_vs_reference(dtype):
         slots[t, counts[t]:] = torch.arange(slots.shape[1] - counts[t]).to(torch.int32) % kv.shape[0]
     out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
     ref_out, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.dtype == dtype and lse.dtype in ((torch.float32, torch.float64) if dtype == torch.float64 else (torch.float32,))
     assert not out.isnan().any() and not lse.isnan().any()
     empty = counts == 0
     assert (out[empty] == 0).all(), "count 0 must give out exactly 0"
@@ -212,7 +228,38 @@ def test_sparse_mla_attn_vs_reference(dtype):
     assert torch.isfinite(lse[~empty]).all()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)  # lse is fp32 by contract
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)  # at least fp32 accuracy
+
+
+def test_sparse_mla_attn_float64_lse_is_exact():
+    """float64 inputs: the lse must carry float64 accuracy. The LSE merge weights exp(lse_r - lse) of a partial
+    result inherit the lse's relative error, so an fp32-rounded lse caps DCP parity at ~1e-7, not the 1e-10 that
+    issue 2 requires of the float64 pipeline (see test_dcp_pipeline)."""
+    q, kv, slots, counts, scale, v_dim = attn_inputs(torch.float64, T=6, zero_rows=(3,))
+    out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    _, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    finite = counts > 0
+    err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
+    assert err <= 1e-12, f"float64 sparse_mla_attn: lse ({lse.dtype}) is off by {err:.2e} from the float64 value"
+    assert (lse[~finite] == NEG_INF).all()
+
+
+def test_sparse_mla_attn_ignores_rows_past_counts():
+    """Rows a query does not select are never read into the result: non-finite garbage in the pool (e.g. an
+    uninitialised page, or row 0) must not leak NaN into out, also for count-0 queries (out exactly 0)."""
+    q, kv, slots, counts, scale, v_dim = attn_inputs(torch.float64, T=5, zero_rows=(1, 3))
+    # Shift the real rows up by one and put NaN rows at 0 and between: only selected rows are finite.
+    poisoned = torch.full((2 * kv.shape[0] + 1, kv.shape[1]), float("nan"), dtype=kv.dtype)
+    poisoned[1::2] = kv
+    slots = torch.where(slots >= 0, 2 * slots + 1, slots).to(torch.int32)
+    out, lse = dcp.sparse_mla_attn(q, poisoned, slots, counts, scale, v_dim)
+    ref_out, _ = ref_sparse_mla_attn(q, poisoned, slots, counts, scale, v_dim)
+    assert not out.isnan().any(), (
+        f"NaN in out for queries {sorted(set(out.isnan().nonzero()[:, 0].tolist()))} (counts {counts.tolist()}): "
+        "rows past counts[t] were read"
+    )
+    assert (out[counts == 0] == 0).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
 
 
 def test_sparse_mla_attn_large_logits_no_overflow():
@@ -394,12 +441,15 @@ def test_lse_combine_vs_reference(dtype):
     assert torch.equal(g0[2, 0], out[2, 0].to(g0.dtype))
 
 
-def test_lse_combine_weights_sum_to_one_and_large_lse():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lse_combine_weights_sum_to_one_and_large_lse(dtype):
     g = _gen(7)
     N, T, H, D = 4, 3, 2, 3
-    lse_all = torch.randn(N, T, H, generator=g) * 200  # huge spread: naive exp would overflow
+    lse_all = (torch.randn(N, T, H, generator=g, dtype=torch.float64) * 200).to(dtype)  # naive exp would overflow
     lse_all[1, 0] = NEG_INF
-    ones = torch.ones(T, H, D, dtype=torch.float64)
+    ones = torch.ones(T, H, D, dtype=dtype)
     total = sum(dcp.lse_combine(ones, lse_all[r], lse_all) for r in range(N))
     assert torch.isfinite(total).all()
-    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-6, atol=1e-6)
+    # fp32: the weights exp(lse_r - lse) carry the lse's absolute rounding (~|lse|·eps32 ≈ 3e-5 at |lse| ~ 600).
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=tol, atol=tol)

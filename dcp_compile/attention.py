@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
+from .ops.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -120,4 +120,4 @@ class DCPSparseMLA(nn.Module):
 
 def tp_all_reduce(x: Tensor, group_name: str) -> Tensor:
     """Sum the row-parallel output projection's partial products over the tensor-parallel group."""
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group_name))
+    return all_reduce_sum(x, group_name)

@@ -194,3 +194,34 @@ __all__ = [
     "GraphPass", "PassManager", "InsertDCPAttention", "RowParallelOutputProjection", "KeepLayerOutputOnly",
     "EliminateDeadCode", "DropUnusedInputs", "dcp_passes", "flat_codegen", "source", "operator",
 ]
+
+
+def readable(gm: GraphModule) -> str:
+    """One line per node — what graph snapshots and error reports show. Inputs carry their role."""
+
+    def fmt(a):
+        if isinstance(a, Node):
+            return a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in a) + "]"
+        if isinstance(a, float):
+            return f"{a:.6g}"
+        return repr(a)
+
+    def name(target):
+        if isinstance(target, torch._ops.OpOverload):
+            return f"{target.namespace}.{target._opname}"
+        return getattr(target, "__name__", str(target))
+
+    lines = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            kind, what = n.meta.get("dcp_input", ("input", "?"))
+            lines.append(f"{n.name} <- {kind} {'.'.join(map(str, what)) if isinstance(what, tuple) else what}")
+        elif n.op == "output":
+            lines.append(f"return {fmt(n.args[0])}")
+        else:
+            args = [fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()]
+            target = n.target if n.op == "call_module" else name(n.target)
+            lines.append(f"{n.name} = {target}({', '.join(args)})")
+    return "\n".join(lines)

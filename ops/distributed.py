@@ -11,16 +11,27 @@ Every function takes the process group by name and its size; a group of one does
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
+
+c10d = torch.ops._c10d_functional  # the traceable collectives (the same ops in torch 2.11 and 2.13)
+
+
+def all_gather(x: Tensor, dim: int, group_name: str, world: int) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim``."""
+    out = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group_name))
+    return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
+
+
+def all_reduce_sum(x: Tensor, group_name: str) -> Tensor:
+    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
 def all_gather_heads(q: Tensor, group_name: str, world: int) -> Tensor:
     """[T, H, D] on each rank -> [T, world·H, D], rank r's heads at block r (design §4.4)."""
     if world == 1:
         return q
-    return funcol.all_gather_tensor(q.contiguous(), 1, group_name)
+    return all_gather(q, 1, group_name, world)
 
 
 def distributed_topk(
@@ -47,7 +58,7 @@ def distributed_topk(
     if world > 1:
         # One collective for both: float32 scores and positions < 2**53 are exact in float64.
         packed = torch.stack([top_scores.double(), top_pos.double()], dim=0)  # [2, T, k]
-        packed = funcol.all_gather_tensor(packed, 2, group_name)  # [2, T, world·k]
+        packed = all_gather(packed, 2, group_name, world)  # [2, T, world·k]
         top_scores, top_pos = packed[0].float(), packed[1].long()
     return torch.ops.dcp.topk_select(
         top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
@@ -63,10 +74,8 @@ def lse_merge(out: Tensor, lse: Tensor, group_name: str, world: int) -> Tensor:
     """
     if world == 1:
         return out
-    lse_all = funcol.all_gather_tensor(lse.unsqueeze(0).contiguous(), 0, group_name)  # [world, T, world·H]
+    lse_all = all_gather(lse.unsqueeze(0), 0, group_name, world)  # [world, T, world·H]
     scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
     heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
-    mine = torch.ops._c10d_functional.wait_tensor(
-        torch.ops._c10d_functional.reduce_scatter_tensor(heads_first, "sum", world, group_name)
-    )  # [H, T, D]
+    mine = c10d.wait_tensor(c10d.reduce_scatter_tensor(heads_first, "sum", world, group_name))  # [H, T, D]
     return mine.transpose(0, 1)

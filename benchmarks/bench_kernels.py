@@ -153,7 +153,24 @@ def make_sets(T, H, K, pool, frac, n_sets, gen_dev="cuda"):
     return sets, count
 
 
-def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=True, extra=None):
+def _plan(smla, T, H, K, device, kw):
+    """(BLOCK_H, V_SPLIT, NSPLIT) the wrapper uses for these overrides."""
+    return smla.plan(T, H, K, DV, device, block_h=kw.get("block_h"), v_split=kw.get("v_split"),
+                     num_splits=kw.get("num_splits"), legacy=kw.get("legacy", False))
+
+
+def _label(kw):
+    if not kw:
+        return "default"
+    parts = []
+    for k in ("legacy", "block_h", "v_split", "num_splits", "config"):
+        if k in kw:
+            v = kw[k]
+            parts.append(k if v is True else f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}")
+    return ",".join(parts)
+
+
+def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=True, extra=None, label=None):
     rows = []
     scale = DK ** -0.5
     for T in batches:
@@ -174,25 +191,24 @@ def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=T
                 if frac == 1:
                     full_us = us
                 bytes_, flops, floor = mla_floor(T, H, count, bw, rate)
-                n_hb = math.ceil(H / (kw.get('block_h') or smla.choose_block_h(H, T, pool.device)))
+                bh, vsp, ns = _plan(smla, T, H, K, pool.device, kw)
                 row = dict(kind="decode", T=T, H=H, K=K, frac=frac, count=count, us=us,
                            GBps=bytes_ / us * 1e-3, TFLOPs=flops / us * 1e-6, floor_us=floor,
                            pct_floor=100 * floor / us, torch_us=ref_us,
                            x_torch=(ref_us / us) if ref_us else None,
                            vs_full_over_n=(us / (full_us * frac)) if (full_us and frac < 1) else None,
-                           nsplit=kw.get("num_splits") or smla.choose_num_splits(T, n_hb, K, pool.device),
-                           block_h=kw.get("block_h") or smla.choose_block_h(H, T, pool.device))
+                           nsplit=ns, block_h=bh, v_split=vsp, variant=label or _label(kw))
                 rows.append(row)
                 print(fmt_row(row), flush=True)
                 del sets, fns
     return rows
 
 
-def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, block_h=None):
+def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, extra=None, label=None):
     scale = DK ** -0.5
     sets, count = make_sets(T, H, K, pool, 1.0, 1)
     q, slots, counts = sets[0]
-    kw = {"block_h": block_h} if block_h else {}
+    kw = extra or {}
     us = time_us(lambda: smla.sparse_mla_attn(q, pool, slots, counts, scale, DV, **kw), target_ms=20, replays=5)
     ref_us = None
     if with_ref:
@@ -203,21 +219,87 @@ def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, bl
                 torch_sparse_mla(q[i:i + chunk], pool, slots[i:i + chunk], counts[i:i + chunk], scale, DV)
         ref_us = time_us(ref, target_ms=20, replays=3)
     bytes_, flops, floor = mla_floor(T, H, count, bw, rate)
+    bh, vsp, ns = _plan(smla, T, H, K, pool.device, kw)
     row = dict(kind="prefill", T=T, H=H, K=K, frac=1.0, count=count, us=us, GBps=bytes_ / us * 1e-3,
                TFLOPs=flops / us * 1e-6, floor_us=floor, pct_floor=100 * floor / us, torch_us=ref_us,
-               x_torch=(ref_us / us) if ref_us else None, vs_full_over_n=None, nsplit=1,
-               block_h=block_h or smla.choose_block_h(H, T, pool.device))
+               x_torch=(ref_us / us) if ref_us else None, vs_full_over_n=None, nsplit=ns,
+               block_h=bh, v_split=vsp, variant=label or _label(kw))
     print(fmt_row(row), flush=True)
+    del q, slots, counts, sets
+    torch.cuda.empty_cache()
     return [row]
+
+
+# variants compared in --focus (same run): the pre-split path and value-split / config alternatives
+FOCUS_VARIANTS = [
+    dict(legacy=True),                                              # before: bh ≤ 32, no split, autotuned
+    dict(block_h=32, v_split=1, config=(64, 8, 2)),                 # before, fixed to its usual pick
+    dict(block_h=64, v_split=1, config=(16, 8, 2)),                 # wgmma, no split (1 CTA/SM)
+    dict(block_h=64, v_split=2, config=(16, 4, 2)),                 # wgmma, 2 CTAs/SM by regs+smem
+    dict(block_h=64, v_split=2, config=(16, 4, 3)),
+    dict(block_h=64, v_split=2, config=(32, 4, 2)),
+    dict(block_h=64, v_split=2, config=(16, 8, 2)),
+    dict(block_h=64, v_split=2, config=(32, 8, 2)),
+    dict(block_h=32, v_split=2, config=(32, 8, 2)),                 # mma.sync, ~123 regs: 2 CTAs/SM
+    dict(block_h=32, v_split=2, config=(64, 8, 2)),
+    dict(block_h=32, v_split=2, config=(16, 4, 2)),
+    dict(block_h=32, v_split=2, config=(32, 4, 3)),
+    dict(block_h=128, v_split=2, config=(16, 8, 2)),                # 2 warpgroups on 64 rows each
+    dict(block_h=128, v_split=2, config=(32, 8, 2)),
+    dict(),                                                          # the new defaults
+]
+FOCUS_H16 = [dict(legacy=True), dict(block_h=16, v_split=1, config=(64, 8, 2)),
+             dict(block_h=16, v_split=1, config=(32, 8, 2)), dict()]
+
+
+def bench_focus(smla, pool, bw, rate, pre_T=4096):
+    rows = []
+    for kw in FOCUS_VARIANTS:
+        lab = _label(kw)
+        for (T, H, fracs) in [(64, 128, [1.0, 0.125]), (128, 128, [1.0]), (64, 64, [1.0]), (64, 32, [1.0]),
+                              (128, 32, [1.0]), (8, 128, [1.0])]:
+            if kw.get("block_h", 0) > max(16, H):
+                continue
+            try:
+                rows += bench_decode(smla, pool, [T], [H], fracs, bw, rate, with_ref=False, extra=kw, label=lab)
+            except Exception as exc:
+                print(f"!! {lab} T={T} H={H}: {exc!r}"[:400], flush=True)
+        try:
+            rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, extra=kw, label=lab)
+        except Exception as exc:
+            print(f"!! {lab} prefill: {exc!r}"[:400], flush=True)
+    for kw in FOCUS_H16:
+        lab = _label(kw)
+        for (T, H) in [(64, 16), (128, 16), (8, 16)]:
+            rows += bench_decode(smla, pool, [T], [H], [1.0], bw, rate, with_ref=False, extra=kw, label=lab)
+    return rows
+
+
+def profile_one(smla, spec):
+    """One launch of one variant (for ncu): spec = 'T,H,block_h,v_split,BN,warps,stages' or 'T,H,legacy'."""
+    f = spec.split(",")
+    T, H = int(f[0]), int(f[1])
+    if f[2] == "legacy":
+        kw = dict(legacy=True)
+    else:
+        kw = dict(block_h=int(f[2]), v_split=int(f[3]), config=tuple(int(x) for x in f[4:7]))
+    pool = torch.randn(128 * 1024, DK, device="cuda", dtype=DTYPE)
+    sets, _ = make_sets(T, H, 2048, pool, 1.0, 1)
+    q, slots, counts = sets[0]
+    for _ in range(3):
+        smla.sparse_mla_attn(q, pool, slots, counts, DK ** -0.5, DV, **kw)
+    torch.cuda.synchronize()
 
 
 def fmt_row(r):
     x = f"{r['x_torch']:.1f}x" if r.get("x_torch") else "-"
     v = f"{r['vs_full_over_n']:.2f}" if r.get("vs_full_over_n") else "-"
     return (f"{r['kind']:8s} T={r['T']:5d} H={r['H']:4d} frac={r['frac']:<6.3g} cnt={r['count']:5d} "
-            f"bh={r.get('block_h', '-')!s:>3} sp={r.get('nsplit', '-')!s:>3} | {r['us']:9.1f} us "
+            f"bh={r.get('block_h', '-')!s:>3} vs={r.get('v_split', '-')!s:>1} sp={r.get('nsplit', '-')!s:>3} | "
+            f"{r['us']:9.1f} us "
             f"{r['GBps']:7.0f} GB/s {r['TFLOPs']:6.1f} TF/s floor {r['floor_us']:8.1f} us "
-            f"{r['pct_floor']:5.1f}% | torch {r['torch_us'] or 0:9.1f} us {x:>6} | t/(full·f) {v}")
+            f"{r['pct_floor']:5.1f}% | torch {r['torch_us'] or 0:9.1f} us {x:>6} | t/(full·f) {v}"
+            + (f" [{r['variant']}]" if r.get("variant", "default") != "default" else ""))
 
 
 # ------------------------------------------------------------------------------------------ indexer
@@ -304,7 +386,15 @@ def compiled_info(kernels):
                     consts = {}
                     try:
                         src = getattr(ck, "src", None)
-                        consts = {str(a): v for a, v in (getattr(src, "constants", {}) or {}).items()
+                        names = list(getattr(k, "arg_names", []) or [])
+
+                        def _name(a):
+                            if isinstance(a, tuple) and len(a) == 1 and isinstance(a[0], int) and a[0] < len(names):
+                                return names[a[0]]
+                            if isinstance(a, int) and a < len(names):
+                                return names[a]
+                            return str(a)
+                        consts = {_name(a): v for a, v in (getattr(src, "constants", {}) or {}).items()
                                   if isinstance(v, (int, bool))}
                     except Exception:
                         pass
@@ -376,11 +466,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
-    ap.add_argument("--sweep", action="store_true", help="also sweep num_splits / block_h on a few shapes")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the pre-split path (legacy=True) on the H >= 32 batch shapes and prefill")
+    ap.add_argument("--focus", action="store_true",
+                    help="only the ceilings and the variant comparison (FOCUS_VARIANTS) on the H >= 32 shapes")
+    ap.add_argument("--profile-one", metavar="SPEC", help="launch one variant 3x and exit (for ncu); "
+                    "SPEC = 'T,H,block_h,v_split,BLOCK_N,warps,stages' or 'T,H,legacy'")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch references")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
+    if args.profile_one:
+        profile_one(_load("sparse_mla_attn"), args.profile_one)
+        return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -420,28 +518,24 @@ def main():
         print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    section("decode", lambda: bench_decode(smla, pool, batches, heads, fracs, bw, rate, with_ref=with_ref))
-    section("prefill", lambda: bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=with_ref))
-    if args.sweep:
+    if args.focus:
+        section("sweep", lambda: bench_focus(smla, pool, bw, rate, pre_T=pre_T))
+    else:
+        section("decode", lambda: bench_decode(smla, pool, batches, heads, fracs, bw, rate, with_ref=with_ref))
+        section("prefill", lambda: bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=with_ref))
+    if args.sweep and not args.focus:
         def sweep():
             rows = []
-            for ns in [2, 3, 4, 5]:
-                rows += bench_decode(smla, pool, [64], [16], [1.0], bw, rate, with_ref=False,
-                                     extra={"num_splits": ns})
-            for ns in [2, 3]:
-                rows += bench_decode(smla, pool, [128], [16], [1.0], bw, rate, with_ref=False,
-                                     extra={"num_splits": ns})
-            for ns in [1, 2, 4]:
-                rows += bench_decode(smla, pool, [64], [128], [0.125], bw, rate, with_ref=False,
-                                     extra={"num_splits": ns})
-            for bh in [32, 64]:
-                rows += bench_decode(smla, pool, [64], [128], [1.0], bw, rate, with_ref=False,
-                                     extra={"block_h": bh})
-                rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, block_h=bh)
+            for kw in [dict(legacy=True)]:
+                for T in [64, 128]:
+                    rows += bench_decode(smla, pool, [T], [32, 64, 128], [1.0, 0.125], bw, rate, with_ref=False,
+                                         extra=kw)
+                rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, extra=kw)
             return rows
         section("sweep", sweep)
-    section("indexer", lambda: bench_indexer(ixm, contexts, bw, rate))
-    section("lse_merge", lambda: bench_merge(lsem, bw, [(8, 64, 128), (8, 128, 128), (4, 1, 128)]))
+    if not args.focus:
+        section("indexer", lambda: bench_indexer(ixm, contexts, bw, rate))
+        section("lse_merge", lambda: bench_merge(lsem, bw, [(8, 64, 128), (8, 128, 128), (4, 1, 128)]))
 
     try:
         results["autotune"] = {
@@ -463,6 +557,10 @@ def main():
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     for r in results["decode"] + results["prefill"]:
         print(fmt_row(r))
+    for r in results["sweep"]:   # compact: variant, shape, time, % of floor
+        print(f"{r.get('variant', '-'):38s} {r['kind'][:3]} T={r['T']:<4d} H={r['H']:<3d} f={r['frac']:<5.3g} "
+              f"bh={r['block_h']} vs={r.get('v_split', 1)} sp={r['nsplit']:<2d} {r['us']:9.1f} us "
+              f"{r['TFLOPs']:6.1f} TF/s {r['pct_floor']:5.1f}%")
     for r in results["indexer"]:
         print(f"indexer L={r['L']:6d} B={r['B']} | {r['us']:8.1f} us {r['pct_floor']:5.1f}% of floor | "
               f"torch {r['torch_us']:8.1f} us ({r['x_torch']:.1f}x)")

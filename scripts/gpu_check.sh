@@ -14,6 +14,7 @@ rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r dcp_compile /tmp/pkg/ && cp -r ops
 export PYTHONPATH=/tmp/pkg:/tmp/site
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-python3 -m pytest tests/test_triton_kernels.py tests/test_ops.py -q -x -p no:cacheprovider 2>&1 | tail -n 5 | tee "$OUT/tests.log"
+repo=$PWD  # pytest from outside the repo, so the installed-layout copy in /tmp/pkg is the dcp_compile imported
+(cd /tmp && python3 -m pytest "$repo/tests/test_triton_kernels.py" "$repo/tests/test_ops.py" -q -p no:cacheprovider 2>&1 | tail -n 5) | tee "$OUT/tests.log"
 run() { echo "== torchrun --nproc-per-node $ngpu examples/generate.py $*"; timeout 300 torchrun --nproc-per-node "$ngpu" examples/generate.py "$@" 2>&1 | grep -v -i warn | tail -n 9; }
 { run; run --dtype bfloat16; run --dcp-size 1; run --compile; } 2>&1 | tee "$OUT/demo.log"

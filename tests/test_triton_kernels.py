@@ -157,6 +157,31 @@ def test_sparse_mla_interpreter_head_blocks():
 
 
 @cpu_only
+@pytest.mark.parametrize("H,block_h", [(1, None), (3, None), (16, None), (40, None), (40, 16)])
+@pytest.mark.parametrize("Dk,v_dim", [(80, 64), (64, 48)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sparse_mla_interpreter_vsplit(H, block_h, Dk, v_dim, num_splits):
+    """Output columns split over two programs (halves of 32; v=48: the second half partly masked);
+    H = 40 over 64-head tiles (one block, 24 rows masked) and over 16-head tiles (three blocks)."""
+    gen = torch.Generator().manual_seed(31 * H + Dk + v_dim + num_splits + (block_h or 0))
+    K = 40
+    counts = [0, 1, 7, K, 16, 33]
+    q, kv, slots, counts = make_mla_inputs(len(counts), H, Dk, K, 97, counts, torch.float32, "cpu", gen)
+    check_mla(q, kv, slots, counts, Dk ** -0.5, v_dim, 1e-4, num_splits=num_splits, v_split=2, block_h=block_h)
+
+
+@cpu_only
+def test_sparse_mla_interpreter_default_plan():
+    """The default plan for H = 40 (64-head tile, value split 2) under the interpreter."""
+    smla_plan = smla.plan(3, 40, 32, 64, torch.device("cpu"))
+    assert smla_plan[:2] == (64, 2), smla_plan
+    gen = torch.Generator().manual_seed(8)
+    counts = [32, 0, 9]
+    q, kv, slots, counts = make_mla_inputs(3, 40, 80, 32, 50, counts, torch.float32, "cpu", gen)
+    check_mla(q, kv, slots, counts, 0.2, 64, 1e-4)
+
+
+@cpu_only
 def test_lse_merge_interpreter():
     gen = torch.Generator().manual_seed(3)
     P, T, H, V = 3, 4, 5, 24
@@ -227,6 +252,29 @@ def test_sparse_mla_gpu_bf16(H, num_splits):
     counts = [0, 1, 15, 64, 100, K, K - 37, 1000]
     q, kv, slots, counts = make_mla_inputs(len(counts), H, 576, K, 4096, counts, torch.bfloat16, "cuda", gen)
     check_mla(q, kv, slots, counts, 576 ** -0.5, 512, 1e-2, num_splits=num_splits)
+
+
+@gpu
+@pytest.mark.parametrize("H", [40, 128])
+@pytest.mark.parametrize("variant", [dict(v_split=1), dict(v_split=2, block_h=32), dict(legacy=True),
+                                     dict(block_h=16, v_split=2, config=(32, 4, 2)),
+                                     dict(block_h=128, v_split=2, config=(16, 8, 2))])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_sparse_mla_gpu_variants(H, variant, num_splits):
+    """Every path the benchmark compares: value split on/off, head tiles 16/32/64, the legacy autotuned one."""
+    gen = torch.Generator().manual_seed(H + 13 * (num_splits or 0) + len(str(variant)))
+    K = 512
+    counts = [0, 1, 15, 64, 100, K, K - 37, 300]
+    q, kv, slots, counts = make_mla_inputs(len(counts), H, 576, K, 4096, counts, torch.bfloat16, "cuda", gen)
+    check_mla(q, kv, slots, counts, 576 ** -0.5, 512, 1e-2, num_splits=num_splits, **variant)
+
+
+@gpu
+def test_sparse_mla_gpu_fp32_many_heads():
+    gen = torch.Generator().manual_seed(17)
+    counts = [0, 3, 40, 128, 77]
+    q, kv, slots, counts = make_mla_inputs(len(counts), 64, 576, 128, 1000, counts, torch.float32, "cuda", gen)
+    check_mla(q, kv, slots, counts, 576 ** -0.5, 512, 1e-4)
 
 
 @gpu

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree

@@ -17,6 +17,7 @@ Nothing here names a model class or a module attribute; parameters are found as 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,7 @@ def consumers(node: Node) -> list[Node]:
 
 def getitem(node: Node, index: int) -> Node | None:
     for u in node.users:
-        if u.target is __import__("operator").getitem and u.args[1] == index:
+        if u.target is operator.getitem and u.args[1] == index:
             return u
     return None
 
@@ -261,7 +262,7 @@ def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
 
 def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -> QueryProjectionMatch:
     item = att.query_nope
-    split = item.args[0] if item.target is __import__("operator").getitem else None
+    split = item.args[0] if item.target is operator.getitem else None
     if split is None or split.target is not aten.split_with_sizes.default:
         raise MatchError(f"layer {layer}: the non-rotary query is not a split of per-head query states")
     view = split.args[0]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import operator
 
 import torch
 from torch.fx import GraphModule, Node
 
 from .attention import DCPAttentionSpec, DCPSparseMLA, tp_all_reduce
-from .match import MLASparseAttentionMatch, source
+from .match import MLASparseAttentionMatch
 
 aten = torch.ops.aten
 STATE_INPUTS = ("latent_pool", "index_pool", "block_table", "past_length")
@@ -192,7 +191,7 @@ def dcp_passes(match: MLASparseAttentionMatch, spec: DCPAttentionSpec, tp_group:
 
 __all__ = [
     "GraphPass", "PassManager", "InsertDCPAttention", "RowParallelOutputProjection", "KeepLayerOutputOnly",
-    "EliminateDeadCode", "DropUnusedInputs", "dcp_passes", "flat_codegen", "source", "operator",
+    "EliminateDeadCode", "DropUnusedInputs", "dcp_passes", "flat_codegen", "readable",
 ]
 
 

@@ -122,9 +122,11 @@ class ShardedPagedCache(Cache):
         self.capacity = num_tokens
 
     def free_sequence(self, seq: int) -> None:
+        """Give sequence ``seq``'s pages back; the cache must be ``reserve``d again before the next step."""
         self.allocator.release(self._pages[seq])
         self._pages[seq] = []
         self.block_table[seq].fill_(-1)
+        self.capacity = 0
 
     def reset(self) -> None:
         for seq in range(self.num_sequences):

@@ -54,6 +54,10 @@ def generate_on_rank(rank, world, dcp_size, interleave, impl, prompts):
         row_bytes = (spec.latent_dim + spec.index_dim) * torch.finfo(spec.dtype).bits // 8
         one_page_per_sequence = len(spec.layer_ids) * ids.shape[0] * PAGE * row_bytes
         results[prompt] = (out.sequences, torch.stack(out.logits), out.cache.storage_bytes(), one_page_per_sequence)
+    # A plain forward with no cache (as for scoring a text) gets a cache sized for its input.
+    ids, mask = left_padded_prompts(PROMPTS["mixed"], seed=len("mixed"))
+    with torch.no_grad():
+        results["forward"] = model(ids, attention_mask=mask).logits
     return results
 
 
@@ -72,6 +76,14 @@ RUNS = [
 ]
 
 
+@lru_cache(maxsize=None)
+def reference_forward(impl: str):
+    ids, mask = left_padded_prompts(PROMPTS["mixed"], seed=len("mixed"))
+    with torch.no_grad():
+        logits = tiny_deepseek_v32(seed=0, dtype=torch.float64, attn_implementation=impl)(ids, attention_mask=mask).logits
+    return logits, mask.bool()
+
+
 @pytest.mark.parametrize("world,dcp_size,interleave,impl,prompts", RUNS)
 def test_generate_matches_single_device_hf(world, dcp_size, interleave, impl, prompts):
     per_rank = run_ranks(generate_on_rank, world, dcp_size, interleave, impl, prompts)
@@ -87,3 +99,8 @@ def test_generate_matches_single_device_hf(world, dcp_size, interleave, impl, pr
             assert cache_bytes <= hf_bytes / dcp + one_page, (rank, prompt, cache_bytes, hf_bytes, one_page)
             if dcp > 1:
                 assert cache_bytes < hf_bytes, "the cache is not sharded"
+    if impl == "sdpa":  # left padding: compare the real (unpadded) positions of a plain forward
+        want, real = reference_forward(impl)
+        for rank, results in enumerate(per_rank):
+            err = (results["forward"] - want)[real].abs().max().item()
+            assert err < LOGIT_TOL, f"rank {rank}: plain forward logits differ by {err:.2e}"

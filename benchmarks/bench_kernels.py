@@ -2,6 +2,9 @@
 
     python benchmarks/bench_kernels.py            # full run (H100: a few minutes, autotuning included)
     python benchmarks/bench_kernels.py --quick    # smoke run: few shapes
+    python benchmarks/bench_kernels.py --sweep    # + the v3 path (legacy=True) and the value split beside it
+    python benchmarks/bench_kernels.py --focus    # ceilings + FOCUS_VARIANTS on the H >= 32 shapes only
+    ncu ... python benchmarks/bench_kernels.py --profile-one 64,128,32,1,64,4,2   # one variant, for ncu
 
 In one run: the two ceilings (copy bandwidth of a large device-to-device copy, bytes read + written; bf16
 matmul rate), then sparse-MLA decode (batch × heads, K = 2048, a 128K-row pool of 576-wide bf16 rows; full
@@ -233,23 +236,21 @@ def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, ex
 # variants compared in --focus (same run): the pre-split path and value-split / config alternatives
 FOCUS_VARIANTS = [
     dict(legacy=True),                                              # before: bh ≤ 32, no split, autotuned
-    dict(block_h=32, v_split=1, config=(64, 8, 2)),                 # before, fixed to its usual pick
-    dict(block_h=64, v_split=1, config=(16, 8, 2)),                 # wgmma, no split (1 CTA/SM)
-    dict(block_h=64, v_split=2, config=(16, 4, 2)),                 # wgmma, 2 CTAs/SM by regs+smem
-    dict(block_h=64, v_split=2, config=(16, 4, 3)),
-    dict(block_h=64, v_split=2, config=(32, 4, 2)),
-    dict(block_h=64, v_split=2, config=(16, 8, 2)),
-    dict(block_h=64, v_split=2, config=(32, 8, 2)),
-    dict(block_h=32, v_split=2, config=(32, 8, 2)),                 # mma.sync, ~123 regs: 2 CTAs/SM
-    dict(block_h=32, v_split=2, config=(64, 8, 2)),
-    dict(block_h=32, v_split=2, config=(16, 4, 2)),
-    dict(block_h=32, v_split=2, config=(32, 4, 3)),
-    dict(block_h=128, v_split=2, config=(16, 8, 2)),                # 2 warpgroups on 64 rows each
-    dict(block_h=128, v_split=2, config=(32, 8, 2)),
+    dict(block_h=32, v_split=1, config=(64, 8, 2)),                 # before, its autotuned pick in run 4
+    dict(block_h=32, v_split=1, config=(64, 4, 2)),                 # run 3's pick (pruned in v3: ≥128 acc regs)
+    dict(block_h=32, v_split=1, config=(64, 4, 3)),
+    dict(block_h=32, v_split=1, config=(32, 4, 3)),
+    dict(block_h=16, v_split=1, config=(64, 8, 2)),                 # H=16's tile for every H
+    dict(block_h=64, v_split=2, config=(16, 4, 3)),                 # run 4's best wgmma split
+    dict(block_h=64, v_split=2, config=(16, 4, 4)),
+    dict(block_h=64, v_split=2, config=(32, 4, 3)),
+    dict(block_h=128, v_split=2, config=(32, 8, 2)),                # run 4's best at T=64/H=128
+    dict(block_h=128, v_split=2, config=(16, 8, 3)),
+    dict(block_h=128, v_split=2, config=(16, 8, 4)),
     dict(),                                                          # the new defaults
 ]
-FOCUS_H16 = [dict(legacy=True), dict(block_h=16, v_split=1, config=(64, 8, 2)),
-             dict(block_h=16, v_split=1, config=(32, 8, 2)), dict()]
+FOCUS_H16 = [dict(legacy=True), dict(block_h=16, v_split=1, config=(64, 4, 2)),
+             dict(block_h=16, v_split=1, config=(64, 8, 3)), dict()]
 
 
 def bench_focus(smla, pool, bw, rate, pre_T=4096):
@@ -467,7 +468,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the pre-split path (legacy=True) on the H >= 32 batch shapes and prefill")
+                    help="also time the pre-table path (legacy=True) and the value split (64-head tiles) on the "
+                         "H >= 32 batch shapes and prefill")
     ap.add_argument("--focus", action="store_true",
                     help="only the ceilings and the variant comparison (FOCUS_VARIANTS) on the H >= 32 shapes")
     ap.add_argument("--profile-one", metavar="SPEC", help="launch one variant 3x and exit (for ncu); "
@@ -526,7 +528,7 @@ def main():
     if args.sweep and not args.focus:
         def sweep():
             rows = []
-            for kw in [dict(legacy=True)]:
+            for kw in [dict(legacy=True), dict(block_h=64, v_split=2, config=(16, 4, 3))]:
                 for T in [64, 128]:
                     rows += bench_decode(smla, pool, [T], [32, 64, 128], [1.0, 0.125], bw, rate, with_ref=False,
                                          extra=kw)

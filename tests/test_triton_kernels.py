@@ -172,9 +172,10 @@ def test_sparse_mla_interpreter_vsplit(H, block_h, Dk, v_dim, num_splits):
 
 @cpu_only
 def test_sparse_mla_interpreter_default_plan():
-    """The default plan for H = 40 (64-head tile, value split 2) under the interpreter."""
+    """The default plan for H = 40 under the interpreter: 32-head tiles (the second one 8/32 used), no
+    value split."""
     smla_plan = smla.plan(3, 40, 32, 64, torch.device("cpu"))
-    assert smla_plan[:2] == (64, 2), smla_plan
+    assert smla_plan == (32, 1, 1), smla_plan
     gen = torch.Generator().manual_seed(8)
     counts = [32, 0, 9]
     q, kv, slots, counts = make_mla_inputs(3, 40, 80, 32, 50, counts, torch.float32, "cpu", gen)
@@ -256,7 +257,7 @@ def test_sparse_mla_gpu_bf16(H, num_splits):
 
 @gpu
 @pytest.mark.parametrize("H", [40, 128])
-@pytest.mark.parametrize("variant", [dict(v_split=1), dict(v_split=2, block_h=32), dict(legacy=True),
+@pytest.mark.parametrize("variant", [dict(v_split=1), dict(v_split=2, block_h=32), dict(legacy=True, config=(32, 4, 2)),
                                      dict(block_h=16, v_split=2, config=(32, 4, 2)),
                                      dict(block_h=128, v_split=2, config=(16, 8, 2))])
 @pytest.mark.parametrize("num_splits", [None, 3])

@@ -2,23 +2,23 @@
 
 One KV head (MQA after weight absorption, DCP.md §2): every head of query t attends to the same gathered
 rows ``kv[slots[t, j]]`` (``c ‖ k_rope``), j < counts[t]. A program owns one query, a block of BLOCK_H heads,
-one split of the query's selected rows and one slice of the value/output columns (V_SPLIT slices of
-BLOCK_V); it loads each gathered row once (BLOCK_N rows a step), uses the whole row for the scores of all
-its heads (``q_c·c + q_r·k_rope``) and its own column slice of ``c`` as V for the output (``p·c``). The loop
+one split of the query's selected rows and one of V_SPLIT slices of the value/output columns (BLOCK_V
+wide); it loads each gathered row once (BLOCK_N rows a step), uses the whole row for the scores of all its
+heads (``q_c·c + q_r·k_rope``) and its own column slice of ``c`` as V for the output (``p·c``). The loop
 bound is the query's count, so a DCP rank that owns 1/N of the rows does 1/N of the work. Heads are blocked,
 never padded to 64: BLOCK_H = the head count rounded up to a power of two, at least 16 (``tl.dot``'s
-minimum), at most 64.
+minimum), at most 32 (see choose_block_h). When T × head-blocks × V_SPLIT cannot fill the GPU, the rows are
+split over NSPLIT programs and the partial results merged by their log-sum-exp (:mod:`lse_merge`).
 
-Why the value split (V_SPLIT = 2 for H ≥ 32): a 64-head tile with the full 512-wide fp32 accumulator needs
-~250 registers a thread (1 CTA/SM); splitting the output columns over two programs halves the accumulator
-at the cost of recomputing the 576-wide score dot in both (1664 instead of 1088 flops per head-row). The two
-programs of a pair are adjacent in launch order (the column slice is the fastest-varying program index), so
-the second's row gathers hit L2. When T × head-blocks × V_SPLIT cannot fill the GPU, the rows are split over
-NSPLIT programs and the partial results merged by their log-sum-exp (:mod:`lse_merge`).
+The value split (V_SPLIT = 2: two programs per head block, each 256 of the 512 output columns, both
+recomputing the 576-wide score dot; adjacent in launch order, slice index fastest, so the second's gathers
+hit L2) halves the fp32 accumulator so 64/128-head tiles compile to wgmma without spilling. It is an
+option (``v_split=2``), off by default: on H100 it was slower at every shape than 32-head tiles at 4 warps
+(choose_v_split, benchmarks/RESULTS.md runs 4–5).
 
 Block shapes / warps / stages come from a fixed table (``choose_config``: deterministic results, no
-autotuning at run time); ``config=`` overrides it, ``legacy=True`` gives the pre-split path (BLOCK_H ≤ 32,
-no value split, autotuned over BLOCK_N / warps / stages) for benchmarks.
+autotuning at run time); ``config=`` overrides it, ``legacy=True`` gives the pre-table path (the same kernel
+without value split, autotuned over BLOCK_N / warps / stages with the v3 pruning) for benchmarks.
 """
 from __future__ import annotations
 
@@ -193,25 +193,40 @@ def _legacy_block_h(H: int) -> int:
 
 
 def choose_block_h(H: int, T: int = 1, device=None) -> int:
-    """Head tile: H rounded up to a power of two, ≥ 16 (tl.dot minimum), ≤ 64 (64 = one wgmma M tile)."""
-    return min(64, max(16, triton.next_power_of_2(H)))
+    """Head tile: H rounded up to a power of two, ≥ 16 (tl.dot minimum), ≤ 32.
+    Measured on H100 (2026-11-27, Triton 3.6, RESULTS.md runs 4–5): 32-head tiles on mma.sync at 4 warps
+    (2 CTAs/SM) beat every 64- and 128-head wgmma variant, with or without the value split: decode
+    T=64/H=128 187 µs vs 198–300 µs, prefill T=4096/H=128 10.5 ms vs 13.7–29 ms."""
+    return min(32, max(16, triton.next_power_of_2(H)))
 
 
 def choose_v_split(H: int, T: int, v_dim: int, device=None) -> int:
-    """Column slices of the output: 2 for H ≥ 32 (accumulator of a 32/64-head tile halves; see module doc),
-    1 for H ≤ 16 (memory-bound: the recomputed score dot would only add work) and for v_dim < 64."""
-    return 2 if (H > 16 and v_dim >= 64) else 1
+    """Column slices of the output: 1 by default. The value split (2) is kept as an option: measured on
+    H100 it lost at every H ≥ 32 shape against the 32-head, 4-warp, unsplit kernel (e.g. T=64/H=64
+    126 µs vs 120 µs, T=64/H=128 233 µs vs 187 µs, prefill 13.8 ms vs 10.5 ms, RESULTS.md run 5): it adds
+    53 % tensor work (the score dot runs in both halves) and does not cut the L2 re-reads of the rows."""
+    return 1
 
 
 def choose_config(block_h: int, v_split: int, block_v: int, block_r: int, elt_bytes: int):
-    """(BLOCK_N, num_warps, num_stages) for a variant: a fixed table (deterministic, no run-time tuning),
-    then shrunk until q tile + pipelined row tiles fit in ~200 KB of shared memory."""
+    """(BLOCK_N, num_warps, num_stages) for a variant: a fixed table (deterministic results, no run-time
+    tuning), then shrunk until q tile + pipelined row tiles fit in ~200 KB of shared memory.
+    Measured (H100, run 5): 32-head tiles want 4 warps (255 regs, ~30 B spill, 2 CTAs/SM: the two CTAs'
+    barrier/gather stalls interleave — IPC 1.23 vs 0.92 for one 8-warp CTA) — 187 vs 264 µs at T=64/H=128;
+    16-head tiles 8 warps (64/8/2 and 64/4/2 equal within noise; 32-row or 3-stage tiles lose 20–40 %)."""
     if v_split == 1:
-        bn, warps, stages = (64, 8, 2)
-    elif block_h >= 64:
+        if block_h <= 16:
+            bn, warps, stages = (64, 8, 2)
+        elif block_h == 32:
+            bn, warps, stages = (64, 4, 2)
+        else:
+            bn, warps, stages = (16, 8, 2)
+    elif block_h >= 128:
         bn, warps, stages = (32, 8, 2)
+    elif block_h == 64:
+        bn, warps, stages = (16, 4, 3)
     else:
-        bn, warps, stages = (32, 4, 2)
+        bn, warps, stages = (32, 4, 3)
     row = (v_split * block_v + block_r) * elt_bytes
     while block_h * row + stages * bn * row > 200 * 1024 and (stages > 1 or bn > 16):
         if stages > 2 or bn == 16:

@@ -453,3 +453,20 @@ def test_lse_combine_weights_sum_to_one_and_large_lse(dtype):
     # fp32: the weights exp(lse_r - lse) carry the lse's absolute rounding (~|lse|·eps32 ≈ 3e-5 at |lse| ~ 600).
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(total, torch.ones_like(total), rtol=tol, atol=tol)
+
+
+def test_local_topk_versions_agree_on_ties():
+    """Both deterministic local top-k versions pick the same columns: higher score, then lower column."""
+    from dcp_compile.ops.distributed import local_topk, local_topk_sorted
+
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(50):
+        x = torch.randint(-3, 4, (4, 60), generator=gen).float()
+        x[:, 50:] = float("-inf")
+        for k in (1, 5, 60):
+            a, b = local_topk(x, k)[1].sort(-1).values, local_topk_sorted(x, k)[1].sort(-1).values
+            assert torch.equal(a, b)
+            # the tie rule itself: every chosen column beats or ties every unchosen one, ties to lower columns
+            chosen = torch.zeros_like(x, dtype=torch.bool).scatter(1, b, True)
+            kth = torch.where(chosen, x, torch.full_like(x, float("inf"))).min(-1, keepdim=True).values
+            assert not (x > kth)[~chosen].any()

@@ -274,6 +274,35 @@ def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -
     return QueryProjectionMatch(linear, source(linear.args[1]), int(view.args[1][-1]))
 
 
+def _shape(node: Node) -> tuple[str, ...]:
+    return tuple(str(d) for d in node.meta["val"].shape)
+
+
+def check_layouts(m: MLASparseAttentionMatch) -> None:
+    """The rewrite reads the matched tensors in these layouts; a model that lays them out otherwise is
+    reported here rather than computed wrongly."""
+    heads, nope, rope = str(m.heads), str(m.kv_expansion.nope_dim), str(m.rope_dim)
+    q_nope, q_rope = _shape(m.attention.query_nope), _shape(m.attention.query_rope)
+    latent, rope_new = _shape(m.latent_cache.latent_new), _shape(m.latent_cache.rope_new)
+    key, query, weights = _shape(m.indexer.key_new), _shape(m.indexer.query), _shape(m.indexer.weights)
+    batch, steps = q_nope[0] if q_nope else "?", q_nope[2] if len(q_nope) > 2 else "?"
+    expected = [
+        ("non-rotary query", q_nope, (batch, heads, steps, nope)),
+        ("rotary query", q_rope, (batch, heads, steps, rope)),
+        ("new latent rows", latent, (batch, "1", steps, str(m.latent_dim))),
+        ("new rotary key rows", rope_new, (batch, "1", steps, rope)),
+        ("new indexer keys", key, (batch, steps, key[-1] if key else "?")),
+        ("indexer query", query, (batch, steps, weights[-1] if weights else "?", key[-1] if key else "?")),
+        ("indexer head weights", weights, (batch, steps, query[2] if len(query) > 2 else "?")),
+    ]
+    for what, got, want in expected:
+        if got != want:
+            raise MatchError(
+                f"layer {m.layer}: the {what} have shape [{', '.join(got)}], expected [{', '.join(want)}] "
+                f"(batch, heads/1, tokens, width as HF's MLA lays them out)"
+            )
+
+
 def match_layer(gm: GraphModule, num_params: int, mask: Node | None, layer: str) -> MLASparseAttentionMatch:
     params = set(list(n for n in gm.graph.nodes if n.op == "placeholder")[:num_params])
     latent = match_latent_cache(gm, layer)
@@ -283,4 +312,6 @@ def match_layer(gm: GraphModule, num_params: int, mask: Node | None, layer: str)
     qp = match_query_projection(att, params, layer)
     if source(att.out_proj.args[1]) not in params:
         raise MatchError(f"layer {layer}: the output projection's weight is not a parameter")
-    return MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, mask)
+    match = MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, mask)
+    check_layouts(match)
+    return match

@@ -17,7 +17,6 @@ queries with fewer candidates than K; a query with none).
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

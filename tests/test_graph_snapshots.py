@@ -40,6 +40,18 @@ class TestGraphSnapshots(expecttest.TestCase):
         self.assertEqual((s.heads, s.indexer.topk), (4, 8))
         self.assertAlmostEqual(s.attention.scale, 24 ** -0.5)
 
+    def test_layouts_are_checked(self):
+        import dataclasses
+
+        from dcp_compile.match import MatchError, check_layouts
+
+        _, m = captured_layer()
+        check_layouts(m)  # HF's own layout passes
+        swapped = dataclasses.replace(m, attention=dataclasses.replace(
+            m.attention, query_nope=m.attention.query_rope, query_rope=m.attention.query_nope))
+        with self.assertRaisesRegex(MatchError, r"model.layers.0.self_attn: the non-rotary query have shape"):
+            check_layouts(swapped)
+
     def test_layer_graph_before_and_after(self):
         captured, match = captured_layer()
         self.assertExpectedInline(readable(captured.graph_module), """\

@@ -194,7 +194,10 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
                 f"layer {layer.name} has no DeepSeek Sparse Attention indexer (it never calls cache.update_indexer): "
                 f"dcp_compile rewrites MLA sparse attention only"
             )
-    matched = [capture_and_match(layer) for layer in layers]
+    matched, past_len = [], 61
+    for layer in layers:  # start each trace at the past length that worked for the previous layer
+        matched.append(capture_and_match(layer, past_len))
+        past_len = matched[-1][0].past_len
     for layer, (_, match) in zip(layers, matched):
         if match.heads % tp_size:
             raise ValueError(f"layer {layer.name}: {match.heads} attention heads are not divisible by the mesh size {tp_size}")
@@ -216,7 +219,7 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     for layer, (captured, match) in zip(layers, matched):
         if tp_size > 1:  # the weights change shape: trace the sharded layer again
             shard_heads(layer.module, match, tp_rank, tp_size)
-            captured, match = capture_and_match(layer)
+            captured, match = capture_and_match(layer, captured.past_len)
         spec = DCPAttentionSpec(
             heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
             latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,

@@ -40,6 +40,13 @@ class TestGraphSnapshots(expecttest.TestCase):
         self.assertEqual((s.heads, s.indexer.topk), (4, 8))
         self.assertAlmostEqual(s.attention.scale, 24 ** -0.5)
 
+    def test_trace_grows_past_length_beyond_the_topk(self):
+        # HF takes min(index_topk, length): the trace must be longer than the top-k to see it as a constant.
+        model = tiny_deepseek_v32(dtype=torch.float32, index_topk=100)
+        captured, match = capture_and_match(probe_layers(model)[0])
+        self.assertEqual(match.indexer.topk, 100)
+        self.assertGreater(captured.past_len, 100)
+
     def test_layouts_are_checked(self):
         import dataclasses
 

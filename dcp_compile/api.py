@@ -29,6 +29,16 @@ class UnsupportedModelError(ValueError):
     """The model has no layer dcp_compile can rewrite (no MLA sparse attention)."""
 
 
+def attention_spec(match: MLASparseAttentionMatch, layout: DCPLayout, rank: int, group_name: str) -> DCPAttentionSpec:
+    """The static description of one rewritten layer, read off its match."""
+    return DCPAttentionSpec(
+        heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
+        latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,
+        attn_scale=match.attention.scale, index_scale=match.indexer.scale, layout=layout,
+        rank=rank, group_name=group_name,
+    )
+
+
 def capture_and_match(layer: LayerCall, past_len: int = 61) -> tuple[CapturedLayer, MLASparseAttentionMatch]:
     """Trace ``layer`` and match it; the trace's past length must exceed the indexer's top-k (or HF's
     ``min(topk, length)`` picks the length), so it grows until the top-k size is a constant."""
@@ -220,12 +230,7 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
         if tp_size > 1:  # the weights change shape: trace the sharded layer again
             shard_heads(layer.module, match, tp_rank, tp_size)
             captured, match = capture_and_match(layer, captured.past_len)
-        spec = DCPAttentionSpec(
-            heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
-            latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,
-            attn_scale=match.attention.scale, index_scale=match.indexer.scale, layout=layout,
-            rank=dcp_rank, group_name=dcp_group_name,
-        )
+        spec = attention_spec(match, layout, dcp_rank, dcp_group_name)
         gm = dcp_passes(match, spec, tp_group_name)(captured.graph_module)
         cache_path, step_path, step_dim = _cache_and_step_paths(layer, captured)
         install(layer.module, DCPLayerForward(layer.module, gm, layer.layer_idx, layer.arg_names, cache_path,

@@ -5,8 +5,7 @@ Regenerate after an intended change with: EXPECTTEST_ACCEPT=1 python -m pytest t
 import expecttest
 import torch
 
-from dcp_compile.api import capture_and_match
-from dcp_compile.attention import DCPAttentionSpec
+from dcp_compile.api import attention_spec, capture_and_match
 from dcp_compile.capture import probe_layers
 from dcp_compile.layout import DCPLayout
 from dcp_compile.passes import dcp_passes, readable
@@ -20,12 +19,7 @@ def captured_layer(impl="eager"):
 
 
 def rewritten(captured, match):
-    spec = DCPAttentionSpec(
-        heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
-        latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,
-        attn_scale=match.attention.scale, index_scale=match.indexer.scale, layout=DCPLayout(2, 1, 4),
-        rank=0, group_name="dcp",
-    )
+    spec = attention_spec(match, DCPLayout(2, 1, 4), rank=0, group_name="dcp")
     return dcp_passes(match, spec, "tp")(captured.graph_module)
 
 

@@ -1,15 +1,25 @@
 """Run a function on N CPU processes joined by gloo — the multi-rank harness of the tests and the demo.
 
-    results = run_ranks(fn, world_size, *args)   # fn(rank, world_size, *args) on every rank
+    results = run_ranks(fn, world_size, *args, **kwargs)   # fn(rank, world_size, *args, **kwargs) on every rank
 
-``fn`` must be importable by module path (a module-level function). The first failing rank's traceback
-is raised in the parent; stragglers are killed; the port is picked free.
+``fn`` must be importable by module path (a module-level function). The port is picked free. A failed run
+raises ``RankFailed`` once every process is gone (survivors are killed at once), and says how the failure was
+detected in ``RankFailed.how``:
+
+- ``"raised"``: a rank raised; its traceback is in the message.
+- ``"died"``: a rank exited without reporting a result (segfault, OOM kill, ``os._exit``): noticed from its
+  exit code within about a second, without waiting for ``timeout``.
+- ``"timeout"``: no failure was seen, but not every rank returned within ``timeout`` seconds (a hang).
+
+``timeout`` and ``pg_timeout`` are the harness's own keywords and are never passed on to ``fn``.
 """
 from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -22,16 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, fn, args, kwargs, queue) -> None:
+def _child(rank: int, world: int, port: int, rendezvous_s: float, pg_timeout: float, fn, args, kwargs, queue) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-        )
+        # The store waits for slow-starting peers as long as the run may last; only the group's collectives get
+        # pg_timeout (a short one would otherwise fail the rendezvous of ranks that start seconds apart).
+        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timedelta(seconds=rendezvous_s))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout))
         result = fn(rank, world, *args, **kwargs)
         # Serialised, not sent as shared-memory tensors: those die with this process.
         buffer = io.BytesIO()
@@ -45,45 +56,76 @@ def _child(rank: int, world: int, port: int, fn, args, kwargs, queue) -> None:
 
 
 class RankFailed(RuntimeError):
-    pass
+    """A multi-rank run failed. ``how``: ``"raised"``, ``"died"`` or ``"timeout"`` (see the module docstring);
+    ``ranks``: the ranks it is about (the one that raised or died; those that gave no result by the timeout);
+    ``exitcodes``: every process's exit code after the teardown (negative: killed by that signal)."""
+
+    RAISED, DIED, TIMEOUT = "raised", "died", "timeout"
+
+    def __init__(self, message: str, how: str, ranks: list[int], exitcodes: list[int | None]):
+        super().__init__(message)
+        self.how, self.ranks, self.exitcodes = how, ranks, exitcodes
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 600, **kwargs) -> list:
-    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo processes; return the per-rank results."""
+def run_ranks(fn, world: int, *args, timeout: float = 600, pg_timeout: float = 120, **kwargs) -> list:
+    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo processes; return the per-rank results.
+
+    timeout: seconds the whole run may take (a guard against hangs; failures are reported as soon as seen).
+    pg_timeout: the process group's collective timeout in seconds (``init_process_group(timeout=...)``), e.g.
+        a few seconds for a test that expects a collective to time out. Groups made later with
+        ``dist.new_group`` do not inherit it (torch gives them its own default unless they pass ``timeout``).
+    Both are consumed here: a keyword of ``fn`` with one of these names cannot be passed through ``run_ranks``.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, kwargs, queue), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world, port, timeout, pg_timeout, fn, args, kwargs, queue), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
-    import queue as queue_module
-    import time
 
-    results, errors = {}, {}
+    results, errors, failure = {}, {}, None
     deadline = time.monotonic() + timeout
     try:
-        while len(results) + len(errors) < world and not errors:
+        while len(results) < world and not errors:
             try:
                 rank, status, payload = queue.get(timeout=1.0)
                 (results if status == "ok" else errors)[rank] = payload
                 continue
             except queue_module.Empty:
                 pass
-            # A rank that died without reporting (segfault, OOM kill, os._exit) fails the run now.
-            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+            # A rank that exited without reporting fails the run now. Exit codes first, then the queue: a rank
+            # that reported just before exiting has its message in the pipe by the time its exit code is set.
+            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
             if dead and queue.empty():
-                raise RankFailed(f"rank {dead[0]} of {world} died with exit code {procs[dead[0]].exitcode} and no traceback")
+                codes = ", ".join(f"rank {r} exit code {procs[r].exitcode}" for r in dead)
+                failure = (RankFailed.DIED, dead, f"rank {dead[0]} of {world} died without reporting a result "
+                                                  f"(no traceback; {codes})")
+                break
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world)) - results.keys())
-                raise RankFailed(f"ranks {missing} gave no result in {timeout}s")
+                failure = (RankFailed.TIMEOUT, missing, f"timeout: ranks {missing} of {world} gave no result in "
+                                                        f"{timeout}s and none failed")
+                break
     finally:
+        ok = len(results) == world
         for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
+            if not ok:
+                p.kill()  # the run has failed: peers blocked in a collective would wait out pg_timeout
+            p.join(timeout=5 if ok else 30)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=30)
+        queue.close()
+    exitcodes = [p.exitcode for p in procs]
     if errors:
         rank = min(errors)
-        raise RankFailed(f"rank {rank} of {world} failed:\n{errors[rank]}")
+        raise RankFailed(f"rank {rank} of {world} raised:\n{errors[rank]}", RankFailed.RAISED, [rank], exitcodes)
+    if failure is not None:
+        how, ranks, message = failure
+        raise RankFailed(message, how, ranks, exitcodes)
     import torch
 
     return [torch.load(io.BytesIO(results[r]), weights_only=False) for r in range(world)]

@@ -7,7 +7,6 @@ process groups), so a bad call fails the same way on every rank and never hangs.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,8 @@ from torch import nn
 from .attention import DCPAttentionSpec
 from .cache import CacheSpec, ShardedPagedCache
 from .capture import STEP, TOTAL, CapturedLayer, LayerCall, TensorSpec, _CacheSlot, probe_layers, trace_layer
+from .agreement import FailureRecords, RankGroup, weight_fingerprint
+from .hf_integration import install_hooks
 from .install import DCPLayerForward, install
 from .layout import DCPLayout
 from .match import MatchError, MLASparseAttentionMatch, match_layer, source
@@ -127,7 +128,8 @@ def shard_heads(module: nn.Module, match: MLASparseAttentionMatch, tp_rank: int,
 
 @dataclass
 class DCPRuntime:
-    """What ``apply`` leaves on the model (as ``model.dcp``): the layout, the ranks, and the cache factory."""
+    """What ``apply`` leaves on the model (as ``model.dcp``): the layout, the ranks, the cache factory, and
+    what the ranks check against each other (``verify_ranks=False`` skips that check; see README, 'Rules')."""
 
     layout: DCPLayout
     dcp_rank: int
@@ -135,12 +137,31 @@ class DCPRuntime:
     tp_size: int
     cache_spec: CacheSpec
     device: torch.device
+    ranks: RankGroup
+    fingerprint: tuple[int, int]
+    captured_param: tuple[nn.Parameter, str, torch.dtype, torch.device]  # a parameter of a rewritten layer
     cache_budget_tokens: int | None = None
+    verify_ranks: bool = True
     _fixed: ShardedPagedCache | None = None
+
+    def __post_init__(self):
+        group = self.ranks.group
+        self.failures = FailureRecords(self.ranks, group.group_name if group is not None else "single")
 
     @property
     def dcp_size(self) -> int:
         return self.layout.world
+
+    def check_parameters(self) -> None:
+        """The rewritten layers and the cache are specialised to the dtype and device seen in ``apply``."""
+        module, name, dtype, device = self.captured_param
+        now = module.get_parameter(name)
+        if now.dtype != dtype or now.device != device:
+            raise RuntimeError(
+                f"the model's parameters are now {now.dtype} on {now.device}, but dcp_compile.apply captured them as "
+                f"{dtype} on {device}: the rewritten layers and the cache are specialised to those. Move or cast the "
+                f"model (.to(...)) before apply"
+            )
 
     def new_cache(self, batch_size: int, num_tokens: int) -> ShardedPagedCache:
         """A cache with room for ``num_tokens`` positions in each of ``batch_size`` sequences: sized to the
@@ -178,7 +199,7 @@ def _validate(model: nn.Module, mesh, dcp_size: int | None, page_size: int, inte
 
 
 def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 64, interleave: int = 1,
-          cache_budget_tokens: int | None = None) -> nn.Module:
+          cache_budget_tokens: int | None = None, verify_ranks: bool = True) -> nn.Module:
     """Rewrite every MLA sparse-attention layer of ``model`` for decode context parallelism over ``mesh``.
 
     mesh: 1-D DeviceMesh over the attention tensor-parallel group (every rank runs the same script).
@@ -188,8 +209,12 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     cache_budget_tokens: if set, each rank's cache pool is fixed at this many token rows per layer, and a
         request that does not fit raises CachePoolExhausted (the model stays usable); otherwise the pool is
         sized from each generate() request.
+    verify_ranks: at the start of every generate (and plain forward) the ranks check with one small
+        collective that they run the same inputs, settings and weights (README, 'Rules'); False skips it.
     Returns the same model, patched in place.
     """
+    if isinstance(getattr(model, "dcp", None), DCPRuntime):
+        raise RuntimeError(f"dcp_compile.apply was already applied to this {type(model).__name__}; apply it once")
     dcp_size = _validate(model, mesh, dcp_size, page_size, interleave)
     tp_size, tp_rank = mesh.size(), mesh.get_local_rank()
     was_training = model.training
@@ -211,6 +236,8 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     for layer, (_, match) in zip(layers, matched):
         if match.heads % tp_size:
             raise ValueError(f"layer {layer.name}: {match.heads} attention heads are not divisible by the mesh size {tp_size}")
+
+    fingerprint = weight_fingerprint(model)  # before head sharding: every rank still holds the whole model
 
     # --- from here on, collectives (group creation); everything above failed the same way on every rank ---
     group = mesh.get_group() if tp_size > 1 else None
@@ -242,37 +269,12 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
         latent_dim=first.key_spec.shape[-1] + first.value_spec.shape[-1],
         index_dim=first.index_spec.shape[-1], dtype=first.key_spec.dtype, index_dtype=first.index_spec.dtype,
     )
-    model.dcp = DCPRuntime(layout, dcp_rank, tp_rank, tp_size, cache_spec, first.key_spec.device, cache_budget_tokens)
-    _hook_generation(model)
+    param_name = next(n for n, _ in first.module.named_parameters())
+    captured = first.module.get_parameter(param_name)
+    model.dcp = DCPRuntime(
+        layout, dcp_rank, tp_rank, tp_size, cache_spec, first.key_spec.device, RankGroup(group, tp_rank, tp_size),
+        fingerprint, (first.module, param_name, captured.dtype, captured.device), cache_budget_tokens, verify_ranks,
+    )
+    install_hooks(model)
     model.train(was_training)
     return model
-
-
-def _hook_generation(model: nn.Module) -> None:
-    runtime: DCPRuntime = model.dcp
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        if getattr(generation_config, "num_beams", 1) > 1:
-            raise NotImplementedError("dcp_compile does not support beam search yet (num_beams > 1)")
-        cache = model_kwargs.get("cache")
-        if cache is not None:
-            if not isinstance(cache, ShardedPagedCache):
-                raise TypeError(f"a DCP model needs a ShardedPagedCache (model.dcp.new_cache), got {type(cache).__name__}")
-            cache._is_user_defined = True
-            cache.reserve(max_cache_length)
-            return
-        model_kwargs["cache"] = runtime.new_cache(batch_size, max_cache_length)
-
-    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-
-    forward = model.forward
-
-    def dcp_forward(*args, **kwargs):
-        # A plain call (no cache given) gets a cache sized for its input, like HF's default DynamicCache.
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            tokens = kwargs.get("input_ids")
-            tokens = tokens if tokens is not None else (args[0] if args else kwargs.get("inputs_embeds"))
-            kwargs["cache"] = runtime.new_cache(tokens.shape[0], tokens.shape[1])
-        return forward(*args, **kwargs)
-
-    model.forward = dcp_forward

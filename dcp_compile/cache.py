@@ -80,6 +80,7 @@ class ShardedPagedCache(Cache):
         self._last_layer = max(spec.layer_ids)
         self.seq_length = 0
         self.capacity = 0  # positions per sequence with pages reserved
+        self.made_for_one_call = False  # made by a forward that was given no cache (see hf_integration)
         self._set_batch(batch_size)
 
     # -- allocation (host side, outside the decode step) -------------------------------------------------------
@@ -94,6 +95,7 @@ class ShardedPagedCache(Cache):
         """Free everything, then reserve ``num_tokens`` positions for each of ``batch_size`` sequences.
         On failure the cache is left empty and usable."""
         self.reset()
+        self.made_for_one_call = False
         self._set_batch(batch_size)
         self.reserve(num_tokens)
 
@@ -168,12 +170,36 @@ class ShardedPagedCache(Cache):
         return False  # keeps HF generate from wrapping forward in its own torch.compile
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` positions (HF's rollback after rejected draft tokens). The rows
+        stay in their pages and are overwritten by the next step; nothing reads past ``seq_length``."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         self.seq_length = max(0, self.seq_length + tokens_to_remove)
 
+    # HF asks these of every cache (multi-turn prefix trimming, assisted decoding, mask creation). They are
+    # per layer in HF; here every layer is the same kind: full attention, not linear/sliding, croppable.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.spec.layer_ids)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.spec.layer_ids)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.spec.layer_ids)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_sequences
+
     def _unsupported(self, what: str):
-        raise NotImplementedError(f"ShardedPagedCache does not support {what} yet (beam search, num_return_sequences > 1)")
+        raise NotImplementedError(f"ShardedPagedCache does not support {what} (beam search)")
 
     def reorder_cache(self, beam_idx):
         self._unsupported("reorder_cache")

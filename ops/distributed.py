@@ -14,17 +14,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .inference_only import collective
+
 c10d = torch.ops._c10d_functional  # the traceable collectives (the same ops in torch 2.11 and 2.13)
 
 
 def all_gather(x: Tensor, dim: int, group_name: str, world: int) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim``."""
-    out = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group_name))
+    out = collective(
+        lambda t: c10d.wait_tensor(c10d.all_gather_into_tensor(t.contiguous(), world, group_name)), x,
+        "_c10d_functional.all_gather_into_tensor",
+    )
     return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
+def reduce_scatter_sum(x: Tensor, group_name: str, world: int) -> Tensor:
+    """Sum every rank's ``x`` and keep this rank's block of ``world`` along dim 0."""
+    return collective(
+        lambda t: c10d.wait_tensor(c10d.reduce_scatter_tensor(t.contiguous(), "sum", world, group_name)), x,
+        "_c10d_functional.reduce_scatter_tensor",
+    )
+
+
 def all_reduce_sum(x: Tensor, group_name: str) -> Tensor:
-    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
+    return collective(
+        lambda t: c10d.wait_tensor(c10d.all_reduce(t.contiguous(), "sum", group_name)), x, "_c10d_functional.all_reduce"
+    )
 
 
 def all_gather_heads(q: Tensor, group_name: str, world: int) -> Tensor:
@@ -103,5 +118,5 @@ def lse_merge(out: Tensor, lse: Tensor, group_name: str, world: int) -> Tensor:
     lse_all = all_gather(lse.unsqueeze(0), 0, group_name, world)  # [world, T, world·H]
     scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
     heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
-    mine = c10d.wait_tensor(c10d.reduce_scatter_tensor(heads_first, "sum", world, group_name))  # [H, T, D]
+    mine = reduce_scatter_sum(heads_first, group_name, world)  # [H, T, D]
     return mine.transpose(0, 1)

@@ -3,6 +3,7 @@ independent float64 reference written here (loops over queries, plain Python sor
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -81,11 +82,29 @@ def combine_inputs(dtype=torch.float64, N=3, T=4, H=2, D=5, rank=1, seed=4):
     return out, lse_all[rank].clone(), lse_all
 
 
+def empty_pool_attn_inputs(dtype=torch.float64, T=3, H=2, Dk=10, K=4, v_dim=7, device="cpu"):
+    """A rank that owns no token yet: kv [0, Dk], every count 0, slots all -1."""
+    q = torch.randn(T, H, Dk, generator=_gen(5), dtype=torch.float64).to(dtype=dtype, device=device)
+    kv = torch.empty(0, Dk, dtype=dtype, device=device)
+    slots = torch.full((T, K), -1, dtype=torch.int32, device=device)
+    counts = torch.zeros(T, dtype=torch.int32, device=device)
+    return q, kv, slots, counts, 0.37, v_dim
+
+
+def empty_pool_indexer_inputs(device="cpu"):
+    q, w, k_pool, key_slots, allowed, scale = indexer_inputs(q_dtype=torch.float32)
+    k_pool = k_pool[:0].float()
+    key_slots = torch.full_like(key_slots, -1)
+    return tuple(x.to(device) for x in (q, w, k_pool, key_slots, allowed)) + (scale,)
+
+
 # --- opcheck ---------------------------------------------------------------------------------------------------
 OPCHECK_CASES = {
     "sparse_mla_attn_f64": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float64)),
     "sparse_mla_attn_f32": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, zero_rows=(1, 2))),
     "sparse_mla_attn_all_empty": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, T=2, zero_rows=(0, 1))),
+    "sparse_mla_attn_empty_pool": (dcp.sparse_mla_attn, lambda: empty_pool_attn_inputs(torch.float32)),
+    "indexer_scores_empty_pool": (dcp.indexer_scores, lambda: empty_pool_indexer_inputs()),
     "paged_write_f64": (dcp.paged_write, lambda: write_inputs(torch.float64)),
     "paged_write_f32_int32_slots": (
         dcp.paged_write, lambda: (lambda p, r, s: (p, r, s.to(torch.int32)))(*write_inputs(torch.float32))
@@ -441,6 +460,28 @@ def test_lse_combine_vs_reference(dtype):
     assert torch.equal(g0[2, 0], out[2, 0].to(g0.dtype))
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lse_combine_empty_rank_contributes_exactly_zero(dtype, poison):
+    """The op's promise: a rank with lse = -inf contributes exactly 0 whatever its partial holds (never
+    0·NaN); and a query no rank has rows for gives 0 on every rank."""
+    out, lse, lse_all = combine_inputs(dtype)
+    rank = 1
+    assert (lse[0] == NEG_INF).all() and (lse_all[:, 1] == NEG_INF).all()
+    out[0] = poison  # this rank is empty for query 0
+    out[1] = poison  # every rank is empty for query 1
+    got = dcp.lse_combine(out, lse, lse_all)
+    assert (got[0] == 0).all() and (got[1] == 0).all(), got[:2]
+    assert torch.isfinite(got[2:]).all()
+    # The other queries are untouched by the poison.
+    clean = combine_inputs(dtype)[0]
+    torch.testing.assert_close(got[2:], dcp.lse_combine(clean, lse, lse_all)[2:], rtol=0, atol=0)
+    # All ranks empty everywhere: 0 from every rank.
+    none = torch.full_like(lse_all, NEG_INF)
+    for r in range(lse_all.shape[0]):
+        assert (dcp.lse_combine(torch.full_like(out, poison), none[rank], none) == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lse_combine_weights_sum_to_one_and_large_lse(dtype):
     g = _gen(7)
@@ -470,3 +511,90 @@ def test_local_topk_versions_agree_on_ties():
             chosen = torch.zeros_like(x, dtype=torch.bool).scatter(1, b, True)
             kth = torch.where(chosen, x, torch.full_like(x, float("inf"))).min(-1, keepdim=True).values
             assert not (x > kth)[~chosen].any()
+
+
+# --- empty pool: a rank that owns no token yet -------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sparse_mla_attn_empty_pool(device, dtype):
+    q, kv, slots, counts, scale, v_dim = empty_pool_attn_inputs(dtype, device=device)
+    out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    assert out.shape == (q.shape[0], q.shape[1], v_dim) and out.dtype == dtype
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_indexer_scores_and_paged_write_empty_pool(device):
+    args = empty_pool_indexer_inputs(device)
+    scores = dcp.indexer_scores(*args)
+    assert scores.shape == (args[0].shape[0], args[0].shape[1], args[3].shape[1]) and (scores == NEG_INF).all()
+    pool = torch.empty(0, 6, device=device)
+    dcp.paged_write(pool, torch.randn(3, 6, device=device), torch.full((3,), -1, device=device))
+
+
+# --- inference only ------------------------------------------------------------------------------------------------
+INFERENCE_ONLY = "dcp_compile is inference-only: run generate/forward under torch.no_grad() or torch.inference_mode()"
+
+
+def _requires_grad(args, which):
+    return tuple(a.detach().float().requires_grad_() if i in which else a for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize("op,args", [
+    ("sparse_mla_attn", lambda: _requires_grad(attn_inputs(torch.float32), {0})),
+    ("indexer_scores", lambda: _requires_grad(indexer_inputs(q_dtype=torch.float32), {0, 1})),
+    ("lse_combine", lambda: _requires_grad(combine_inputs(torch.float32), {0})),
+])
+def test_backward_raises_inference_only(op, args):
+    result = getattr(dcp, op)(*args())  # the forward works with grad mode on
+    first = result[0] if isinstance(result, tuple) else result
+    with pytest.raises(RuntimeError, match=re.escape(f"dcp::{op}: {INFERENCE_ONLY}")):
+        first.sum().backward()
+    with torch.no_grad():
+        assert not (getattr(dcp, op)(*args())[0] if isinstance(result, tuple) else getattr(dcp, op)(*args())).requires_grad
+
+
+def test_topk_select_has_no_gradient_path():
+    """topk_select's outputs are integers: nothing can flow back through it (its autograd formula, which raises,
+    is registered all the same)."""
+    args = _requires_grad(topk_inputs(), {0})
+    slots, counts = dcp.topk_select(*args)
+    assert not slots.requires_grad and not counts.requires_grad
+
+
+def _backward_through_collectives(rank, world):
+    """On every rank: a backward through each DCP collective raises the inference-only error; without grad
+    the same calls give plain tensors."""
+    import torch.distributed as dist
+
+    from dcp_compile.ops import all_gather_heads, lse_merge
+    from dcp_compile.ops.distributed import all_reduce_sum
+
+    group = dist.group.WORLD.group_name
+    q = torch.randn(3, 2, 5, requires_grad=True)
+    lse = torch.randn(3, 2 * world)
+    calls = {
+        "all_gather_into_tensor": lambda: all_gather_heads(q * 1, group, world),
+        "all_reduce": lambda: all_reduce_sum(q * 1, group),
+        "reduce_scatter_tensor": lambda: lse_merge(torch.randn(3, 2 * world, 5, requires_grad=True) * 1, lse, group, world),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call().sum().backward()
+            messages[name] = None
+        except RuntimeError as exc:
+            messages[name] = str(exc)
+        with torch.no_grad():
+            assert not call().requires_grad
+    return messages
+
+
+def test_backward_through_collectives_raises_inference_only():
+    from dcp_compile.testing import run_ranks
+
+    for messages in run_ranks(_backward_through_collectives, 2, timeout=120):
+        for name, msg in messages.items():
+            assert msg is not None and msg.startswith(f"_c10d_functional.{name}: {INFERENCE_ONLY}"), (name, msg)

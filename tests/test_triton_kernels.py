@@ -182,6 +182,27 @@ def test_sparse_mla_interpreter_default_plan():
     check_mla(q, kv, slots, counts, 0.2, 64, 1e-4)
 
 
+def test_sparse_mla_empty_pool():
+    """A rank that owns no token yet: kv [0, Dk], every count 0 -> out exactly 0, lse -inf, no launch that
+    could read the pool (interpreter on CPU, compiled on CUDA)."""
+    T, H, Dk, v_dim, K = 3, 5, 48, 32, 8
+    q = torch.randn(T, H, Dk, device=DEV)
+    kv = torch.empty(0, Dk, device=DEV)
+    slots = torch.full((T, K), -1, dtype=torch.int32, device=DEV)
+    counts = torch.zeros(T, dtype=torch.int32, device=DEV)
+    for num_splits in (None, 1, 3):
+        out, lse = smla.sparse_mla_attn(q, kv, slots, counts, 0.3, v_dim, num_splits=num_splits)
+        assert out.shape == (T, H, v_dim) and (out == 0).all()
+        assert lse.shape == (T, H) and torch.isneginf(lse).all()
+
+
+def test_indexer_empty_pool():
+    gen = torch.Generator().manual_seed(4)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(2, 3, 4, 32, 9, 20, torch.float32, DEV, gen)
+    out = idx.indexer_scores(q, w, k_pool[:0], torch.full_like(key_slots, -1), allowed, 0.2)
+    assert out.shape == (2, 3, 9) and torch.isneginf(out).all()
+
+
 @cpu_only
 def test_lse_merge_interpreter():
     gen = torch.Generator().manual_seed(3)

@@ -116,6 +116,8 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     out = _empty((B, S, L), torch.float32, device)
     if out.numel() == 0:
         return out
+    if k_pool.shape[0] == 0:  # an empty pool (a rank that owns no token yet): every slot is -1
+        return out.fill_(float("-inf"))
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k_pool.stride(-1) != 1:

@@ -19,7 +19,7 @@ def _paged_write_kernel(pool_ptr, rows_ptr, slots_ptr, width, pool_stride, rows_
 
 
 def paged_write(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    if rows.shape[0] == 0:
+    if rows.shape[0] == 0 or pool.shape[0] == 0:  # nothing to write (an empty pool owns no row: slots are -1)
         return
     rows = rows.contiguous() if rows.stride(-1) != 1 else rows
     width = pool.shape[1]

@@ -274,7 +274,7 @@ def sparse_mla_attn(q, kv, slots, counts, scale: float, v_dim: int, *, num_split
     For query t, head h: over j < counts[t], s_j = scale * (q[t,h,:] · kv[slots[t,j], :]);
     p = softmax_j(s); out[t,h,:] = Σ_j p_j kv[slots[t,j], :v_dim]; lse[t,h] = logsumexp_j(s_j) (natural log).
     Returns out [T, H, v_dim] in q's dtype, lse [T, H] fp32; where counts[t]==0: out exactly 0, lse = -inf.
-    Entries j >= counts[t] are never read.
+    Entries j >= counts[t] are never read. S may be 0 (every count is then 0).
 
     Keyword-only overrides (tests, benchmarks): ``num_splits``, ``block_h``, ``v_split`` (1 or 2),
     ``config`` = (BLOCK_N, num_warps, num_stages), ``legacy`` = the pre-split path (autotuned)."""
@@ -296,6 +296,8 @@ def sparse_mla_attn(q, kv, slots, counts, scale: float, v_dim: int, *, num_split
     lse = _empty((T, H), torch.float32, device)
     if T == 0 or H == 0:
         return out, lse
+    if S == 0:  # an empty pool (a rank that owns no token yet): every count is 0; nothing to launch
+        return out.zero_(), lse.fill_(float("-inf"))
     if q.stride(-1) != 1:
         q = q.contiguous()
     if kv.stride(-1) != 1:

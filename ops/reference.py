@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import DCPLayout
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -65,8 +67,6 @@ def topk_select(cand_scores, cand_pos, seq_index, block_table, k: int, rank: int
     (masked, padding, or absent) are never selected. Returns slots [T, k] int32 (owned rows first, -1 after)
     and counts [T] int32.
     """
-    from dcp_compile.layout import DCPLayout
-
     layout = DCPLayout(world, interleave, page_size)
     if cand_scores.shape[-1] < k:  # fewer candidates than k: pad with never-selected ones
         pad = k - cand_scores.shape[-1]

@@ -3,7 +3,8 @@
 Each op has a schema, a fake (meta) implementation for tracing, a plain-PyTorch implementation that serves
 the CPU (``ops/reference.py``), and a Triton implementation for CUDA tensors where one pays (``ops/triton``).
 The ops are local: collectives live in ``ops/distributed.py`` as c10d functional collectives, so Inductor
-sees them and can schedule around them.
+sees them and can schedule around them. The ownership arithmetic (``DCPLayout``, docs/design.md §3) is in
+``ops/layout.py``. This package is the lower layer: it never imports the rest of dcp_compile.
 
     dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
     dcp::paged_write(pool!, rows, slots) -> ()
@@ -14,11 +15,18 @@ sees them and can schedule around them.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+if __name__ != "dcp_compile.ops":  # one module identity, so the ops are registered exactly once
+    raise ImportError(
+        f"ops/ is the package dcp_compile.ops (imported here as {__name__!r}): install the project "
+        "(pip install -e .) and use it as dcp_compile.ops"
+    )
 
-from . import inference_only, reference
-from .distributed import all_gather_heads, distributed_topk, lse_merge  # noqa: F401  (re-export)
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from . import inference_only, reference  # noqa: E402
+from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, lse_merge  # noqa: E402,F401
+from .layout import DCPLayout  # noqa: E402,F401
 
 LIB = "dcp"
 
@@ -127,5 +135,5 @@ for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
 
 __all__ = [
     "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
-    "all_gather_heads", "distributed_topk", "lse_merge", "reference",
+    "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
 ]

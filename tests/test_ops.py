@@ -496,21 +496,27 @@ def test_lse_combine_weights_sum_to_one_and_large_lse(dtype):
     torch.testing.assert_close(total, torch.ones_like(total), rtol=tol, atol=tol)
 
 
-def test_local_topk_versions_agree_on_ties():
-    """Both deterministic local top-k versions pick the same columns: higher score, then lower column."""
-    from dcp_compile.ops.distributed import local_topk, local_topk_sorted
+def test_local_topk_sorted_tie_rule():
+    """The local top-k keeps the k best columns, ties to the lower column (the benchmark
+    benchmarks/bench_local_topk.py checks the topk + tie-fill alternative against it)."""
+    from dcp_compile.ops.distributed import local_topk_sorted
 
     gen = torch.Generator().manual_seed(7)
     for _ in range(50):
         x = torch.randint(-3, 4, (4, 60), generator=gen).float()
         x[:, 50:] = float("-inf")
         for k in (1, 5, 60):
-            a, b = local_topk(x, k)[1].sort(-1).values, local_topk_sorted(x, k)[1].sort(-1).values
-            assert torch.equal(a, b)
-            # the tie rule itself: every chosen column beats or ties every unchosen one, ties to lower columns
+            values, b = local_topk_sorted(x, k)
+            assert torch.equal(values, torch.gather(x, -1, b))
+            b = b.sort(-1).values
+            # every chosen column beats or ties every unchosen one, and ties go to the lower columns
             chosen = torch.zeros_like(x, dtype=torch.bool).scatter(1, b, True)
             kth = torch.where(chosen, x, torch.full_like(x, float("inf"))).min(-1, keepdim=True).values
             assert not (x > kth)[~chosen].any()
+            cols, tie = torch.arange(60).expand_as(x), x == kth
+            last_chosen = torch.where(tie & chosen, cols, -1).amax(-1)
+            first_left = torch.where(tie & ~chosen, cols, 60).amin(-1)
+            assert (last_chosen < first_left).all()
 
 
 # --- empty pool: a rank that owns no token yet -------------------------------------------------------------------
@@ -598,3 +604,33 @@ def test_backward_through_collectives_raises_inference_only():
     for messages in run_ranks(_backward_through_collectives, 2, timeout=120):
         for name, msg in messages.items():
             assert msg is not None and msg.startswith(f"_c10d_functional.{name}: {INFERENCE_ONLY}"), (name, msg)
+
+
+def test_ops_package_has_one_identity():
+    """ops/ imports only as dcp_compile.ops: importing the folder as a top-level ``ops`` (e.g. with the repo root
+    on sys.path) fails before registering anything, so the dcp ops can never be registered twice."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import dcp_compile.ops
+
+    root = pathlib.Path(dcp_compile.ops.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", "import ops"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode != 0 and "ImportError: ops/ is the package dcp_compile.ops" in proc.stderr, proc.stderr
+
+
+def test_no_group_is_none():
+    """In the op layer ``None`` means no group (a single rank): nothing is communicated and the name is never
+    read; a group of several ranks needs its name."""
+    from dcp_compile.ops import all_gather_heads, all_reduce_sum, lse_merge
+
+    x = torch.randn(3, 2, 4)
+    assert all_gather_heads(x, None, 1) is x
+    assert lse_merge(x, torch.zeros(3, 2), None, 1) is x
+    assert all_reduce_sum(x, None) is x
+    for name in (None, ""):
+        with pytest.raises(ValueError, match="needs its process group name"):
+            all_gather_heads(x, name, 2)
+    with pytest.raises(ValueError, match="needs its process group name"):
+        all_reduce_sum(x, "")

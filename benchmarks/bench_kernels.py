@@ -1,15 +1,18 @@
-"""Benchmarks of the Triton kernels in ops/triton/ against the floor and plain PyTorch (issue 4).
+"""Benchmarks of the Triton kernels in ops/triton/ against the floor and plain PyTorch.
 
+    pip install -e .                              # once: the kernels come from the installed package
     python benchmarks/bench_kernels.py            # full run (H100: a few minutes, autotuning included)
     python benchmarks/bench_kernels.py --quick    # smoke run: few shapes
-    python benchmarks/bench_kernels.py --sweep    # + the v3 path (legacy=True) and the value split beside it
     python benchmarks/bench_kernels.py --focus    # ceilings + FOCUS_VARIANTS on the H >= 32 shapes only
-    ncu ... python benchmarks/bench_kernels.py --profile-one 64,128,32,1,64,4,2   # one variant, for ncu
+    ncu ... python benchmarks/bench_kernels.py --profile-one 64,128,32,64,4,2   # one variant, for ncu
+
+(The pre-table autotuned path and the value split that runs 2–6 of RESULTS.md compared were removed from
+ops/ after run 6; RESULTS.md says where they last lived.)
 
 In one run: the two ceilings (copy bandwidth of a large device-to-device copy, bytes read + written; bf16
 matmul rate), then sparse-MLA decode (batch × heads, K = 2048, a 128K-row pool of 576-wide bf16 rows; full
 and 1/2, 1/4, 1/8 of each query's rows valid, compacted), sparse prefill (4096 queries × 128 heads),
-indexer scoring (contexts 8K / 64K / 128K) and the LSE merge, each against a plain PyTorch version timed in
+indexer scoring (contexts 8K / 64K / 128K) and the split-K combine (merge_partials), each against a plain PyTorch version timed in
 the same run. Times are medians of CUDA-graph replays (no launch gaps), rotating among enough input sets
 that one replay's working set exceeds the L2 cache. Writes results.json and bench.png to --out
 (default $OUT if set, else benchmarks/out) and prints a table.
@@ -20,8 +23,6 @@ Floor of sparse MLA: bytes = per query its gathered rows once (count × 576 × 2
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -32,20 +33,12 @@ import traceback
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_PKG = "_dcp_triton_kernels_bench"
-
-
-def _load(modname):
-    if _PKG not in sys.modules:
-        pkg_dir = ROOT / "ops" / "triton"
-        spec = importlib.util.spec_from_file_location(_PKG, pkg_dir / "__init__.py",
-                                                      submodule_search_locations=[str(pkg_dir)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[_PKG] = pkg
-        spec.loader.exec_module(pkg)
-    return importlib.import_module(f"{_PKG}.{modname}")
-
+from dcp_compile.ops.triton import indexer_scores as ixm
+from dcp_compile.ops.triton import merge_partials as mpm
+from dcp_compile.ops.triton import sparse_mla_attn as smla
+from dcp_compile.ops.triton.kernels import indexer_scores as ixk
+from dcp_compile.ops.triton.kernels import merge_partials as mpk
+from dcp_compile.ops.triton.kernels import sparse_mla_attn as smk
 
 DK, DV = 576, 512
 DTYPE = torch.bfloat16
@@ -156,24 +149,23 @@ def make_sets(T, H, K, pool, frac, n_sets, gen_dev="cuda"):
     return sets, count
 
 
-def _plan(smla, T, H, K, device, kw):
-    """(BLOCK_H, V_SPLIT, NSPLIT) the wrapper uses for these overrides."""
-    return smla.plan(T, H, K, DV, device, block_h=kw.get("block_h"), v_split=kw.get("v_split"),
-                     num_splits=kw.get("num_splits"), legacy=kw.get("legacy", False))
+def _plan(T, H, K, device, kw):
+    """(BLOCK_H, NSPLIT) the wrapper uses for these overrides."""
+    return smla.plan(T, H, K, device, block_h=kw.get("block_h"), num_splits=kw.get("num_splits"))
 
 
 def _label(kw):
     if not kw:
         return "default"
     parts = []
-    for k in ("legacy", "block_h", "v_split", "num_splits", "config"):
+    for k in ("block_h", "num_splits", "config"):
         if k in kw:
             v = kw[k]
             parts.append(k if v is True else f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}")
     return ",".join(parts)
 
 
-def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=True, extra=None, label=None):
+def bench_decode(pool, batches, heads, fracs, bw, rate, K=2048, with_ref=True, extra=None, label=None):
     rows = []
     scale = DK ** -0.5
     for T in batches:
@@ -194,20 +186,20 @@ def bench_decode(smla, pool, batches, heads, fracs, bw, rate, K=2048, with_ref=T
                 if frac == 1:
                     full_us = us
                 bytes_, flops, floor = mla_floor(T, H, count, bw, rate)
-                bh, vsp, ns = _plan(smla, T, H, K, pool.device, kw)
+                bh, ns = _plan(T, H, K, pool.device, kw)
                 row = dict(kind="decode", T=T, H=H, K=K, frac=frac, count=count, us=us,
                            GBps=bytes_ / us * 1e-3, TFLOPs=flops / us * 1e-6, floor_us=floor,
                            pct_floor=100 * floor / us, torch_us=ref_us,
                            x_torch=(ref_us / us) if ref_us else None,
                            vs_full_over_n=(us / (full_us * frac)) if (full_us and frac < 1) else None,
-                           nsplit=ns, block_h=bh, v_split=vsp, variant=label or _label(kw))
+                           nsplit=ns, block_h=bh, variant=label or _label(kw))
                 rows.append(row)
                 print(fmt_row(row), flush=True)
                 del sets, fns
     return rows
 
 
-def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, extra=None, label=None):
+def bench_prefill(pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, extra=None, label=None):
     scale = DK ** -0.5
     sets, count = make_sets(T, H, K, pool, 1.0, 1)
     q, slots, counts = sets[0]
@@ -222,38 +214,30 @@ def bench_prefill(smla, pool, bw, rate, T=4096, H=128, K=2048, with_ref=True, ex
                 torch_sparse_mla(q[i:i + chunk], pool, slots[i:i + chunk], counts[i:i + chunk], scale, DV)
         ref_us = time_us(ref, target_ms=20, replays=3)
     bytes_, flops, floor = mla_floor(T, H, count, bw, rate)
-    bh, vsp, ns = _plan(smla, T, H, K, pool.device, kw)
+    bh, ns = _plan(T, H, K, pool.device, kw)
     row = dict(kind="prefill", T=T, H=H, K=K, frac=1.0, count=count, us=us, GBps=bytes_ / us * 1e-3,
                TFLOPs=flops / us * 1e-6, floor_us=floor, pct_floor=100 * floor / us, torch_us=ref_us,
                x_torch=(ref_us / us) if ref_us else None, vs_full_over_n=None, nsplit=ns,
-               block_h=bh, v_split=vsp, variant=label or _label(kw))
+               block_h=bh, variant=label or _label(kw))
     print(fmt_row(row), flush=True)
     del q, slots, counts, sets
     torch.cuda.empty_cache()
     return [row]
 
 
-# variants compared in --focus (same run): the pre-split path and value-split / config alternatives
+# variants compared in --focus (same run): the table's configs and their neighbours
 FOCUS_VARIANTS = [
-    dict(legacy=True),                                              # before: bh ≤ 32, no split, autotuned
-    dict(block_h=32, v_split=1, config=(64, 8, 2)),                 # before, its autotuned pick in run 4
-    dict(block_h=32, v_split=1, config=(64, 4, 2)),                 # run 3's pick (pruned in v3: ≥128 acc regs)
-    dict(block_h=32, v_split=1, config=(64, 4, 3)),
-    dict(block_h=32, v_split=1, config=(32, 4, 3)),
-    dict(block_h=16, v_split=1, config=(64, 8, 2)),                 # H=16's tile for every H
-    dict(block_h=64, v_split=2, config=(16, 4, 3)),                 # run 4's best wgmma split
-    dict(block_h=64, v_split=2, config=(16, 4, 4)),
-    dict(block_h=64, v_split=2, config=(32, 4, 3)),
-    dict(block_h=128, v_split=2, config=(32, 8, 2)),                # run 4's best at T=64/H=128
-    dict(block_h=128, v_split=2, config=(16, 8, 3)),
-    dict(block_h=128, v_split=2, config=(16, 8, 4)),
-    dict(),                                                          # the new defaults
+    dict(block_h=32, config=(64, 8, 2)),
+    dict(block_h=32, config=(64, 4, 2)),                            # the table's pick for 32-head tiles
+    dict(block_h=32, config=(64, 4, 3)),
+    dict(block_h=32, config=(32, 4, 3)),
+    dict(block_h=16, config=(64, 8, 2)),                            # H=16's tile for every H
+    dict(),                                                          # the defaults
 ]
-FOCUS_H16 = [dict(legacy=True), dict(block_h=16, v_split=1, config=(64, 4, 2)),
-             dict(block_h=16, v_split=1, config=(64, 8, 3)), dict()]
+FOCUS_H16 = [dict(block_h=16, config=(64, 4, 2)), dict(block_h=16, config=(64, 8, 3)), dict()]
 
 
-def bench_focus(smla, pool, bw, rate, pre_T=4096):
+def bench_focus(pool, bw, rate, pre_T=4096):
     rows = []
     for kw in FOCUS_VARIANTS:
         lab = _label(kw)
@@ -262,28 +246,25 @@ def bench_focus(smla, pool, bw, rate, pre_T=4096):
             if kw.get("block_h", 0) > max(16, H):
                 continue
             try:
-                rows += bench_decode(smla, pool, [T], [H], fracs, bw, rate, with_ref=False, extra=kw, label=lab)
+                rows += bench_decode(pool, [T], [H], fracs, bw, rate, with_ref=False, extra=kw, label=lab)
             except Exception as exc:
                 print(f"!! {lab} T={T} H={H}: {exc!r}"[:400], flush=True)
         try:
-            rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, extra=kw, label=lab)
+            rows += bench_prefill(pool, bw, rate, T=pre_T, with_ref=False, extra=kw, label=lab)
         except Exception as exc:
             print(f"!! {lab} prefill: {exc!r}"[:400], flush=True)
     for kw in FOCUS_H16:
         lab = _label(kw)
         for (T, H) in [(64, 16), (128, 16), (8, 16)]:
-            rows += bench_decode(smla, pool, [T], [H], [1.0], bw, rate, with_ref=False, extra=kw, label=lab)
+            rows += bench_decode(pool, [T], [H], [1.0], bw, rate, with_ref=False, extra=kw, label=lab)
     return rows
 
 
-def profile_one(smla, spec):
-    """One launch of one variant (for ncu): spec = 'T,H,block_h,v_split,BN,warps,stages' or 'T,H,legacy'."""
-    f = spec.split(",")
-    T, H = int(f[0]), int(f[1])
-    if f[2] == "legacy":
-        kw = dict(legacy=True)
-    else:
-        kw = dict(block_h=int(f[2]), v_split=int(f[3]), config=tuple(int(x) for x in f[4:7]))
+def profile_one(spec):
+    """One launch of one variant (for ncu): spec = 'T,H,block_h,BN,warps,stages'."""
+    f = [int(x) for x in spec.split(",")]
+    T, H = f[0], f[1]
+    kw = dict(block_h=f[2], config=tuple(f[3:6]))
     pool = torch.randn(128 * 1024, DK, device="cuda", dtype=DTYPE)
     sets, _ = make_sets(T, H, 2048, pool, 1.0, 1)
     q, slots, counts = sets[0]
@@ -296,7 +277,7 @@ def fmt_row(r):
     x = f"{r['x_torch']:.1f}x" if r.get("x_torch") else "-"
     v = f"{r['vs_full_over_n']:.2f}" if r.get("vs_full_over_n") else "-"
     return (f"{r['kind']:8s} T={r['T']:5d} H={r['H']:4d} frac={r['frac']:<6.3g} cnt={r['count']:5d} "
-            f"bh={r.get('block_h', '-')!s:>3} vs={r.get('v_split', '-')!s:>1} sp={r.get('nsplit', '-')!s:>3} | "
+            f"bh={r.get('block_h', '-')!s:>3} sp={r.get('nsplit', '-')!s:>3} | "
             f"{r['us']:9.1f} us "
             f"{r['GBps']:7.0f} GB/s {r['TFLOPs']:6.1f} TF/s floor {r['floor_us']:8.1f} us "
             f"{r['pct_floor']:5.1f}% | torch {r['torch_us'] or 0:9.1f} us {x:>6} | t/(full·f) {v}"
@@ -315,7 +296,7 @@ def torch_indexer(q, w, k_pool, key_slots, allowed, scale):
     return out.masked_fill(~ok, float("-inf"))
 
 
-def bench_indexer(ixm, contexts, bw, rate, B=16, S=1, Hi=64, Di=128, page=64):
+def bench_indexer(contexts, bw, rate, B=16, S=1, Hi=64, Di=128, page=64):
     rows = []
     for L in contexts:
         P = B * L
@@ -346,26 +327,26 @@ def bench_indexer(ixm, contexts, bw, rate, B=16, S=1, Hi=64, Di=128, page=64):
     return rows
 
 
-# ---------------------------------------------------------------------------------------- LSE merge
+# ------------------------------------------------------------------------------ split-K combine (merge)
 
-def torch_lse_merge(o, lse):
+def torch_merge_partials(o, lse):
     m = torch.logsumexp(lse, 0)
     wgt = torch.exp(lse - m).nan_to_num(0.0)
     return (wgt[..., None] * o.float()).sum(0).to(o.dtype), m
 
 
-def bench_merge(lsem, bw, shapes):
+def bench_merge(bw, shapes):
     rows = []
     for (N, T, H) in shapes:
         o = torch.randn(N, T, H, DV, device="cuda", dtype=DTYPE)
         lse = torch.randn(N, T, H, device="cuda")
-        us = time_us(lambda: lsem.lse_merge(o, lse))
-        ref_us = time_us(lambda: torch_lse_merge(o, lse))
+        us = time_us(lambda: mpm.merge_partials(o, lse))
+        ref_us = time_us(lambda: torch_merge_partials(o, lse))
         bytes_ = N * T * H * (DV * 2 + 4) + T * H * (DV * 2 + 4)
-        r = dict(kind="lse_merge", N=N, T=T, H=H, us=us, floor_us=bytes_ / bw * 1e6,
+        r = dict(kind="merge_partials", N=N, T=T, H=H, us=us, floor_us=bytes_ / bw * 1e6,
                  pct_floor=100 * bytes_ / bw * 1e6 / us, torch_us=ref_us, x_torch=ref_us / us)
         rows.append(r)
-        print(f"lse_merge N={N} T={T} H={H} | {us:8.1f} us floor {r['floor_us']:6.1f} us {r['pct_floor']:5.1f}% "
+        print(f"merge_partials N={N} T={T} H={H} | {us:8.1f} us floor {r['floor_us']:6.1f} us {r['pct_floor']:5.1f}% "
               f"| torch {ref_us:8.1f} us {ref_us / us:5.1f}x", flush=True)
     return rows
 
@@ -466,34 +447,28 @@ def plot(results, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
-    ap.add_argument("--sweep", action="store_true",
-                    help="also time the pre-table path (legacy=True) and the value split (64-head tiles) on the "
-                         "H >= 32 batch shapes and prefill")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(pathlib.Path(__file__).resolve().parent / "out"))
     ap.add_argument("--focus", action="store_true",
                     help="only the ceilings and the variant comparison (FOCUS_VARIANTS) on the H >= 32 shapes")
     ap.add_argument("--profile-one", metavar="SPEC", help="launch one variant 3x and exit (for ncu); "
-                    "SPEC = 'T,H,block_h,v_split,BLOCK_N,warps,stages' or 'T,H,legacy'")
+                    "SPEC = 'T,H,block_h,BLOCK_N,warps,stages'")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch references")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
     if args.profile_one:
-        profile_one(_load("sparse_mla_attn"), args.profile_one)
+        profile_one(args.profile_one)
         return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    smla = _load("sparse_mla_attn")
-    ixm = _load("indexer_scores")
-    lsem = _load("lse_merge")
     import triton
     props = torch.cuda.get_device_properties(0)
     info = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=props.name, sms=props.multi_processor_count,
                 torch=torch.__version__, triton=triton.__version__, quick=args.quick, argv=sys.argv)
     print(info, flush=True)
-    results = dict(info=info, decode=[], prefill=[], indexer=[], lse_merge=[], sweep=[], errors=[])
+    results = dict(info=info, decode=[], prefill=[], indexer=[], merge_partials=[], sweep=[], errors=[])
 
     bw, rate = measure_ceilings()
     results["ceilings"] = dict(copy_GBps=bw / 1e9, bf16_matmul_TFLOPs=rate / 1e12)
@@ -521,34 +496,21 @@ def main():
         (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     if args.focus:
-        section("sweep", lambda: bench_focus(smla, pool, bw, rate, pre_T=pre_T))
+        section("sweep", lambda: bench_focus(pool, bw, rate, pre_T=pre_T))
     else:
-        section("decode", lambda: bench_decode(smla, pool, batches, heads, fracs, bw, rate, with_ref=with_ref))
-        section("prefill", lambda: bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=with_ref))
-    if args.sweep and not args.focus:
-        def sweep():
-            rows = []
-            for kw in [dict(legacy=True), dict(block_h=64, v_split=2, config=(16, 4, 3))]:
-                for T in [64, 128]:
-                    rows += bench_decode(smla, pool, [T], [32, 64, 128], [1.0, 0.125], bw, rate, with_ref=False,
-                                         extra=kw)
-                rows += bench_prefill(smla, pool, bw, rate, T=pre_T, with_ref=False, extra=kw)
-            return rows
-        section("sweep", sweep)
+        section("decode", lambda: bench_decode(pool, batches, heads, fracs, bw, rate, with_ref=with_ref))
+        section("prefill", lambda: bench_prefill(pool, bw, rate, T=pre_T, with_ref=with_ref))
     if not args.focus:
-        section("indexer", lambda: bench_indexer(ixm, contexts, bw, rate))
-        section("lse_merge", lambda: bench_merge(lsem, bw, [(8, 64, 128), (8, 128, 128), (4, 1, 128)]))
+        section("indexer", lambda: bench_indexer(contexts, bw, rate))
+        section("merge_partials", lambda: bench_merge(bw, [(8, 64, 128), (8, 128, 128), (4, 1, 128)]))
 
     try:
-        results["autotune"] = {
-            "sparse_mla": {str(k): str(v) for k, v in smla._sparse_mla_fwd_tuned.cache.items()},
-            "indexer": {str(k): str(v) for k, v in ixm._indexer_scores_tuned.cache.items()},
-        }
+        results["autotune"] = {"indexer": {str(k): str(v) for k, v in ixm.indexer_scores_tuned.cache.items()}}
     except Exception as exc:
         results["autotune"] = repr(exc)
 
-    results["compiled"] = compiled_info([smla._sparse_mla_fwd_kernel, ixm._indexer_scores_kernel,
-                                         lsem._lse_merge_kernel])
+    results["compiled"] = compiled_info([smk.sparse_mla_fwd_kernel, ixk.indexer_scores_kernel,
+                                         mpk.merge_partials_kernel])
     for c in results["compiled"]:
         print("compiled:", c)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -561,13 +523,13 @@ def main():
         print(fmt_row(r))
     for r in results["sweep"]:   # compact: variant, shape, time, % of floor
         print(f"{r.get('variant', '-'):38s} {r['kind'][:3]} T={r['T']:<4d} H={r['H']:<3d} f={r['frac']:<5.3g} "
-              f"bh={r['block_h']} vs={r.get('v_split', 1)} sp={r['nsplit']:<2d} {r['us']:9.1f} us "
+              f"bh={r['block_h']} sp={r['nsplit']:<2d} {r['us']:9.1f} us "
               f"{r['TFLOPs']:6.1f} TF/s {r['pct_floor']:5.1f}%")
     for r in results["indexer"]:
         print(f"indexer L={r['L']:6d} B={r['B']} | {r['us']:8.1f} us {r['pct_floor']:5.1f}% of floor | "
               f"torch {r['torch_us']:8.1f} us ({r['x_torch']:.1f}x)")
-    for r in results["lse_merge"]:
-        print(f"lse_merge N={r['N']} T={r['T']} H={r['H']} | {r['us']:7.1f} us {r['pct_floor']:5.1f}% | "
+    for r in results["merge_partials"]:
+        print(f"merge_partials N={r['N']} T={r['T']} H={r['H']} | {r['us']:7.1f} us {r['pct_floor']:5.1f}% | "
               f"torch {r['torch_us']:7.1f} us ({r['x_torch']:.1f}x)")
     if results.get("autotune"):
         print("autotune:", json.dumps(results["autotune"], indent=0))

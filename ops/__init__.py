@@ -3,7 +3,8 @@
 Each op has a schema, a fake (meta) implementation for tracing, a plain-PyTorch implementation that serves
 the CPU (``ops/reference.py``), and a Triton implementation for CUDA tensors where one pays (``ops/triton``).
 The ops are local: collectives live in ``ops/distributed.py`` as c10d functional collectives, so Inductor
-sees them and can schedule around them.
+sees them and can schedule around them. The ownership arithmetic (``DCPLayout``, docs/design.md §3) is in
+``ops/layout.py``. This package is the lower layer: it never imports the rest of dcp_compile.
 
     dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
     dcp::paged_write(pool!, rows, slots) -> ()
@@ -14,11 +15,18 @@ sees them and can schedule around them.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+if __name__ != "dcp_compile.ops":  # one module identity, so the ops are registered exactly once
+    raise ImportError(
+        f"ops/ is the package dcp_compile.ops (imported here as {__name__!r}): install the project "
+        "(pip install -e .) and use it as dcp_compile.ops"
+    )
 
-from . import reference
-from .distributed import all_gather_heads, distributed_topk, lse_merge  # noqa: F401  (re-export)
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from . import inference_only, reference  # noqa: E402
+from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, lse_merge  # noqa: E402,F401
+from .layout import DCPLayout  # noqa: E402,F401
 
 LIB = "dcp"
 
@@ -28,7 +36,7 @@ LIB = "dcp"
 def sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
     """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
     out [T, H, v_dim] (q's dtype), lse [T, H] float32 (float64 for float64 q; natural log, -inf where
-    counts is 0, out exactly 0 there)."""
+    counts is 0, out exactly 0 there). S may be 0 (a rank that owns no token yet; every count is then 0)."""
     return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
 
 
@@ -71,7 +79,7 @@ def _(pool, rows, slots):
 @torch.library.custom_op(f"{LIB}::indexer_scores", mutates_args=())
 def indexer_scores(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor, scale: float) -> Tensor:
     """q [B, S, Hi, Di], w [B, S, Hi], k_pool [P, Di], key_slots [B, L] int32, allowed [B, S, L] bool ->
-    [B, S, L] float32 scores, -inf where not allowed or slot < 0."""
+    [B, S, L] float32 scores, -inf where not allowed or slot < 0. P may be 0 (every slot is then -1)."""
     return reference.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
 
 
@@ -110,7 +118,8 @@ def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave,
 @torch.library.custom_op(f"{LIB}::lse_combine", mutates_args=())
 def lse_combine(out: Tensor, lse: Tensor, lse_all: Tensor) -> Tensor:
     """out [T, H, D] partial attention of this rank, lse [T, H], lse_all [N, T, H] of every rank ->
-    out · exp(lse - logsumexp(lse_all)) in float32 (float64 for float64), exactly 0 for empty ranks."""
+    out · exp(lse - logsumexp(lse_all)) in float32 (float64 for float64); exactly 0 where this rank is empty
+    (lse = -inf), whatever ``out`` holds there (NaN, inf)."""
     return reference.lse_combine(out, lse, lse_all)
 
 
@@ -119,7 +128,12 @@ def _(out, lse, lse_all):
     return out.new_empty(out.shape, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
 
 
+# Inference only: a backward through any functional dcp op raises a clear error (paged_write mutates its pool,
+# and torch allows no autograd formula there; see ops/inference_only.py).
+for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
+    inference_only.register(_op)
+
 __all__ = [
     "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
-    "all_gather_heads", "distributed_topk", "lse_merge", "reference",
+    "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
 ]

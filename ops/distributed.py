@@ -6,7 +6,10 @@ so Inductor can start a collective early and wait late (overlapping it with the 
 absorbed-query matmul), and CUDA-graph capture records them like any other kernel. An opaque op would
 hide them. The local math between the collectives is in ``dcp`` ops (``ops/__init__.py``).
 
-Every function takes the process group by name and its size; a group of one does no communication.
+Groups: every function takes the process group by name (``str``, as the c10d functional ops take it) and its
+size. ``None`` means "no group", a single rank: a group of one does no communication and never reads the name
+(so a caller may pass ``None`` there; the ``dcp`` custom ops themselves take no group). A group of more than
+one rank needs its name (``ValueError`` otherwise).
 """
 from __future__ import annotations
 
@@ -14,57 +17,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .inference_only import collective
+
 c10d = torch.ops._c10d_functional  # the traceable collectives (the same ops in torch 2.11 and 2.13)
 
 
-def all_gather(x: Tensor, dim: int, group_name: str, world: int) -> Tensor:
+def _named(group_name: str | None) -> str:
+    if not group_name:
+        raise ValueError(f"a group of more than one rank needs its process group name, got {group_name!r}")
+    return group_name
+
+
+def all_gather(x: Tensor, dim: int, group_name: str | None, world: int) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim``."""
-    out = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group_name))
+    if world == 1:
+        return x
+    group_name = _named(group_name)
+    out = collective(
+        lambda t: c10d.wait_tensor(c10d.all_gather_into_tensor(t.contiguous(), world, group_name)), x,
+        "_c10d_functional.all_gather_into_tensor",
+    )
     return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
-def all_reduce_sum(x: Tensor, group_name: str) -> Tensor:
-    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
-
-
-def all_gather_heads(q: Tensor, group_name: str, world: int) -> Tensor:
-    """[T, H, D] on each rank -> [T, world·H, D], rank r's heads at block r (design §4.4)."""
+def reduce_scatter_sum(x: Tensor, group_name: str | None, world: int) -> Tensor:
+    """Sum every rank's ``x`` and keep this rank's block of ``world`` along dim 0."""
     if world == 1:
-        return q
+        return x
+    group_name = _named(group_name)
+    return collective(
+        lambda t: c10d.wait_tensor(c10d.reduce_scatter_tensor(t.contiguous(), "sum", world, group_name)), x,
+        "_c10d_functional.reduce_scatter_tensor",
+    )
+
+
+def all_reduce_sum(x: Tensor, group_name: str | None) -> Tensor:
+    """Sum every rank's ``x`` over the group (``None``: no group, ``x`` itself)."""
+    if group_name is None:
+        return x
+    group_name = _named(group_name)
+    return collective(
+        lambda t: c10d.wait_tensor(c10d.all_reduce(t.contiguous(), "sum", group_name)), x, "_c10d_functional.all_reduce"
+    )
+
+
+def all_gather_heads(q: Tensor, group_name: str | None, world: int) -> Tensor:
+    """[T, H, D] on each rank -> [T, world·H, D], rank r's heads at block r (docs/design.md §4.4)."""
     return all_gather(q, 1, group_name, world)
 
 
 def local_topk_sorted(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of each row, ties to the lower column: one stable full sort (the simple version)."""
+    """Top-k of each row ([T, L], L >= k), ties to the lower column: one stable full sort. (torch.topk does not
+    promise the tie rule; a topk + tie-fill version is slower on an H100 at k = 2048:
+    benchmarks/bench_local_topk.py.)"""
     idx = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
-    return torch.gather(scores, -1, idx), idx
-
-
-def local_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of each row ([T, L], L >= k), ties to the lower column, without a full sort. Same result as
-    ``local_topk_sorted`` but 1.5-4x slower on an H100 at k = 2048 (torch.topk's large-k select is slow);
-    kept for the benchmark that shows it.
-
-    ``torch.topk`` finds the k-th value; everything above it is in, and the ties *at* it are taken in column
-    order (a cumulative count). A second ``topk`` over a key that is unique and decreasing in the column
-    gathers exactly those k columns. Returned in column order (callers re-sort by score anyway).
-    """
-    cols = scores.shape[-1]
-    kth = torch.topk(scores, k, dim=-1).values[:, -1:]
-    above = scores > kth
-    at = scores == kth
-    room = k - above.sum(-1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at.to(torch.int32), dim=-1) <= room))
-    key = torch.where(chosen, cols - torch.arange(cols, device=scores.device), 0)
-    idx = torch.topk(key, k, dim=-1).indices
     return torch.gather(scores, -1, idx), idx
 
 
 def distributed_topk(
     scores: Tensor, positions: Tensor, seq_index: Tensor, block_table: Tensor, k: int,
-    rank: int, world: int, interleave: int, page_size: int, group_name: str,
+    rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k over the whole DCP group (design §4.2).
+    """Exact top-k over the whole DCP group (docs/design.md §4.2).
 
     scores [T, L] this rank's indexer scores of its own keys (-inf = not a candidate), positions [L] or
     [T, L] their global positions. Local top-k, all-gather (score, position), global top-k, keep the ones
@@ -91,17 +105,18 @@ def distributed_topk(
     )
 
 
-def lse_merge(out: Tensor, lse: Tensor, group_name: str, world: int) -> Tensor:
-    """Merge partial attention of all ranks (design §4.6).
+def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int) -> Tensor:
+    """Merge the partial attention of all ranks of the DCP group (docs/design.md §4.6).
 
     out [T, world·H, D], lse [T, world·H] this rank's partial over its own rows, for every gathered head ->
-    [T, H, D] exact attention for this rank's own H heads: all-gather lse, rescale, reduce-scatter heads.
-    Returned in float32 (float64 for float64 inputs); the caller casts.
+    [T, H, D] exact attention for this rank's own H heads: all-gather lse, rescale (``dcp::lse_combine``),
+    reduce-scatter heads. Returned in float32 (float64 for float64 inputs); the caller casts. (The split-K
+    combine inside one rank's attention kernel is another thing: ``ops/triton/merge_partials.py``.)
     """
     if world == 1:
         return out
     lse_all = all_gather(lse.unsqueeze(0), 0, group_name, world)  # [world, T, world·H]
     scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
     heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
-    mine = c10d.wait_tensor(c10d.reduce_scatter_tensor(heads_first, "sum", world, group_name))  # [H, T, D]
+    mine = reduce_scatter_sum(heads_first, group_name, world)  # [H, T, D]
     return mine.transpose(0, 1)

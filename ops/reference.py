@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import DCPLayout
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -20,6 +22,8 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 def sparse_mla_attn(q, kv, slots, counts, scale: float, v_dim: int):
     """Softmax attention of every head of query t over the rows ``kv[slots[t, :counts[t]]]``."""
     acc = _acc_dtype(q)
+    if kv.shape[0] == 0:  # an empty pool (a rank that owns no token yet): every count is 0
+        kv = kv.new_zeros(1, kv.shape[1])
     num_slots = slots.shape[1]
     valid = torch.arange(num_slots, device=q.device)[None, :] < counts[:, None].long()  # [T, K]
     rows = kv[torch.where(valid, slots.long(), 0)].to(acc)  # [T, K, Dk]
@@ -42,6 +46,8 @@ def paged_write(pool, rows, slots) -> None:
 def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, query_block: int = 256):
     """DSA indexer: ``Σ_h w_h · relu(scale · q_h·k_l)`` in float32 (as the HF indexer does), ``-inf`` where
     the key is not allowed for the query or does not exist (slot < 0)."""
+    if k_pool.shape[0] == 0:  # an empty pool (a rank that owns no token yet): every slot is -1
+        k_pool = k_pool.new_zeros(1, k_pool.shape[1])
     keys = k_pool[key_slots.clamp(min=0).long()].float()  # [B, L, Di]
     valid = allowed & (key_slots >= 0)[:, None, :]
     blocks = []
@@ -61,8 +67,6 @@ def topk_select(cand_scores, cand_pos, seq_index, block_table, k: int, rank: int
     (masked, padding, or absent) are never selected. Returns slots [T, k] int32 (owned rows first, -1 after)
     and counts [T] int32.
     """
-    from dcp_compile.layout import DCPLayout
-
     layout = DCPLayout(world, interleave, page_size)
     if cand_scores.shape[-1] < k:  # fewer candidates than k: pad with never-selected ones
         pad = k - cand_scores.shape[-1]
@@ -84,11 +88,13 @@ def topk_select(cand_scores, cand_pos, seq_index, block_table, k: int, rank: int
 
 
 def lse_combine(out, lse, lse_all):
-    """Rescale this rank's partial attention ``out`` by ``exp(lse - logsumexp_r lse_all[r])``; a rank with no
-    rows (lse = -inf) gets weight exactly 0, and so does a query no rank has rows for."""
+    """Rescale this rank's partial attention ``out`` by ``exp(lse - logsumexp_r lse_all[r])``. A rank with no
+    rows (lse = -inf) contributes exactly 0 whatever its ``out`` holds (NaN, inf: it is selected away, never
+    multiplied by 0), and so does every rank of a query no rank has rows for."""
     acc = _acc_dtype(out)
     peak = lse_all.amax(dim=0)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     total = peak + torch.log(torch.exp(lse_all - peak).sum(dim=0))
-    weight = torch.where(torch.isfinite(lse), torch.exp(lse - total), torch.zeros_like(lse))
-    return out.to(acc) * weight.to(acc)[..., None]
+    live = (lse > float("-inf"))[..., None]
+    weight = torch.exp(lse - total).to(acc)[..., None]
+    return torch.where(live, out.to(acc) * weight, torch.zeros((), dtype=acc, device=out.device))

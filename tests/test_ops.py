@@ -1,15 +1,15 @@
-"""The local `dcp` ops (ops/__init__.py): opcheck, fake shapes/dtypes, and the CPU implementation against an
-independent float64 reference written here (loops over queries, plain Python sorting)."""
+"""The local `dcp` ops (ops/__init__.py): opcheck, fake shapes/dtypes, the CPU implementations against the
+independent float64 oracles of tests/op_oracles.py, empty pools, and the inference-only backward errors."""
 from __future__ import annotations
 
-import math
+import re
 
+import op_oracles as oracle
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import dcp_compile  # noqa: F401  registers torch.ops.dcp
-from dcp_compile.layout import DCPLayout
+from dcp_compile.ops import DCPLayout  # registers torch.ops.dcp
 
 dcp = torch.ops.dcp
 NEG_INF = float("-inf")
@@ -81,11 +81,29 @@ def combine_inputs(dtype=torch.float64, N=3, T=4, H=2, D=5, rank=1, seed=4):
     return out, lse_all[rank].clone(), lse_all
 
 
+def empty_pool_attn_inputs(dtype=torch.float64, T=3, H=2, Dk=10, K=4, v_dim=7, device="cpu"):
+    """A rank that owns no token yet: kv [0, Dk], every count 0, slots all -1."""
+    q = torch.randn(T, H, Dk, generator=_gen(5), dtype=torch.float64).to(dtype=dtype, device=device)
+    kv = torch.empty(0, Dk, dtype=dtype, device=device)
+    slots = torch.full((T, K), -1, dtype=torch.int32, device=device)
+    counts = torch.zeros(T, dtype=torch.int32, device=device)
+    return q, kv, slots, counts, 0.37, v_dim
+
+
+def empty_pool_indexer_inputs(device="cpu"):
+    q, w, k_pool, key_slots, allowed, scale = indexer_inputs(q_dtype=torch.float32)
+    k_pool = k_pool[:0].float()
+    key_slots = torch.full_like(key_slots, -1)
+    return tuple(x.to(device) for x in (q, w, k_pool, key_slots, allowed)) + (scale,)
+
+
 # --- opcheck ---------------------------------------------------------------------------------------------------
 OPCHECK_CASES = {
     "sparse_mla_attn_f64": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float64)),
     "sparse_mla_attn_f32": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, zero_rows=(1, 2))),
     "sparse_mla_attn_all_empty": (dcp.sparse_mla_attn, lambda: attn_inputs(torch.float32, T=2, zero_rows=(0, 1))),
+    "sparse_mla_attn_empty_pool": (dcp.sparse_mla_attn, lambda: empty_pool_attn_inputs(torch.float32)),
+    "indexer_scores_empty_pool": (dcp.indexer_scores, lambda: empty_pool_indexer_inputs()),
     "paged_write_f64": (dcp.paged_write, lambda: write_inputs(torch.float64)),
     "paged_write_f32_int32_slots": (
         dcp.paged_write, lambda: (lambda p, r, s: (p, r, s.to(torch.int32)))(*write_inputs(torch.float32))
@@ -192,26 +210,7 @@ def test_fake_under_compile_no_graph_break():
     torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
 
 
-# --- CPU implementations vs independent float64 references ----------------------------------------------------
-def ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
-    T, H, _ = q.shape
-    out = torch.zeros(T, H, v_dim, dtype=torch.float64)
-    lse = torch.full((T, H), NEG_INF, dtype=torch.float64)
-    for t in range(T):
-        n = int(counts[t])
-        if n == 0:
-            continue
-        rows = kv[slots[t, :n].long()].double()  # [n, Dk]
-        for h in range(H):
-            logits = [scale * float(q[t, h].double() @ rows[j]) for j in range(n)]
-            m = max(logits)
-            z = sum(math.exp(x - m) for x in logits)
-            lse[t, h] = m + math.log(z)
-            for j in range(n):
-                out[t, h] += math.exp(logits[j] - m) / z * rows[j, :v_dim]
-    return out, lse
-
-
+# --- CPU implementations vs the float64 oracles -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_mla_attn_vs_reference(dtype):
     q, kv, slots, counts, scale, v_dim = attn_inputs(dtype, T=7, zero_rows=(1, 4))
@@ -219,7 +218,7 @@ def test_sparse_mla_attn_vs_reference(dtype):
     for t in range(slots.shape[0]):
         slots[t, counts[t]:] = torch.arange(slots.shape[1] - counts[t]).to(torch.int32) % kv.shape[0]
     out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    ref_out, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    ref_out, ref_lse = oracle.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
     assert out.dtype == dtype and lse.dtype in ((torch.float32, torch.float64) if dtype == torch.float64 else (torch.float32,))
     assert not out.isnan().any() and not lse.isnan().any()
     empty = counts == 0
@@ -234,10 +233,10 @@ def test_sparse_mla_attn_vs_reference(dtype):
 def test_sparse_mla_attn_float64_lse_is_exact():
     """float64 inputs: the lse must carry float64 accuracy. The LSE merge weights exp(lse_r - lse) of a partial
     result inherit the lse's relative error, so an fp32-rounded lse caps DCP parity at ~1e-7, not the 1e-10 that
-    issue 2 requires of the float64 pipeline (see test_dcp_pipeline)."""
+    the float64 pipeline requires (see test_dcp_pipeline)."""
     q, kv, slots, counts, scale, v_dim = attn_inputs(torch.float64, T=6, zero_rows=(3,))
     out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    _, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    _, ref_lse = oracle.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
     finite = counts > 0
     err = (lse.double()[finite] - ref_lse[finite]).abs().max().item()
     assert err <= 1e-12, f"float64 sparse_mla_attn: lse ({lse.dtype}) is off by {err:.2e} from the float64 value"
@@ -253,7 +252,7 @@ def test_sparse_mla_attn_ignores_rows_past_counts():
     poisoned[1::2] = kv
     slots = torch.where(slots >= 0, 2 * slots + 1, slots).to(torch.int32)
     out, lse = dcp.sparse_mla_attn(q, poisoned, slots, counts, scale, v_dim)
-    ref_out, _ = ref_sparse_mla_attn(q, poisoned, slots, counts, scale, v_dim)
+    ref_out, _ = oracle.sparse_mla_attn(q, poisoned, slots, counts, scale, v_dim)
     assert not out.isnan().any(), (
         f"NaN in out for queries {sorted(set(out.isnan().nonzero()[:, 0].tolist()))} (counts {counts.tolist()}): "
         "rows past counts[t] were read"
@@ -266,7 +265,7 @@ def test_sparse_mla_attn_large_logits_no_overflow():
     q, kv, slots, counts, scale, v_dim = attn_inputs(torch.float64, T=3, zero_rows=(2,))
     q = q * 300.0  # logits in the thousands: a naive exp would overflow
     out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    ref_out, ref_lse = ref_sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    ref_out, ref_lse = oracle.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-3)
@@ -291,25 +290,10 @@ def test_paged_write_skips_negative_slots():
     assert torch.equal(pool, torch.tensor([[0.0] * 3, [0.0] * 3, [1.0] * 3, [0.0] * 3]))
 
 
-def ref_indexer_scores(q, w, k_pool, key_slots, allowed, scale):
-    B, S, Hi, _ = q.shape
-    L = key_slots.shape[1]
-    out = torch.full((B, S, L), NEG_INF, dtype=torch.float64)
-    for b in range(B):
-        for s in range(S):
-            for l in range(L):
-                slot = int(key_slots[b, l])
-                if slot < 0 or not allowed[b, s, l]:
-                    continue
-                k = k_pool[slot].double()
-                out[b, s, l] = sum(float(w[b, s, h]) * max(0.0, scale * float(q[b, s, h].double() @ k)) for h in range(Hi))
-    return out
-
-
 def test_indexer_scores_vs_reference():
     args = indexer_inputs()
     got = dcp.indexer_scores(*args)
-    ref = ref_indexer_scores(*args)
+    ref = oracle.indexer_scores(*args)
     assert got.dtype == torch.float32
     masked = ref == NEG_INF
     assert torch.equal(got == NEG_INF, masked)
@@ -317,34 +301,15 @@ def test_indexer_scores_vs_reference():
     # Long prefill: more queries than one internal block.
     q, w, k_pool, key_slots, allowed, scale = indexer_inputs(B=1, S=300, Hi=2, Di=4, L=5, Pn=9)
     got = dcp.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
-    ref = ref_indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+    ref = oracle.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
     masked = ref == NEG_INF
     assert torch.equal(got == NEG_INF, masked)
     torch.testing.assert_close(got.double()[~masked], ref[~masked], rtol=1e-5, atol=1e-5)
 
 
-def ref_topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
-    """Python: sort candidates by (score desc, position asc), drop -inf, keep k, keep owned, map to slots."""
-    T = cand_scores.shape[0]
-    result = []
-    for t in range(T):
-        cands = [(float(s), int(p)) for s, p in zip(cand_scores[t].tolist(), cand_pos[t].tolist()) if s != NEG_INF]
-        cands.sort(key=lambda sp: (-sp[0], sp[1]))
-        chosen = [p for _, p in cands[:k]]
-        table = block_table[int(seq_index[t])]
-        slots = []
-        for p in chosen:
-            if (p // interleave) % world != rank:
-                continue
-            local = (p // (world * interleave)) * interleave + p % interleave
-            slots.append(int(table[local // page_size]) * page_size + local % page_size)
-        result.append(slots)
-    return result
-
-
 def _check_topk(args):
     slots, counts = dcp.topk_select(*args)
-    expected = ref_topk_select(*args)
+    expected = oracle.topk_select(*args)
     k = args[4]
     assert slots.dtype == torch.int32 and counts.dtype == torch.int32
     assert slots.shape == (args[0].shape[0], k)
@@ -364,7 +329,7 @@ def test_topk_select_vs_reference():
             expected = _check_topk(args)
             seen_partial |= any(0 < len(e) < 5 for e in expected)
         # The ranks' shares of one query partition the global top-k.
-        all_ranks = [ref_topk_select(*topk_inputs(seed=seed, rank=r, T=8, C=14, k=5)) for r in range(3)]
+        all_ranks = [oracle.topk_select(*topk_inputs(seed=seed, rank=r, T=8, C=14, k=5)) for r in range(3)]
         cs = topk_inputs(seed=seed, T=8, C=14, k=5)[0]
         for t in range(8):
             assert sum(len(all_ranks[r][t]) for r in range(3)) == min(5, int((cs[t] > NEG_INF).sum()))
@@ -407,27 +372,13 @@ def test_topk_select_fewer_candidates_than_k():
     _check_topk(args)
 
 
-def ref_lse_combine(out, lse, lse_all):
-    N, T, H = lse_all.shape
-    res = torch.zeros(out.shape, dtype=torch.float64)
-    for t in range(T):
-        for h in range(H):
-            finite = [float(x) for x in lse_all[:, t, h] if x != NEG_INF]
-            if not finite or lse[t, h] == NEG_INF:
-                continue
-            m = max(finite)
-            total = m + math.log(sum(math.exp(x - m) for x in finite))
-            res[t, h] = out[t, h].double() * math.exp(float(lse[t, h]) - total)
-    return res
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lse_combine_vs_reference(dtype):
     out, lse, lse_all = combine_inputs(dtype)
     got = dcp.lse_combine(out, lse, lse_all)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert not got.isnan().any()
-    ref = ref_lse_combine(out, lse, lse_all)
+    ref = oracle.lse_combine(out, lse_all, rank=1)
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
     # Empty rank (lse = -inf): exactly zero weight even though its out is non-zero.
     assert (got[0] == 0).all()
@@ -439,6 +390,28 @@ def test_lse_combine_vs_reference(dtype):
     # Only rank 0 has rows for (query 2, head 0): its weight is exactly 1.
     g0 = dcp.lse_combine(out, lse_all[0], lse_all)
     assert torch.equal(g0[2, 0], out[2, 0].to(g0.dtype))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lse_combine_empty_rank_contributes_exactly_zero(dtype, poison):
+    """The op's promise: a rank with lse = -inf contributes exactly 0 whatever its partial holds (never
+    0·NaN); and a query no rank has rows for gives 0 on every rank."""
+    out, lse, lse_all = combine_inputs(dtype)
+    rank = 1
+    assert (lse[0] == NEG_INF).all() and (lse_all[:, 1] == NEG_INF).all()
+    out[0] = poison  # this rank is empty for query 0
+    out[1] = poison  # every rank is empty for query 1
+    got = dcp.lse_combine(out, lse, lse_all)
+    assert (got[0] == 0).all() and (got[1] == 0).all(), got[:2]
+    assert torch.isfinite(got[2:]).all()
+    # The other queries are untouched by the poison.
+    clean = combine_inputs(dtype)[0]
+    torch.testing.assert_close(got[2:], dcp.lse_combine(clean, lse, lse_all)[2:], rtol=0, atol=0)
+    # All ranks empty everywhere: 0 from every rank.
+    none = torch.full_like(lse_all, NEG_INF)
+    for r in range(lse_all.shape[0]):
+        assert (dcp.lse_combine(torch.full_like(out, poison), none[rank], none) == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -455,18 +428,141 @@ def test_lse_combine_weights_sum_to_one_and_large_lse(dtype):
     torch.testing.assert_close(total, torch.ones_like(total), rtol=tol, atol=tol)
 
 
-def test_local_topk_versions_agree_on_ties():
-    """Both deterministic local top-k versions pick the same columns: higher score, then lower column."""
-    from dcp_compile.ops.distributed import local_topk, local_topk_sorted
+def test_local_topk_sorted_tie_rule():
+    """The local top-k keeps the k best columns, ties to the lower column (the benchmark
+    benchmarks/bench_local_topk.py checks the topk + tie-fill alternative against it)."""
+    from dcp_compile.ops.distributed import local_topk_sorted
 
     gen = torch.Generator().manual_seed(7)
     for _ in range(50):
         x = torch.randint(-3, 4, (4, 60), generator=gen).float()
         x[:, 50:] = float("-inf")
         for k in (1, 5, 60):
-            a, b = local_topk(x, k)[1].sort(-1).values, local_topk_sorted(x, k)[1].sort(-1).values
-            assert torch.equal(a, b)
-            # the tie rule itself: every chosen column beats or ties every unchosen one, ties to lower columns
+            values, b = local_topk_sorted(x, k)
+            assert torch.equal(values, torch.gather(x, -1, b))
+            b = b.sort(-1).values
+            # every chosen column beats or ties every unchosen one, and ties go to the lower columns
             chosen = torch.zeros_like(x, dtype=torch.bool).scatter(1, b, True)
             kth = torch.where(chosen, x, torch.full_like(x, float("inf"))).min(-1, keepdim=True).values
             assert not (x > kth)[~chosen].any()
+            cols, tie = torch.arange(60).expand_as(x), x == kth
+            last_chosen = torch.where(tie & chosen, cols, -1).amax(-1)
+            first_left = torch.where(tie & ~chosen, cols, 60).amin(-1)
+            assert (last_chosen < first_left).all()
+
+
+# --- empty pool: a rank that owns no token yet -------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sparse_mla_attn_empty_pool(device, dtype):
+    q, kv, slots, counts, scale, v_dim = empty_pool_attn_inputs(dtype, device=device)
+    out, lse = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    assert out.shape == (q.shape[0], q.shape[1], v_dim) and out.dtype == dtype
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_indexer_scores_and_paged_write_empty_pool(device):
+    args = empty_pool_indexer_inputs(device)
+    scores = dcp.indexer_scores(*args)
+    assert scores.shape == (args[0].shape[0], args[0].shape[1], args[3].shape[1]) and (scores == NEG_INF).all()
+    pool = torch.empty(0, 6, device=device)
+    dcp.paged_write(pool, torch.randn(3, 6, device=device), torch.full((3,), -1, device=device))
+
+
+# --- inference only ------------------------------------------------------------------------------------------------
+INFERENCE_ONLY = "dcp_compile is inference-only: run generate/forward under torch.no_grad() or torch.inference_mode()"
+
+
+def _requires_grad(args, which):
+    return tuple(a.detach().float().requires_grad_() if i in which else a for i, a in enumerate(args))
+
+
+@pytest.mark.parametrize("op,args", [
+    ("sparse_mla_attn", lambda: _requires_grad(attn_inputs(torch.float32), {0})),
+    ("indexer_scores", lambda: _requires_grad(indexer_inputs(q_dtype=torch.float32), {0, 1})),
+    ("lse_combine", lambda: _requires_grad(combine_inputs(torch.float32), {0})),
+])
+def test_backward_raises_inference_only(op, args):
+    result = getattr(dcp, op)(*args())  # the forward works with grad mode on
+    first = result[0] if isinstance(result, tuple) else result
+    with pytest.raises(RuntimeError, match=re.escape(f"dcp::{op}: {INFERENCE_ONLY}")):
+        first.sum().backward()
+    with torch.no_grad():
+        assert not (getattr(dcp, op)(*args())[0] if isinstance(result, tuple) else getattr(dcp, op)(*args())).requires_grad
+
+
+def test_topk_select_has_no_gradient_path():
+    """topk_select's outputs are integers: nothing can flow back through it (its autograd formula, which raises,
+    is registered all the same)."""
+    args = _requires_grad(topk_inputs(), {0})
+    slots, counts = dcp.topk_select(*args)
+    assert not slots.requires_grad and not counts.requires_grad
+
+
+def _backward_through_collectives(rank, world):
+    """On every rank: a backward through each DCP collective raises the inference-only error; without grad
+    the same calls give plain tensors."""
+    import torch.distributed as dist
+
+    from dcp_compile.ops import all_gather_heads, lse_merge
+    from dcp_compile.ops.distributed import all_reduce_sum
+
+    group = dist.group.WORLD.group_name
+    q = torch.randn(3, 2, 5, requires_grad=True)
+    lse = torch.randn(3, 2 * world)
+    calls = {
+        "all_gather_into_tensor": lambda: all_gather_heads(q * 1, group, world),
+        "all_reduce": lambda: all_reduce_sum(q * 1, group),
+        "reduce_scatter_tensor": lambda: lse_merge(torch.randn(3, 2 * world, 5, requires_grad=True) * 1, lse, group, world),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call().sum().backward()
+            messages[name] = None
+        except RuntimeError as exc:
+            messages[name] = str(exc)
+        with torch.no_grad():
+            assert not call().requires_grad
+    return messages
+
+
+def test_backward_through_collectives_raises_inference_only():
+    from dcp_compile.testing import run_ranks
+
+    for messages in run_ranks(_backward_through_collectives, 2, timeout=120):
+        for name, msg in messages.items():
+            assert msg is not None and msg.startswith(f"_c10d_functional.{name}: {INFERENCE_ONLY}"), (name, msg)
+
+
+def test_ops_package_has_one_identity():
+    """ops/ imports only as dcp_compile.ops: importing the folder as a top-level ``ops`` (e.g. with the repo root
+    on sys.path) fails before registering anything, so the dcp ops can never be registered twice."""
+    import pathlib
+    import subprocess
+    import sys
+
+    import dcp_compile.ops
+
+    root = pathlib.Path(dcp_compile.ops.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", "import ops"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode != 0 and "ImportError: ops/ is the package dcp_compile.ops" in proc.stderr, proc.stderr
+
+
+def test_no_group_is_none():
+    """In the op layer ``None`` means no group (a single rank): nothing is communicated and the name is never
+    read; a group of several ranks needs its name."""
+    from dcp_compile.ops import all_gather_heads, all_reduce_sum, lse_merge
+
+    x = torch.randn(3, 2, 4)
+    assert all_gather_heads(x, None, 1) is x
+    assert lse_merge(x, torch.zeros(3, 2), None, 1) is x
+    assert all_reduce_sum(x, None) is x
+    for name in (None, ""):
+        with pytest.raises(ValueError, match="needs its process group name"):
+            all_gather_heads(x, name, 2)
+    with pytest.raises(ValueError, match="needs its process group name"):
+        all_reduce_sum(x, "")

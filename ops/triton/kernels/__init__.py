@@ -1,0 +1,1 @@
+"""The ``@triton.jit`` kernels of ``ops/triton``, one per module; their host wrappers are in ``ops/triton``."""

@@ -22,12 +22,9 @@ from .install import DCPLayerForward, install
 from .layout import DCPLayout
 from .match import MatchError, MLASparseAttentionMatch, match_layer, source
 from .passes import dcp_passes, flat_codegen
+from .support import UnsupportedModelError, check_layers, check_model  # noqa: F401  (UnsupportedModelError: re-export)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no layer dcp_compile can rewrite (no MLA sparse attention)."""
 
 
 def attention_spec(match: MLASparseAttentionMatch, layout: DCPLayout, rank: int, group_name: str) -> DCPAttentionSpec:
@@ -215,20 +212,14 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     """
     if isinstance(getattr(model, "dcp", None), DCPRuntime):
         raise RuntimeError(f"dcp_compile.apply was already applied to this {type(model).__name__}; apply it once")
+    check_model(model)
     dcp_size = _validate(model, mesh, dcp_size, page_size, interleave)
     tp_size, tp_rank = mesh.size(), mesh.get_local_rank()
     was_training = model.training
     model.eval()
 
     layers = probe_layers(model)
-    if not layers:
-        raise UnsupportedModelError(f"{type(model).__name__}: no layer updates a KV cache; nothing to rewrite")
-    for layer in layers:
-        if layer.index_spec is None:
-            raise UnsupportedModelError(
-                f"layer {layer.name} has no DeepSeek Sparse Attention indexer (it never calls cache.update_indexer): "
-                f"dcp_compile rewrites MLA sparse attention only"
-            )
+    check_layers(model, layers)
     matched, past_len = [], 61
     for layer in layers:  # start each trace at the past length that worked for the previous layer
         matched.append(capture_and_match(layer, past_len))

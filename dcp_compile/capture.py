@@ -129,7 +129,7 @@ class _ProbeCache(DynamicCache):
         return super().update_indexer(key_states, layer_idx)
 
 
-def _run_probe(model: nn.Module, batch: int, past: int, step: int):
+def _run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=_ProbeCache):
     """Prefill ``past`` tokens, then record a step of ``step`` tokens; returns per-module calls and cache events."""
     stack: list[nn.Module] = []
     calls: dict[nn.Module, Any] = {}
@@ -148,7 +148,7 @@ def _run_probe(model: nn.Module, batch: int, past: int, step: int):
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (batch, past + step), generator=gen).to(device)
     with torch.no_grad():
-        cache = _ProbeCache(cfg, stack)
+        cache = cache_cls(cfg, stack)
         model(input_ids=ids[:, :past], cache=cache, use_cache=True)
         cache.updates.clear(), cache.index_updates.clear()
         for mod in model.modules():

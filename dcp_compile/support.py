@@ -1,0 +1,238 @@
+"""Whether dcp_compile can rewrite a model, and if not, which layer and which piece stand in the way.
+
+``apply`` calls two checks; both raise ``UnsupportedModelError`` before any collective of ``apply``, and as
+each is a deterministic function of the model and its weights, every rank raises the same error.
+
+* ``check_model(model)``, first thing, before any forward pass (the forward of a sharded model runs
+  collectives): a model loaded with Hugging Face tensor parallelism (``from_pretrained(..., tp_plan=...)``,
+  public ``model.tp_size > 1``) or holding any DTensor parameter. ``apply`` shards the attention heads itself,
+  traces plain tensors and fingerprints the whole model on every rank.
+* ``check_layers(model, layers)``, after the probe found the layers that call ``cache.update``: one more
+  probe step runs with a cache that records every other use of the cache. An attention layer may use the
+  cache only through ``cache.update`` / ``cache.update_indexer`` (what the trace and the sharded cache
+  model), and no other module may use it but the model around the layers (its bookkeeping, such as
+  ``get_seq_length``). A layer with no indexer, or one handed another layer's top-k, is named as such.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .capture import BATCH, STEP, TensorSpec, _ProbeCache, _run_probe
+
+_TRACEABLE = {"update", "update_indexer"}  # what CaptureCache stands in for
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not one dcp_compile can rewrite: a layer that is not MLA sparse attention, or sharded already."""
+
+
+# --- a model sharded already -----------------------------------------------------------------------------------------
+def check_model(model: nn.Module) -> None:
+    """Before any forward: a model loaded with HF tensor parallelism (``tp_plan``), or holding DTensor parameters
+    at all, is not supported: apply needs every rank to hold the whole model as plain tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    tp_size = getattr(model, "tp_size", None) or 1  # public: None unless from_pretrained applied a tp_plan
+    if not sharded and tp_size <= 1:
+        return
+    some = f"{len(sharded)} parameters are DTensor shards ({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''})"
+    if tp_size > 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was loaded with Hugging Face tensor parallelism (tp_plan, tp_size={tp_size}"
+            f"{'; ' + some if sharded else ''}): dcp_compile.apply does not compose with HF tensor parallelism yet. Load the model without "
+            f"tp_plan (every rank holding the whole model) and pass apply a 1-D mesh over the tensor-parallel ranks: "
+            f"apply shards the attention heads over it itself"
+        )
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: {some}: dcp_compile.apply needs every rank to hold the whole model as plain "
+        f"tensors (it shards the attention heads over the mesh itself): apply it before sharding the model"
+    )
+
+
+# --- what each module does with the cache, seen by one more probe step ------------------------------------------------
+class _WatchedCache(_ProbeCache):
+    """The probe's cache, also recording (module, attribute) for every use of the cache beyond the probe's own,
+    and ``layers[i].<attribute>`` for what is read off a cache layer directly."""
+
+    _inside = False  # True while the cache's own code runs: its internal accesses are not the model's
+
+    def __init__(self, config, stack):
+        object.__setattr__(self, "uses", [])
+        object.__setattr__(self, "_inside", True)
+        super().__init__(config, stack)
+        object.__setattr__(self, "_inside", False)
+
+    def __getattribute__(self, name):
+        get = object.__getattribute__
+        if name.startswith("_") or get(self, "_inside"):
+            return get(self, name)
+        object.__setattr__(self, "_inside", True)
+        try:
+            value = get(self, name)
+        finally:
+            object.__setattr__(self, "_inside", False)
+        stack = get(self, "stack")
+        if not stack:  # the probe driver, outside the model
+            return value
+        owner, uses = stack[-1], get(self, "uses")
+        if name == "layers":
+            return _LayersView(value, lambda attr: uses.append((owner, f"layers[i].{attr}")))
+        uses.append((owner, name))
+        if inspect.ismethod(value):
+            def run(*args, **kwargs):
+                object.__setattr__(self, "_inside", True)
+                try:
+                    return value(*args, **kwargs)
+                finally:
+                    object.__setattr__(self, "_inside", False)
+            return run
+        return value
+
+
+class _LayersView:
+    def __init__(self, layers, note):
+        self._layers, self._note = layers, note
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __getitem__(self, i):
+        return _LayerView(self._layers[i], self._note)
+
+    def __iter__(self):
+        return (_LayerView(layer, self._note) for layer in self._layers)
+
+
+class _LayerView:
+    __slots__ = ("_layer", "_note")
+
+    def __init__(self, layer, note):
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_note", note)
+
+    def __getattr__(self, name):
+        self._note(name)
+        return getattr(self._layer, name)
+
+    def __setattr__(self, name, value):
+        self._note(name)
+        setattr(self._layer, name, value)
+
+
+def _cache_uses(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Per module (the innermost running), the cache attributes it used in one probe step, in first-use order."""
+    try:
+        _, cache = _run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
+    except Exception:  # noqa: BLE001 — the watch itself tripped the model (the plain probe ran): nothing to report
+        return {}
+    uses: dict[nn.Module, list[str]] = {}
+    for module, attr in cache.uses:
+        if attr not in uses.setdefault(module, []):
+            uses[module].append(attr)
+    return uses
+
+
+# --- the layers the probe found ---------------------------------------------------------------------------------------
+def check_layers(model: nn.Module, layers: list) -> None:
+    """Raise ``UnsupportedModelError`` naming every layer (or other module) dcp_compile cannot rewrite and why."""
+    if not layers:
+        raise UnsupportedModelError(f"{type(model).__name__}: no layer updates a KV cache; nothing to rewrite")
+    names = {m: n for n, m in model.named_modules()}
+    uses = _cache_uses(model)
+    problems: list[tuple[str, str]] = []  # ("layer <name>", why); the why does not repeat the name
+    inside = set()
+    for layer in layers:
+        sub = {m: (n and f"`{n}`") for n, m in layer.module.named_modules()}
+        inside |= sub.keys()
+        extra = {m: [a for a in attrs if a not in _TRACEABLE] for m, attrs in uses.items() if m in sub}
+        extra = {m: attrs for m, attrs in extra.items() if attrs}
+        if extra:
+            indexer = model.get_submodule(layer.indexer_module) if layer.indexer_module else None
+            problems.append((f"layer {layer.name}", _own_cache_state(layer, sub, extra, indexer)))
+        elif layer.index_spec is None:
+            problems.append((f"layer {layer.name}", _no_indexer(layer)))
+    # Any other module using the cache that is not the model around the layers (its cache bookkeeping, e.g.
+    # get_seq_length) keeps state of its own there.
+    around = {m for layer in layers for m in _ancestors(model, layer.name)}
+    for module, attrs in uses.items():
+        if module not in inside and module not in around:
+            problems.append((f"module {names[module]}", (
+                f"uses {_calls(attrs)}: it keeps state of its own in the cache (not attention keys: linear-attention "
+                f"or recurrent state, say), which the sharded DCP cache does not hold")))
+    if problems:
+        raise UnsupportedModelError(_report(model, problems))
+
+
+def _ancestors(model: nn.Module, name: str):
+    parts = name.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+
+
+def _calls(attrs: list[str]) -> str:
+    direct = [f"cache.{a}" for a in attrs if not a.startswith("layers[")]
+    via_layer = [a.partition("].")[2] for a in attrs if a.startswith("layers[")]
+    return ", ".join(direct + ([f"cache.layers[i].{' / '.join(via_layer)}"] if via_layer else []))
+
+
+def _own_cache_state(layer, sub: dict, extra: dict, indexer: nn.Module | None) -> str:
+    """A layer that uses the cache beyond cache.update / cache.update_indexer: its indexer, or a compressor."""
+    parts = []
+    for module, attrs in extra.items():
+        who = sub[module] or "the layer itself"
+        if module is indexer:
+            pool = getattr(module, "index_kpool", None)
+            pooled = (f"is a pooled indexer (it scores pools of index_kpool={pool} tokens, each pool's keys merged by "
+                      f"a learned gate, not single tokens) and ") if pool and pool > 1 else ""
+            parts.append(f"its DSA indexer {who} {pooled}reads its cache layer directly ({_calls(attrs)}) besides "
+                         f"cache.update_indexer")
+        elif sub[module].rstrip("`").endswith("indexer"):
+            parts.append(f"its indexer {who} scores entries of that cache state of its own ({_calls(attrs)}), not keys "
+                         f"written by cache.update_indexer")
+        else:
+            parts.append(f"{who} uses {_calls(attrs)}")
+    if list(extra) == [indexer]:
+        head = ""
+    elif any("compress" in a for attrs in extra.values() for a in attrs):
+        head = "keeps a compressed KV cache of its own, beside what it writes through cache.update"
+    else:
+        head = "uses the cache beyond cache.update / cache.update_indexer"
+    kind = _config_value(layer.module, "layer_types", layer.layer_idx)
+    lead = " ".join(x for x in (f"(layer type {kind!r})" if kind else "", head) if x)
+    return (f"{lead}: {'; '.join(parts)}. dcp_compile shards only the rows a layer writes through cache.update and "
+            f"cache.update_indexer and selects single tokens, so it cannot rewrite this layer yet")
+
+
+def _no_indexer(layer) -> str:
+    handed = [f"`{k}`" for k, v in (layer.call[1] or {}).items()
+              if isinstance(v, TensorSpec) and not v.dtype.is_floating_point and v.dtype != torch.bool
+              and len(v.shape) >= 3 and BATCH in v.roles and STEP in v.roles]
+    if handed:
+        return (f"has no DeepSeek Sparse Attention indexer of its own: it is handed another layer's top-k selection "
+                f"({', '.join(handed)}), cross-layer top-k sharing, which dcp_compile does not support yet")
+    return ("has no DeepSeek Sparse Attention indexer (it never calls cache.update_indexer): dcp_compile rewrites MLA "
+            "sparse attention only")
+
+
+def _config_value(module: nn.Module, field: str, index: int):
+    values = getattr(getattr(module, "config", None), field, None)
+    return values[index] if isinstance(values, (list, tuple)) and 0 <= index < len(values) else None
+
+
+def _report(model: nn.Module, problems: list[tuple[str, str]]) -> str:
+    """One line per distinct reason, naming the first module with it and how many more share it."""
+    grouped: dict[str, list[str]] = {}
+    for name, why in problems:
+        grouped.setdefault(why, []).append(name)
+    lines = []
+    for why, names in grouped.items():
+        more = f" (and {len(names) - 1} more: {', '.join(names[1:4])}{', ...' if len(names) > 4 else ''})" if len(names) > 1 else ""
+        lines.append(f"{names[0]}{more}{'' if why.startswith(':') else ' '}{why}")
+    if len(lines) == 1:
+        return lines[0]
+    return f"{type(model).__name__} has {len(lines)} kinds of module dcp_compile cannot rewrite:\n" + "\n".join(f"  - {x}" for x in lines)

@@ -79,16 +79,16 @@ def _find_layers(model: nn.Module) -> list[LayerCall]:
     return layers
 
 
-def _dcp_group(mesh, tp_rank: int, tp_size: int, dcp_size: int) -> tuple[str | None, str]:
-    """(TP group name or None, this rank's DCP group name or "" for a group of one). Collective: every rank
-    creates every DCP subgroup (contiguous blocks of the mesh)."""
+def _dcp_group(mesh, tp_rank: int, tp_size: int, dcp_size: int) -> tuple[str | None, str | None]:
+    """(TP group name, this rank's DCP group name); None for a group of one. Collective: every rank creates
+    every DCP subgroup (contiguous blocks of the mesh)."""
     group = mesh.get_group() if tp_size > 1 else None
     tp_name = group.group_name if group is not None else None
     if dcp_size == 1:
-        return tp_name, ""
+        return tp_name, None
     if dcp_size == tp_size:
         return tp_name, group.group_name
-    ranks, mine = mesh.mesh.flatten().tolist(), ""
+    ranks, mine = mesh.mesh.flatten().tolist(), None
     for g in range(tp_size // dcp_size):
         pg = dist.new_group(ranks[g * dcp_size : (g + 1) * dcp_size])
         if tp_rank // dcp_size == g:

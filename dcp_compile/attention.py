@@ -38,7 +38,7 @@ class AttentionConfig:
     index_scale: float
     layout: DCPLayout
     rank: int  # rank inside the DCP group
-    group_name: str  # the DCP process group ("" when the group is a single rank)
+    group_name: str | None  # the DCP process group (None when the group is a single rank)
 
 
 @dataclass

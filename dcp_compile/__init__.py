@@ -4,12 +4,16 @@
     model.generate(input_ids, max_new_tokens=32)
 """
 from . import ops  # noqa: F401  registers the dcp ops
-from .api import DCPRuntime, UnsupportedModelError, apply, capture_and_match, shard_heads
-from .cache import CachePoolExhausted, CacheSpec, ShardedPagedCache
+from .agreement import PeerRankFailed, RankMismatchError
+from .api import UnsupportedModelError, apply, capture_and_match
+from .cache import CachePoolExhausted, CacheFormat, ShardedPagedCache
 from .layout import DCPLayout
 from .match import MatchError
+from .runtime import DCPRuntime
+from .shard import shard_heads
 
 __all__ = [
-    "apply", "DCPLayout", "ShardedPagedCache", "CacheSpec", "CachePoolExhausted", "MatchError",
-    "UnsupportedModelError", "DCPRuntime", "capture_and_match", "shard_heads", "ops",
+    "apply", "DCPLayout", "ShardedPagedCache", "CacheFormat", "CachePoolExhausted", "MatchError",
+    "UnsupportedModelError", "RankMismatchError", "PeerRankFailed", "DCPRuntime", "capture_and_match", "shard_heads",
+    "ops",
 ]

@@ -1,9 +1,15 @@
-"""What a rewritten layer runs: DCP sparse MLA attention over the sharded paged cache (design §4).
+"""What a rewritten layer runs: DCP MLA attention over the sharded paged cache (docs/design.md §4).
 
-``DCPSparseMLA`` is the module the rewrite pass inserts into a captured layer graph (as ``call_module``).
-It receives tensors the HF layer already computed (per-head query parts, the step's new latent/rope/index-key
-rows, the indexer's query and head weights, the attention mask) plus the cache state, and returns the
+``DCPSparseMLA`` is the module the rewrite inserts into a captured layer graph (``call_module``, keyword
+arguments named as in ``forward``). It receives tensors the HF layer already computed (per-head query parts,
+the step's new latent / rotary / index-key rows, the indexer's query and head weights, the attention mask),
+the expansion weight ``kv_b_proj`` and the cache state (``contract.LayerCacheState``), and returns the
 attention output in HF's layout, ready for the (head-sharded) output projection.
+
+Its steps are methods, each a piece of §4 that tests call on its own:
+``write_new_rows`` (§4.1) → ``selection.select`` (§4.2-4.3: which owned rows each query attends) →
+``absorb_queries`` (§2) → ``attend`` (§4.4-4.6: gather heads, attention over owned rows, LSE merge) →
+``values_out`` (§4.7).
 """
 from __future__ import annotations
 
@@ -12,13 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
 from .ops.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)
-class DCPAttentionSpec:
+class AttentionConfig:
     """Everything static about one rewritten layer on one rank."""
 
     heads: int  # query heads on this rank (after head sharding)
@@ -31,7 +38,27 @@ class DCPAttentionSpec:
     index_scale: float
     layout: DCPLayout
     rank: int  # rank inside the DCP group
-    group_name: str  # the DCP process group ("" when the group is a single rank)
+    group_name: str | None  # the DCP process group (None when the group is a single rank)
+
+
+@dataclass
+class StepPositions:
+    """The positions one step touches on this rank (the same for every layer of the step)."""
+
+    new: Tensor  # [S] global positions of the step's query tokens
+    total: int  # past + S
+    keys: Tensor  # [L] global positions of this rank's local rows 0 .. L-1 (L = local_bound(total))
+    key_slots: Tensor  # [B, L] physical rows of those keys, -1 past the sequence
+
+    @staticmethod
+    def of(layout: DCPLayout, rank: int, block_table: Tensor, past: int, steps: int, batch: int) -> "StepPositions":
+        dev = block_table.device
+        total = past + steps
+        local = torch.arange(layout.local_bound(total), device=dev)
+        keys = layout.global_position(local, rank)
+        key_slots = layout.slot(block_table, local.expand(batch, -1))
+        key_slots = torch.where(keys < total, key_slots, -1).to(torch.int32)
+        return StepPositions(torch.arange(steps, device=dev) + past, total, keys, key_slots)
 
 
 def allowed_keys(mask: Tensor | None, key_pos: Tensor, query_pos: Tensor, batch: int) -> Tensor:
@@ -48,20 +75,43 @@ def allowed_keys(mask: Tensor | None, key_pos: Tensor, query_pos: Tensor, batch:
     return ok.index_select(-1, columns) & causal
 
 
+class IndexerTopK:
+    """Selection by the DeepSeek Sparse Attention indexer: score this rank's own keys, then the exact
+    distributed top-k (§4.2) compacted to this rank's rows with counts (§4.3). The other selection to come is
+    "every owned row" (dense MLA: no indexer)."""
+
+    def __init__(self, config: AttentionConfig):
+        self.config = config
+
+    def select(self, index_q: Tensor, index_w: Tensor, mask: Tensor | None, state: LayerCacheState,
+               at: StepPositions) -> tuple[Tensor, Tensor]:
+        c, layout = self.config, self.config.layout
+        batch, steps = index_q.shape[:2]
+        allowed = allowed_keys(mask, at.keys, at.new, batch)
+        scores = torch.ops.dcp.indexer_scores(index_q, index_w, state.index_pool, at.key_slots, allowed, c.index_scale)
+        seq_index = torch.arange(batch, device=scores.device).repeat_interleave(steps)
+        return distributed_topk(
+            scores.reshape(batch * steps, -1), at.keys, seq_index, state.block_table, c.topk,
+            c.rank, layout.world, layout.interleave, layout.page_size, c.group_name,
+        )
+
+
 class DCPSparseMLA(nn.Module):
-    def __init__(self, spec: DCPAttentionSpec):
+    def __init__(self, config: AttentionConfig):
         super().__init__()
-        self.spec = spec
+        self.config = config
+        self.selection = IndexerTopK(config)
 
     def extra_repr(self) -> str:
-        s = self.spec
+        c = self.config
         return (
-            f"heads={s.heads}, latent={s.latent_dim}+{s.rope_dim}, topk={s.topk}, dcp_rank={s.rank}/"
-            f"{s.layout.world}, interleave={s.layout.interleave}, page_size={s.layout.page_size}"
+            f"heads={c.heads}, latent={c.latent_dim}+{c.rope_dim}, topk={c.topk}, dcp_rank={c.rank}/"
+            f"{c.layout.world}, interleave={c.layout.interleave}, page_size={c.layout.page_size}"
         )
 
     def forward(
         self,
+        *,
         q_nope: Tensor,  # [B, H, S, nope]
         q_rope: Tensor,  # [B, H, S, rope]  (rotary already applied)
         latent_new: Tensor,  # [B, 1, S, d_c]  (normalised)
@@ -74,48 +124,50 @@ class DCPSparseMLA(nn.Module):
         latent_pool: Tensor,
         index_pool: Tensor,
         block_table: Tensor,
-        past: int,
+        past_length: int,
     ) -> Tensor:
-        s, layout = self.spec, self.spec.layout
         batch, heads, steps, _ = q_nope.shape
-        dev = q_nope.device
-        total = past + steps
+        state = LayerCacheState(latent_pool, index_pool, block_table, past_length)
+        at = StepPositions.of(self.config.layout, self.config.rank, block_table, past_length, steps, batch)
+        self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
+        slots, counts = self.selection.select(index_q, index_w, mask, state, at)
+        q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
+        o_lat = self.attend(q, state.latent_pool, slots, counts)
+        return self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
 
-        # 1. Owner-only paged writes of this step's rows (design §4.1).
-        new_pos = torch.arange(steps, device=dev) + past
-        new_slots = layout.slot(block_table, layout.local_index(new_pos).expand(batch, steps))
-        new_slots = torch.where(layout.owner(new_pos) == s.rank, new_slots, -1).reshape(-1)
+    def write_new_rows(self, latent_new: Tensor, rope_new: Tensor, index_key_new: Tensor | None,
+                       state: LayerCacheState, at: StepPositions) -> None:
+        """§4.1: this rank writes the rows of the step's positions it owns (others get slot -1: skipped)."""
+        layout, batch, steps = self.config.layout, latent_new.shape[0], at.new.shape[0]
+        slots = layout.slot(state.block_table, layout.local_index(at.new).expand(batch, steps))
+        slots = torch.where(layout.owner(at.new) == self.config.rank, slots, -1).reshape(-1)
         rows = torch.cat([latent_new[:, 0], rope_new[:, 0]], dim=-1).reshape(batch * steps, -1)
-        torch.ops.dcp.paged_write(latent_pool, rows, new_slots)
-        torch.ops.dcp.paged_write(index_pool, index_key_new.reshape(batch * steps, -1), new_slots)
+        torch.ops.dcp.paged_write(state.latent_pool, rows, slots)
+        if index_key_new is not None:
+            torch.ops.dcp.paged_write(state.index_pool, index_key_new.reshape(batch * steps, -1), slots)
 
-        # 2. Exact distributed top-k of the indexer over this rank's own keys (design §4.2-3).
-        local = torch.arange(layout.local_bound(total), device=dev)
-        key_pos = layout.global_position(local, s.rank)
-        key_slots = layout.slot(block_table, local.expand(batch, -1))
-        key_slots = torch.where(key_pos < total, key_slots, -1).to(torch.int32)
-        allowed = allowed_keys(mask, key_pos, new_pos, batch)
-        scores = torch.ops.dcp.indexer_scores(index_q, index_w, index_pool, key_slots, allowed, s.index_scale)
-        seq_index = torch.arange(batch, device=dev).repeat_interleave(steps)
-        slots, counts = distributed_topk(
-            scores.reshape(batch * steps, -1), key_pos, seq_index, block_table, s.topk,
-            s.rank, layout.world, layout.interleave, layout.page_size, s.group_name,
-        )
-
-        # 3. Absorbed queries (design §2): q_lat = q_nope · W_UK, one 576-style row per head.
-        w_kv = kv_b_weight.view(heads, s.nope_dim + s.v_dim, s.latent_dim)
-        w_uk, w_uv = w_kv[:, : s.nope_dim], w_kv[:, s.nope_dim :]
+    def absorb_queries(self, q_nope: Tensor, q_rope: Tensor, kv_b_weight: Tensor) -> Tensor:
+        """§2: q_lat = q_nope · W_UK per head, next to q_rope: [B·S, H, d_c + rope]."""
+        c = self.config
+        batch, heads, steps, _ = q_nope.shape
+        w_uk = kv_b_weight.view(heads, c.nope_dim + c.v_dim, c.latent_dim)[:, : c.nope_dim]
         q_lat = torch.einsum("bhsn,hnc->bshc", q_nope, w_uk)
-        q = torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(batch * steps, heads, -1)
+        return torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(batch * steps, heads, -1)
 
-        # 4-6. All-gather heads, attention over owned rows, LSE merge back to this rank's heads.
-        q = all_gather_heads(q, s.group_name, layout.world)
-        out, lse = torch.ops.dcp.sparse_mla_attn(q, latent_pool, slots, counts, s.attn_scale, s.latent_dim)
-        o_lat = lse_merge(out, lse, s.group_name, layout.world).to(q.dtype)
+    def attend(self, q: Tensor, latent_pool: Tensor, slots: Tensor, counts: Tensor) -> Tensor:
+        """§4.4-4.6: gather every rank's heads, attend over this rank's selected rows, merge by LSE back to
+        this rank's heads: [T, H, d_c] in the query's dtype."""
+        c, world = self.config, self.config.layout.world
+        q_all = all_gather_heads(q, c.group_name, world)
+        out, lse = torch.ops.dcp.sparse_mla_attn(q_all, latent_pool, slots, counts, c.attn_scale, c.latent_dim)
+        return lse_merge(out, lse, c.group_name, world).to(q.dtype)
 
-        # 7. Back to per-head values: o_h = o_lat_h · W_UV_hᵀ, in HF's [B, S, H·v] layout.
-        o = torch.einsum("thc,hvc->thv", o_lat, w_uv)
-        return o.reshape(batch, steps, heads * s.v_dim)
+    def values_out(self, o_lat: Tensor, kv_b_weight: Tensor) -> Tensor:
+        """§4.7: o_h = o_lat_h · W_UV_hᵀ: [T, H, v]."""
+        c = self.config
+        heads = o_lat.shape[1]
+        w_uv = kv_b_weight.view(heads, c.nope_dim + c.v_dim, c.latent_dim)[:, c.nope_dim :]
+        return torch.einsum("thc,hvc->thv", o_lat, w_uv)
 
 
 def tp_all_reduce(x: Tensor, group_name: str) -> Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from .contract import LayerCacheState
 from .layout import DCPLayout
 
 
@@ -21,14 +22,25 @@ class CachePoolExhausted(RuntimeError):
 
 
 @dataclass(frozen=True)
-class CacheSpec:
-    """What the pass learned about the layers it rewrote: their cache indices and row widths."""
+class CacheFormat:
+    """The rows the rewritten layers cache: their cache indices, row widths and dtypes."""
 
     layer_ids: tuple[int, ...]
     latent_dim: int  # d_c + d_rope
-    index_dim: int  # d_idx
+    index_dim: int | None  # d_idx; None: no indexer, no index pool
     dtype: torch.dtype
-    index_dtype: torch.dtype
+    index_dtype: torch.dtype | None
+
+    @staticmethod
+    def of(layers) -> "CacheFormat":
+        """Read off the probed layers (``capture.LayerCall``: the rows each gave to the cache)."""
+        first = layers[0]
+        return CacheFormat(
+            layer_ids=tuple(layer.layer_idx for layer in layers),
+            latent_dim=first.key_rows.shape[-1] + first.value_rows.shape[-1], dtype=first.key_rows.dtype,
+            index_dim=first.index_rows.shape[-1] if first.index_rows is not None else None,
+            index_dtype=first.index_rows.dtype if first.index_rows is not None else None,
+        )
 
 
 class PageAllocator:
@@ -61,7 +73,7 @@ class ShardedPagedCache(Cache):
 
     def __init__(
         self,
-        spec: CacheSpec,
+        fmt: CacheFormat,
         layout: DCPLayout,
         rank: int,
         num_pages: int,
@@ -71,13 +83,16 @@ class ShardedPagedCache(Cache):
         super().__init__(layers=[])
         if not 0 <= rank < layout.world:
             raise ValueError(f"rank {rank} is outside the DCP group of size {layout.world}")
-        self.spec, self.layout, self.rank = spec, layout, rank
+        self.format, self.layout, self.rank = fmt, layout, rank
         self.device = torch.device(device)
         self.allocator = PageAllocator(num_pages)
         rows = num_pages * layout.page_size
-        self.latent = {i: torch.zeros(rows, spec.latent_dim, dtype=spec.dtype, device=self.device) for i in spec.layer_ids}
-        self.index_keys = {i: torch.zeros(rows, spec.index_dim, dtype=spec.index_dtype, device=self.device) for i in spec.layer_ids}
-        self._last_layer = max(spec.layer_ids)
+        self.latent = {i: torch.zeros(rows, fmt.latent_dim, dtype=fmt.dtype, device=self.device) for i in fmt.layer_ids}
+        self.index_keys = {}  # none for a model without an indexer
+        if fmt.index_dim is not None:
+            self.index_keys = {i: torch.zeros(rows, fmt.index_dim, dtype=fmt.index_dtype, device=self.device)
+                               for i in fmt.layer_ids}
+        self._last_layer = max(fmt.layer_ids)
         self.seq_length = 0
         self.capacity = 0  # positions per sequence with pages reserved
         self.made_for_one_call = False  # made by a forward that was given no cache (see hf_integration)
@@ -137,15 +152,15 @@ class ShardedPagedCache(Cache):
         self.capacity = 0
 
     # -- the decode step ------------------------------------------------------------------------------------------
-    def layer_state(self, layer_idx: int, num_new: int):
-        """(latent pool, index pool, block table, past length) for one DCP layer's step."""
+    def layer_state(self, layer_idx: int, num_new: int) -> LayerCacheState:
+        """What one DCP layer's step reads (``contract.LayerCacheState``)."""
         past = self.seq_length
         if past + num_new > self.capacity:
             raise CachePoolExhausted(
                 f"step writes positions {past}..{past + num_new - 1} but only {self.capacity} positions per "
                 f"sequence are reserved; call reserve() or generate() so the cache is sized for the request"
             )
-        return self.latent[layer_idx], self.index_keys[layer_idx], self.block_table, past
+        return LayerCacheState(self.latent[layer_idx], self.index_keys.get(layer_idx), self.block_table, past)
 
     def advance(self, layer_idx: int, num_new: int) -> None:
         """Called by each DCP layer after its step; the last layer moves the sequence length on."""
@@ -180,15 +195,15 @@ class ShardedPagedCache(Cache):
     # per layer in HF; here every layer is the same kind: full attention, not linear/sliding, croppable.
     @property
     def is_linear(self) -> list[bool]:
-        return [False] * len(self.spec.layer_ids)
+        return [False] * len(self.format.layer_ids)
 
     @property
     def is_sliding(self) -> list[bool]:
-        return [False] * len(self.spec.layer_ids)
+        return [False] * len(self.format.layer_ids)
 
     @property
     def is_dummy(self) -> list[bool]:
-        return [False] * len(self.spec.layer_ids)
+        return [False] * len(self.format.layer_ids)
 
     @property
     def is_croppable(self) -> bool:
@@ -221,6 +236,6 @@ class ShardedPagedCache(Cache):
 
     def __repr__(self) -> str:
         return (
-            f"ShardedPagedCache(rank={self.rank}, {self.layout}, layers={len(self.spec.layer_ids)}, "
+            f"ShardedPagedCache(rank={self.rank}, {self.layout}, layers={len(self.format.layer_ids)}, "
             f"pages={self.used_pages()}/{self.allocator.num_pages}, seq_length={self.seq_length})"
         )

@@ -18,7 +18,7 @@ the cache and where the full cache is read back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache
+
+from .contract import InputKind, label, placeholders
 
 # --- the cache-boundary ops seen in captured graphs ---------------------------------------------------------------
 
@@ -79,7 +81,7 @@ PROBES = ((2, 5, 3), (3, 6, 4))
 
 
 @dataclass
-class TensorSpec:
+class ProbedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
@@ -94,11 +96,11 @@ class LayerCall:
     module: nn.Module
     layer_idx: int  # the cache index it updates
     arg_names: tuple[str, ...]  # forward's positional parameter names
-    call: Any  # (args, kwargs) with tensors replaced by TensorSpec and the cache by CACHE
-    key_spec: TensorSpec | None = None  # the new rows given to cache.update
-    value_spec: TensorSpec | None = None
-    index_spec: TensorSpec | None = None  # the new rows given to cache.update_indexer
-    indexer_module: str | None = None
+    call: Any  # (args, kwargs) with tensors replaced by ProbedTensor and the cache by CACHE
+    key_rows: ProbedTensor | None = None  # the new rows given to cache.update
+    value_rows: ProbedTensor | None = None
+    index_rows: ProbedTensor | None = None  # the new rows given to cache.update_indexer
+    indexer_module: str | None = None  # the module that called cache.update_indexer (named in errors)
 
 
 class _CacheSlot:
@@ -111,8 +113,8 @@ class _CacheSlot:
 CACHE = _CacheSlot()
 
 
-def _spec(t: torch.Tensor) -> TensorSpec:
-    return TensorSpec(tuple(t.shape), t.dtype, t.device)
+def _probed(t: torch.Tensor) -> ProbedTensor:
+    return ProbedTensor(tuple(t.shape), t.dtype, t.device)
 
 
 class _ProbeCache(DynamicCache):
@@ -121,11 +123,11 @@ class _ProbeCache(DynamicCache):
         self.stack, self.updates, self.index_updates = stack, [], []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.updates.append((self.stack[-1] if self.stack else None, layer_idx, _spec(key_states), _spec(value_states)))
+        self.updates.append((self.stack[-1] if self.stack else None, layer_idx, _probed(key_states), _probed(value_states)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def update_indexer(self, key_states, layer_idx):
-        self.index_updates.append((list(self.stack), layer_idx, _spec(key_states)))
+        self.index_updates.append((list(self.stack), layer_idx, _probed(key_states)))
         return super().update_indexer(key_states, layer_idx)
 
 
@@ -164,7 +166,7 @@ def _run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=_Pr
 
 def _record(value, cache):
     if isinstance(value, torch.Tensor):
-        return _spec(value)
+        return _probed(value)
     if value is cache:
         return CACHE
     return value
@@ -187,16 +189,14 @@ def probe_layers(model: nn.Module) -> list[LayerCall]:
             if probe_i == 0:
                 params = [p.name for p in inspect.signature(mod.forward).parameters.values()
                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                layers.append(LayerCall(
-                    names[mod], mod, layer_idx, tuple(params), call, kspec, vspec,
-                    index[0][2] if index else None, names[index[0][0][-1]] if index else None,
-                ))
+                layers.append(LayerCall(names[mod], mod, layer_idx, tuple(params), call, kspec, vspec,
+                                        index[0][2] if index else None, names[index[0][0][-1]] if index else None))
             else:
                 _assign_roles(layers[j], call, kspec, vspec, index[0][2] if index else None)
     return layers
 
 
-def _roles(a: TensorSpec, b: TensorSpec, where: str) -> tuple[str | None, ...]:
+def _roles(a: ProbedTensor, b: ProbedTensor, where: str) -> tuple[str | None, ...]:
     (b0, p0, s0), (b1, p1, s1) = PROBES
     table = {(b0, b1): BATCH, (s0, s1): STEP, (p0 + s0, p1 + s1): TOTAL}
     roles = []
@@ -211,14 +211,14 @@ def _roles(a: TensorSpec, b: TensorSpec, where: str) -> tuple[str | None, ...]:
 
 
 def _assign_roles(layer: LayerCall, call, kspec, vspec, ispec) -> None:
-    first = pytree.tree_leaves(layer.call, is_leaf=lambda v: isinstance(v, TensorSpec))
-    second = pytree.tree_leaves(call, is_leaf=lambda v: isinstance(v, TensorSpec))
+    first = pytree.tree_leaves(layer.call, is_leaf=lambda v: isinstance(v, ProbedTensor))
+    second = pytree.tree_leaves(call, is_leaf=lambda v: isinstance(v, ProbedTensor))
     if len(first) != len(second):
         raise CaptureError(f"layer {layer.name} was called differently by the two probes")
     for a, b in zip(first, second):
-        if isinstance(a, TensorSpec):
+        if isinstance(a, ProbedTensor):
             a.roles = _roles(a, b, f"layer {layer.name} input")
-    for a, b in ((layer.key_spec, kspec), (layer.value_spec, vspec), (layer.index_spec, ispec)):
+    for a, b in ((layer.key_rows, kspec), (layer.value_rows, vspec), (layer.index_rows, ispec)):
         if a is not None:
             a.roles = _roles(a, b, f"layer {layer.name} cache row")
 
@@ -226,37 +226,93 @@ def _assign_roles(layer: LayerCall, call, kspec, vspec, ispec) -> None:
 # --- tracing one layer ------------------------------------------------------------------------------------------------
 @dataclass
 class CapturedLayer:
+    """One attention layer as a flat FX graph whose placeholders are labelled (``contract.GraphInput``), with
+    what the installer needs to call it like the original layer."""
+
     graph_module: torch.fx.GraphModule
-    param_names: list[str]  # placeholder i (i < len) is this parameter of the layer
-    input_paths: list[tuple]  # the layer-call tensors fed to the next placeholders, as pytree key paths
-    out_spec: Any  # pytree spec of the layer's output
-    past_len: int  # the past length the trace used (> the indexer's top-k)
-    extra: dict = field(default_factory=dict)
+    out_tree: Any  # pytree structure of the layer's output
+    past_len: int  # the past length the trace used (> every top-k size)
+    cache_path: tuple  # where the cache is in the layer's (args, kwargs)
+    step_path: tuple  # an input with a query-token dimension, and that dimension
+    step_dim: int
+    mask: torch.fx.Node | None  # the placeholder of the attention mask (the input with a total-length dim)
+
+    def params(self) -> set[torch.fx.Node]:
+        return set(placeholders(self.graph_module, InputKind.PARAM)) | set(placeholders(self.graph_module, InputKind.BUFFER))
 
 
 def _key_path(path) -> tuple:
     return tuple(getattr(k, "idx", getattr(k, "key", None)) for k in path)
 
 
-def get_path(tree, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
+def _leaves(layer: LayerCall):
+    return pytree.tree_flatten_with_path(layer.call, is_leaf=lambda v: isinstance(v, (ProbedTensor, _CacheSlot)))
 
 
-def _dims_for(spec: TensorSpec, sizes: dict[str, int]) -> list[int]:
+def _dims_for(spec: ProbedTensor, sizes: dict[str, int]) -> list[int]:
     return [sizes[r] if r else s for s, r in zip(spec.shape, spec.roles)]
 
 
-def trace_layer(layer: LayerCall, past_len: int) -> CapturedLayer:
-    """Trace ``layer`` with symbolic batch/step/past at sizes (2, 3, past_len)."""
+# The trace's past length must exceed every top-k size in the layer (HF takes min(topk, length): a shorter
+# trace would record the length, not the constant). It starts odd and unlike the other traced sizes (batch 2,
+# step 3) so no two symbolic sizes are unified, and grows until every top-k size is a constant.
+FIRST_PAST_LEN = 61
+MAX_PAST_LEN = 1 << 22
+
+
+def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedLayer:
+    """Trace ``layer`` (growing the past length as needed) into a flat, labelled ``CapturedLayer``."""
+    while True:
+        gm, out_tree = trace_layer(layer, past_len)
+        topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
+        if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
+            break
+        past_len = past_len * 4 + 3
+    _flat_codegen(gm)
+    _label_placeholders(layer, gm)
+    leaves, _ = _leaves(layer)
+    cache_path = next(_key_path(p) for p, v in leaves if isinstance(v, _CacheSlot))
+    step = next(((_key_path(p), v.roles.index(STEP)) for p, v in leaves if isinstance(v, ProbedTensor) and STEP in v.roles), None)
+    if step is None:
+        raise CaptureError(f"layer {layer.name}: no input has a query-token dimension")
+    inputs = placeholders(gm, InputKind.INPUT)
+    specs = [v for _, v in leaves if isinstance(v, ProbedTensor)]
+    masks = [node for node, spec in zip(inputs, specs) if TOTAL in spec.roles]
+    return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None)
+
+
+def _flat_codegen(gm: torch.fx.GraphModule) -> None:
+    """make_fx wraps inputs/outputs in pytrees; the installer calls the graph with a flat argument list."""
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if not isinstance(out.args[0], (list, tuple)):
+        out.args = ([out.args[0]],)
+    gm.recompile()
+
+
+def _label_placeholders(layer: LayerCall, gm: torch.fx.GraphModule) -> None:
+    """Placeholders come in trace order: parameters, buffers, the call's tensors, then the past cache rows."""
+    params = [n for n, _ in layer.module.named_parameters()]
+    buffers = [n for n, _ in layer.module.named_buffers()]
+    leaves, _ = _leaves(layer)
+    inputs = [_key_path(p) for p, v in leaves if isinstance(v, ProbedTensor)]
+    labels = [(InputKind.PARAM, n) for n in params] + [(InputKind.BUFFER, n) for n in buffers]
+    labels += [(InputKind.INPUT, path) for path in inputs]
+    nodes = placeholders(gm)
+    labels += [(InputKind.PAST, i) for i in range(len(nodes) - len(labels))]
+    for node, (kind, what) in zip(nodes, labels):
+        label(node, kind, what)
+
+
+def trace_layer(layer: LayerCall, past_len: int):
+    """make_fx of ``layer`` with symbolic batch/step/past at sizes (2, 3, past_len): (graph, output tree)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     sizes = {BATCH: 2, STEP: 3, TOTAL: past_len + 3}
     mode = FakeTensorMode(shape_env=ShapeEnv())
 
-    def fake(spec: TensorSpec, sizes=sizes, past=False):
+    def fake(spec: ProbedTensor, sizes=sizes, past=False):
         shape = _dims_for(spec, sizes)
         dyn = [DimDynamic.DUCK if r else DimDynamic.STATIC for r in spec.roles]
         if past:  # the past rows: the step dim becomes the past length
@@ -271,32 +327,30 @@ def trace_layer(layer: LayerCall, past_len: int) -> CapturedLayer:
     param_names = [n for n, _ in named]
     params = [static(t) for _, t in named]
 
-    leaves, spec = pytree.tree_flatten_with_path(layer.call, is_leaf=lambda v: isinstance(v, (TensorSpec, _CacheSlot)))
-    input_paths = [_key_path(p) for p, v in leaves if isinstance(v, TensorSpec)]
-    inputs = [fake(v) for _, v in leaves if isinstance(v, TensorSpec)]
+    leaves, call_tree = _leaves(layer)
+    inputs = [fake(v) for _, v in leaves if isinstance(v, ProbedTensor)]
 
-    def step_dim(s: TensorSpec) -> int:
+    def step_dim(s: ProbedTensor) -> int:
         if STEP not in s.roles:
             raise CaptureError(f"layer {layer.name}: a cache row has no step dimension: {s}")
         return s.roles.index(STEP)
 
-    pasts = [fake(layer.key_spec, past=True), fake(layer.value_spec, past=True)]
-    pasts.append(fake(layer.index_spec, past=True) if layer.index_spec is not None else None)
-    dims = (step_dim(layer.key_spec), step_dim(layer.value_spec),
-            step_dim(layer.index_spec) if layer.index_spec is not None else None)
+    pasts = [fake(layer.key_rows, past=True), fake(layer.value_rows, past=True)]
+    pasts.append(fake(layer.index_rows, past=True) if layer.index_rows is not None else None)
+    dims = (step_dim(layer.key_rows), step_dim(layer.value_rows),
+            step_dim(layer.index_rows) if layer.index_rows is not None else None)
     module = layer.module
     out_holder = {}
 
     def run(params, inputs, past_key, past_value, past_index):
         it = iter(inputs)
         cache = CaptureCache(past_key, past_value, past_index, dims)
-        values = [next(it) if isinstance(v, TensorSpec) else (cache if isinstance(v, _CacheSlot) else v) for _, v in leaves]
-        args, kwargs = pytree.tree_unflatten(values, spec)
+        values = [next(it) if isinstance(v, ProbedTensor) else (cache if isinstance(v, _CacheSlot) else v) for _, v in leaves]
+        args, kwargs = pytree.tree_unflatten(values, call_tree)
         out = torch.func.functional_call(module, dict(zip(param_names, params)), tuple(args), kwargs)
-        flat, out_holder["spec"] = pytree.tree_flatten(out)
+        flat, out_holder["tree"] = pytree.tree_flatten(out)
         return flat
 
     with mode:
         gm = make_fx(run, tracing_mode="symbolic", pre_dispatch=True)(params, inputs, *pasts)
-    return CapturedLayer(gm, param_names, input_paths, out_holder["spec"], past_len,
-                         extra={"num_params": len(params), "num_inputs": len(inputs)})
+    return gm, out_holder["tree"]

@@ -7,13 +7,13 @@ structure. It is plain Python over tensors, so eager runs it and Dynamo traces s
 """
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .cache import ShardedPagedCache
+from .capture import CapturedLayer
+from .contract import InputKind, graph_input, placeholders
 
 
 def _lookup(args: tuple, kwargs: dict, path: tuple, arg_names: tuple[str, ...]):
@@ -30,14 +30,14 @@ def _lookup(args: tuple, kwargs: dict, path: tuple, arg_names: tuple[str, ...]):
 
 
 class DCPLayerForward:
-    """The forward of one rewritten attention layer."""
+    """The forward of one rewritten attention layer: called like the original, it feeds each placeholder of the
+    graph what its ``GraphInput`` names (``contract.py``)."""
 
-    def __init__(self, module: nn.Module, gm: GraphModule, layer_idx: int, arg_names: tuple[str, ...],
-                 cache_path: tuple, step_path: tuple, step_dim: int, out_spec: Any):
-        self.module, self.gm, self.layer_idx = module, gm, layer_idx
-        self.arg_names, self.cache_path, self.step_path, self.step_dim = arg_names, cache_path, step_path, step_dim
-        self.out_spec = out_spec
-        self.inputs = [n.meta["dcp_input"] for n in gm.graph.nodes if n.op == "placeholder"]
+    def __init__(self, module: nn.Module, captured: CapturedLayer, layer_idx: int, arg_names: tuple[str, ...]):
+        self.module, self.gm, self.layer_idx, self.arg_names = module, captured.graph_module, layer_idx, arg_names
+        self.cache_path, self.step_path, self.step_dim = captured.cache_path, captured.step_path, captured.step_dim
+        self.out_tree = captured.out_tree
+        self.inputs = [graph_input(n) for n in placeholders(self.gm)]
 
     def __call__(self, *args, **kwargs):
         cache = _lookup(args, kwargs, self.cache_path, self.arg_names)
@@ -48,21 +48,20 @@ class DCPLayerForward:
                 f"{type(cache).__name__}"
             )
         steps = _lookup(args, kwargs, self.step_path, self.arg_names).shape[self.step_dim]
-        latent, index, table, past = cache.layer_state(self.layer_idx, steps)
-        state = {"latent_pool": latent, "index_pool": index, "block_table": table, "past_length": past}
+        state = cache.layer_state(self.layer_idx, steps)
         flat = []
-        for kind, what in self.inputs:
-            if kind == "param":
-                flat.append(self.module.get_parameter(what))
-            elif kind == "buffer":
-                flat.append(self.module.get_buffer(what))
-            elif kind == "input":
-                flat.append(_lookup(args, kwargs, what, self.arg_names))
+        for item in self.inputs:
+            if item.kind is InputKind.PARAM:
+                flat.append(self.module.get_parameter(item.what))
+            elif item.kind is InputKind.BUFFER:
+                flat.append(self.module.get_buffer(item.what))
+            elif item.kind is InputKind.INPUT:
+                flat.append(_lookup(args, kwargs, item.what, self.arg_names))
             else:
-                flat.append(state[what])
+                flat.append(getattr(state, item.what))
         out = self.gm(*flat)
         cache.advance(self.layer_idx, steps)
-        return pytree.tree_unflatten(list(out), self.out_spec)
+        return pytree.tree_unflatten(list(out), self.out_tree)
 
 
 def install(module: nn.Module, forward: DCPLayerForward) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from .capture import CapturedLayer
+
 aten = torch.ops.aten
 
 # Ops that move, cast or re-view a tensor without changing which values it holds.
@@ -32,7 +34,6 @@ TRANSPARENT = {
     aten.expand.default, aten.clone.default, aten.t.default, aten.permute.default, aten.alias.default,
     aten.dropout.default, aten.slice.Tensor, aten.select.int,
 }
-ATTENTION_CORES = (aten.matmul.default, aten.scaled_dot_product_attention.default)
 
 
 class MatchError(ValueError):
@@ -176,29 +177,10 @@ def match_kv_expansion(latent: LatentCacheMatch, params: set[Node], layer: str) 
     return KVExpansionMatch(linear, source(linear.args[1]), nope_dim, v_dim, values)
 
 
-def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
-    cores = [u for u in consumers(kv.values) if u.target in ATTENTION_CORES]
-    if not cores:
-        raise MatchError(
-            f"layer {layer}: no attention core (matmul/softmax or scaled_dot_product_attention) reads the expanded "
-            f"values; attention implementations other than 'eager' and 'sdpa' are not supported"
-        )
-    core = cores[0]
-    if core.target is aten.scaled_dot_product_attention.default:
-        query = source(core.args[0])
-        scale = core.kwargs.get("scale")
-        if scale is None:
-            scale = 1.0 / math.sqrt(query.meta["val"].shape[-1])
-    else:
-        query, scale = _eager_query_and_scale(core, layer)
-    if query.target is not aten.cat.default or len(query.args[0]) != 2:
-        raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
-    q_nope, q_rope = query.args[0]
-    projections = [u for u in consumers(core) if u.target is aten.linear.default]
-    if not projections:
-        raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
-    out_proj = projections[0]
-    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj)
+def _sdpa_query_and_scale(core: Node, layer: str) -> tuple[Node, float]:
+    query = source(core.args[0])
+    scale = core.kwargs.get("scale")
+    return query, (1.0 / math.sqrt(query.meta["val"].shape[-1]) if scale is None else scale)
 
 
 def _eager_query_and_scale(pv: Node, layer: str) -> tuple[Node, float]:
@@ -218,6 +200,33 @@ def _eager_query_and_scale(pv: Node, layer: str) -> tuple[Node, float]:
         else:
             raise MatchError(f"layer {layer}: cannot follow the attention scores through {node.target}")
     return source(node.args[0]), scale
+
+
+# The attention cores the match understands, keyed by the op that consumes the values: each gives the
+# attention's query and softmax scale. HF's "eager" core is matmul → softmax → matmul; "sdpa" is one op.
+ATTENTION_CORES = {
+    aten.matmul.default: _eager_query_and_scale,
+    aten.scaled_dot_product_attention.default: _sdpa_query_and_scale,
+}
+
+
+def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
+    cores = [u for u in consumers(kv.values) if u.target in ATTENTION_CORES]
+    if not cores:
+        raise MatchError(
+            f"layer {layer}: no attention core (matmul/softmax or scaled_dot_product_attention) reads the expanded "
+            f"values; attention implementations other than 'eager' and 'sdpa' are not supported"
+        )
+    core = cores[0]
+    query, scale = ATTENTION_CORES[core.target](core, layer)
+    if query.target is not aten.cat.default or len(query.args[0]) != 2:
+        raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
+    q_nope, q_rope = query.args[0]
+    projections = [u for u in consumers(core) if u.target is aten.linear.default]
+    if not projections:
+        raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
+    out_proj = projections[0]
+    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj)
 
 
 def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
@@ -303,8 +312,9 @@ def check_layouts(m: MLASparseAttentionMatch) -> None:
             )
 
 
-def match_layer(gm: GraphModule, num_params: int, mask: Node | None, layer: str) -> MLASparseAttentionMatch:
-    params = set(list(n for n in gm.graph.nodes if n.op == "placeholder")[:num_params])
+def match_layer(captured: CapturedLayer, layer: str) -> MLASparseAttentionMatch:
+    """Match one captured layer (raises ``MatchError`` naming the layer and the missing piece)."""
+    gm, params = captured.graph_module, captured.params()
     latent = match_latent_cache(gm, layer)
     kv = match_kv_expansion(latent, params, layer)
     att = match_attention(kv, layer)
@@ -312,6 +322,6 @@ def match_layer(gm: GraphModule, num_params: int, mask: Node | None, layer: str)
     qp = match_query_projection(att, params, layer)
     if source(att.out_proj.args[1]) not in params:
         raise MatchError(f"layer {layer}: the output projection's weight is not a parameter")
-    match = MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, mask)
+    match = MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, captured.mask)
     check_layouts(match)
     return match

@@ -1,31 +1,26 @@
-"""Graph passes over one captured attention layer, run in order by a ``PassManager``.
+"""Graph passes over one captured attention layer, run in order by a ``PassManager`` that lints the graph
+after each.
 
-Each pass is a small class with ``__call__(gm)`` and a ``uuid()`` that hashes its own source (so a cache of
-compiled artefacts keyed on the pass pipeline is invalidated when a pass changes), in the style of
-Inductor's ``CustomGraphPass``. Placeholders carry ``meta["dcp_input"]``: what the installer must feed
-them (("param", fqn), ("input", path), ("past", i) or ("state", name)).
+The passes read the layer's match but never change it: each finds what it rewrites in the match or in the
+graph as the earlier passes left it (PyTorch's ``micro_pipeline_tp`` style: find, then replace). The graph
+inputs they add follow the contract in ``contract.py``.
 """
 from __future__ import annotations
-
-import hashlib
-import inspect
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .attention import DCPAttentionSpec, DCPSparseMLA, tp_all_reduce
+from .attention import AttentionConfig, DCPSparseMLA, tp_all_reduce
+from .contract import STATE_FIELDS, InputKind, graph_input, label, placeholders
 from .match import MLASparseAttentionMatch
 
 aten = torch.ops.aten
-STATE_INPUTS = ("latent_pool", "index_pool", "block_table", "past_length")
+ATTENTION_MODULE = "dcp_attention"  # the inserted DCPSparseMLA's name in the layer graph
 
 
 class GraphPass:
     def __call__(self, gm: GraphModule) -> None:
         raise NotImplementedError
-
-    def uuid(self) -> str:
-        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -42,37 +37,36 @@ class PassManager:
         gm.recompile()
         return gm
 
-    def uuid(self) -> str:
-        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()
 
-
-def _last_placeholder(gm: GraphModule) -> Node:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+def attention_inputs(match: MLASparseAttentionMatch, state: dict[str, Node]) -> dict[str, Node | None]:
+    """The keyword arguments of ``DCPSparseMLA.forward``, as graph nodes: the one place they are named."""
+    m = match
+    return dict(
+        q_nope=m.attention.query_nope, q_rope=m.attention.query_rope,
+        latent_new=m.latent_cache.latent_new, rope_new=m.latent_cache.rope_new,
+        index_key_new=m.indexer.key_new, index_q=m.indexer.query, index_w=m.indexer.weights,
+        mask=m.mask, kv_b_weight=m.kv_expansion.weight, **state,
+    )
 
 
 class InsertDCPAttention(GraphPass):
     """Replace the layer's cache update, per-head expansion, indexer top-k and masked attention by one
     ``DCPSparseMLA`` call that reads the sharded paged cache; the output projection now reads its result."""
 
-    def __init__(self, match: MLASparseAttentionMatch, spec: DCPAttentionSpec):
-        self.match, self.spec = match, spec
+    def __init__(self, match: MLASparseAttentionMatch, config: AttentionConfig):
+        self.match, self.config = match, config
 
     def __call__(self, gm: GraphModule) -> None:
         m, g = self.match, gm.graph
-        with g.inserting_after(_last_placeholder(gm)):
-            state = []
-            for name in reversed(STATE_INPUTS):
-                ph = g.placeholder(name)
-                ph.meta["dcp_input"] = ("state", name)
-                state.insert(0, ph)
-        gm.add_submodule("dcp_attention", DCPSparseMLA(self.spec))
+        state = {}
+        with g.inserting_after(placeholders(gm)[-1]):  # each insert lands right after the last placeholder
+            for name in reversed(STATE_FIELDS):
+                state[name] = g.placeholder(name)
+                label(state[name], InputKind.STATE, name)
+        state = {name: state[name] for name in STATE_FIELDS}
+        gm.add_submodule(ATTENTION_MODULE, DCPSparseMLA(self.config))
         with g.inserting_before(m.attention.out_proj):
-            call = g.call_module("dcp_attention", args=(
-                m.attention.query_nope, m.attention.query_rope,
-                m.latent_cache.latent_new, m.latent_cache.rope_new,
-                m.indexer.key_new, m.indexer.query, m.indexer.weights,
-                m.mask, m.kv_expansion.weight, *state,
-            ))
+            call = g.call_module(ATTENTION_MODULE, kwargs=attention_inputs(m, state))
         m.attention.out_proj.replace_input_with(m.attention.output, call)
 
 
@@ -96,18 +90,16 @@ class RowParallelOutputProjection(GraphPass):
                     result = g.call_function(aten.add.Tensor, (summed, bias))
         proj.replace_all_uses_with(result)
         g.erase_node(proj)
-        self.match.attention.out_proj = partial
 
 
 class KeepLayerOutputOnly(GraphPass):
-    """Outputs other than the layer output (e.g. eager attention probabilities) no longer exist: None."""
-
-    def __init__(self, match: MLASparseAttentionMatch):
-        self.match = match
+    """Outputs that do not come from the DCP attention (e.g. eager attention probabilities) no longer exist:
+    they become None."""
 
     def __call__(self, gm: GraphModule) -> None:
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        downstream = _descendants(self.match.attention.out_proj)
+        attention = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == ATTENTION_MODULE)
+        downstream = _descendants(attention)
         leaves = [v if isinstance(v, Node) and v in downstream else None for v in out.args[0]]
         out.args = (leaves,)
 
@@ -169,29 +161,23 @@ class DropUnusedInputs(GraphPass):
 
     def __call__(self, gm: GraphModule) -> None:
         for n in list(gm.graph.nodes):
-            if n.op == "placeholder" and not n.users and n.meta.get("dcp_input", ("",))[0] != "state":
+            if n.op == "placeholder" and not n.users and graph_input(n).kind is not InputKind.STATE:
                 gm.graph.erase_node(n)
 
 
-def flat_codegen(gm: GraphModule) -> None:
-    """make_fx wraps inputs/outputs in pytrees; the installer calls the graph with a flat argument list."""
-    gm.graph._codegen = torch.fx.graph.CodeGen()
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    if not isinstance(out.args[0], (list, tuple)):
-        out.args = ([out.args[0]],)
-
-
-def dcp_passes(match: MLASparseAttentionMatch, spec: DCPAttentionSpec, tp_group: str | None) -> PassManager:
-    passes: list[GraphPass] = [InsertDCPAttention(match, spec)]
+def dcp_passes(match: MLASparseAttentionMatch, config: AttentionConfig, tp_group: str | None) -> PassManager:
+    """The rewrite of one layer, in order: insert the DCP attention, make the output projection row-parallel
+    (when heads are sharded), drop outputs and code that no longer exist, drop unused inputs."""
+    passes: list[GraphPass] = [InsertDCPAttention(match, config)]
     if tp_group:
         passes.append(RowParallelOutputProjection(match, tp_group))
-    passes += [KeepLayerOutputOnly(match), EliminateDeadCode(), DropUnusedInputs()]
+    passes += [KeepLayerOutputOnly(), EliminateDeadCode(), DropUnusedInputs()]
     return PassManager(passes)
 
 
 __all__ = [
     "GraphPass", "PassManager", "InsertDCPAttention", "RowParallelOutputProjection", "KeepLayerOutputOnly",
-    "EliminateDeadCode", "DropUnusedInputs", "dcp_passes", "flat_codegen", "readable",
+    "EliminateDeadCode", "DropUnusedInputs", "dcp_passes", "attention_inputs", "readable",
 ]
 
 
@@ -215,8 +201,7 @@ def readable(gm: GraphModule) -> str:
     lines = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            kind, what = n.meta.get("dcp_input", ("input", "?"))
-            lines.append(f"{n.name} <- {kind} {'.'.join(map(str, what)) if isinstance(what, tuple) else what}")
+            lines.append(f"{n.name} <- {graph_input(n)}")
         elif n.op == "output":
             lines.append(f"return {fmt(n.args[0])}")
         else:

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from .capture import BATCH, STEP, TensorSpec, _ProbeCache, _run_probe
+from .capture import BATCH, STEP, ProbedTensor, _ProbeCache, _run_probe
 
 _TRACEABLE = {"update", "update_indexer"}  # what CaptureCache stands in for
 
@@ -155,7 +155,7 @@ def check_layers(model: nn.Module, layers: list) -> None:
         if extra:
             indexer = model.get_submodule(layer.indexer_module) if layer.indexer_module else None
             problems.append((f"layer {layer.name}", _own_cache_state(layer, sub, extra, indexer)))
-        elif layer.index_spec is None:
+        elif layer.index_rows is None:
             problems.append((f"layer {layer.name}", _no_indexer(layer)))
     # Any other module using the cache that is not the model around the layers (its cache bookkeeping, e.g.
     # get_seq_length) keeps state of its own there.
@@ -210,7 +210,7 @@ def _own_cache_state(layer, sub: dict, extra: dict, indexer: nn.Module | None) -
 
 def _no_indexer(layer) -> str:
     handed = [f"`{k}`" for k, v in (layer.call[1] or {}).items()
-              if isinstance(v, TensorSpec) and not v.dtype.is_floating_point and v.dtype != torch.bool
+              if isinstance(v, ProbedTensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
               and len(v.shape) >= 3 and BATCH in v.roles and STEP in v.roles]
     if handed:
         return (f"has no DeepSeek Sparse Attention indexer of its own: it is handed another layer's top-k selection "

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers.cache_utils import Cache
 
-from dcp_compile.cache import CachePoolExhausted, CacheSpec, PageAllocator, ShardedPagedCache
+from dcp_compile.cache import CachePoolExhausted, CacheFormat, PageAllocator, ShardedPagedCache
 from dcp_compile.layout import DCPLayout
 
 LATENT, INDEX = 12, 8
 
 
 def make_spec(layers=(0,), dtype=torch.bfloat16, index_dtype=torch.float32):
-    return CacheSpec(tuple(layers), LATENT, INDEX, dtype, index_dtype)
+    return CacheFormat(tuple(layers), LATENT, INDEX, dtype, index_dtype)
 
 
 def make_cache(world=2, interleave=1, page_size=4, rank=0, num_pages=16, batch=2, layers=(0,), **kw):
@@ -129,8 +129,8 @@ def test_exhausted_pool_raises_and_stays_consistent():
     # A following smaller request works: 2 sequences of 24 tokens = 3 pages each.
     cache.start_request(2, 24)
     assert cache.used_pages() == 6 and cache.capacity == 24
-    latent, index, table, past = cache.layer_state(0, 24)
-    assert past == 0 and table is cache.block_table
+    state = cache.layer_state(0, 24)
+    assert state.past_length == 0 and state.block_table is cache.block_table
 
 
 def test_exhausted_growth_leaves_cache_unchanged():
@@ -211,19 +211,19 @@ def test_layer_state_advance_and_capacity():
     cache = make_cache(world=2, page_size=4, rank=0, num_pages=10, batch=2, layers=(0, 2))
     cache.start_request(2, 10)
     for layer in (0, 2):
-        latent, index, table, past = cache.layer_state(layer, 7)
-        assert latent is cache.latent[layer] and index is cache.index_keys[layer] and past == 0
+        state = cache.layer_state(layer, 7)
+        assert state.latent_pool is cache.latent[layer] and state.index_pool is cache.index_keys[layer]
+        assert state.past_length == 0
         cache.advance(layer, 7)
     assert cache.get_seq_length() == 7  # only the last layer moves the length on
     assert cache.get_mask_sizes(3) == (10, 0)
     assert cache.get_mask_sizes(1, layer_idx=2) == (8, 0)
-    _, _, _, past = cache.layer_state(0, 3)
-    assert past == 7
+    assert cache.layer_state(0, 3).past_length == 7
     with pytest.raises(CachePoolExhausted) as info:
         cache.layer_state(0, 4)  # positions 7..10 but only 10 reserved
     assert "reserve" in str(info.value)
     cache.reserve(11)
-    assert cache.layer_state(2, 4)[3] == 7
+    assert cache.layer_state(2, 4).past_length == 7
 
 
 def test_crop():
@@ -236,7 +236,7 @@ def test_crop():
     cache.crop(-5)
     assert cache.get_seq_length() == 7
     assert cache.get_mask_sizes(2) == (9, 0)
-    assert cache.layer_state(0, 1)[3] == 7
+    assert cache.layer_state(0, 1).past_length == 7
     with pytest.raises(ValueError):
         cache.crop(3)  # transformers 5.x: only a negative number of tokens to remove
     cache.crop(-100)

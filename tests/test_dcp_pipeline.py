@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from dcp_compile.layout import DCPLayout
+from dcp_compile.attention import AttentionConfig, DCPSparseMLA, StepPositions
+from dcp_compile.contract import LayerCacheState
 from dcp_compile.ops import all_gather_heads, distributed_topk, lse_merge
 from dcp_compile.testing import run_ranks
 
@@ -72,13 +74,6 @@ def make_inputs(cfg, world, seed):
     x["pad"][1, :PAD] = True
     x["target"] = target
     return x
-
-
-def allowed_mask(x, query_pos, key_pos):
-    """[B, S, L]: causal and not padding."""
-    causal = key_pos[None, None, :] <= query_pos[None, :, None]
-    not_pad = ~x["pad"][:, key_pos.clamp(min=0, max=x["pad"].shape[1] - 1)]  # [B, L]
-    return causal & not_pad[:, None, :] & (key_pos >= 0)[None, None, :]
 
 
 # --- the independent dense reference -------------------------------------------------------------------------
@@ -155,44 +150,35 @@ def _check_config(rank, world, cfg, seed, group, ref):
         index_pool = torch.full((num_pages * P, D_IDX), 7.0, dtype=torch.float64)
         cache = None
     else:
-        from dcp_compile.cache import CacheSpec, ShardedPagedCache  # here: only these ranks pay for transformers
+        from dcp_compile.cache import CacheFormat, ShardedPagedCache  # here: only these ranks pay for transformers
 
-        spec = CacheSpec((0,), D_K, D_IDX, torch.float64, torch.float64)
+        spec = CacheFormat((0,), D_K, D_IDX, torch.float64, torch.float64)
         cache = ShardedPagedCache(spec, layout, rank, num_pages=BATCH * layout.pages(total, 0), batch_size=BATCH)
         cache.start_request(BATCH, total)
         cache.latent[0].fill_(7.0)  # a finite sentinel: reading a row that was not written breaks parity
         cache.index_keys[0].fill_(7.0)
 
+    attention = DCPSparseMLA(AttentionConfig(
+        heads=H_LOCAL, nope_dim=D_C, rope_dim=D_ROPE, latent_dim=D_C, v_dim=D_C, topk=K, attn_scale=attn_scale,
+        index_scale=idx_scale, layout=layout, rank=rank, group_name=group,
+    ))
     stats = dict(max_err=0.0, one_rank_queries=0, few_queries=0, none_queries=0, queries=0)
     past = 0
     for steps in cfg["chunks"]:
         if cache is not None:
-            latent_pool, index_pool, block_table, past_c = cache.layer_state(0, steps)
-            assert past_c == past
-        new_pos = torch.arange(past, past + steps)
+            state = cache.layer_state(0, steps)
+            latent_pool, index_pool, block_table = state.latent_pool, state.index_pool, state.block_table
+            assert state.past_length == past
         cur = past + steps
 
-        # 1. Owner-only paged writes.
-        new_slots = layout.slot(block_table, layout.local_index(new_pos).expand(BATCH, steps))
-        new_slots = torch.where(layout.owner(new_pos) == rank, new_slots, -1).reshape(-1)
-        torch.ops.dcp.paged_write(latent_pool, x["kv"][:, past:cur].reshape(BATCH * steps, D_K), new_slots)
-        torch.ops.dcp.paged_write(index_pool, x["k_idx"][:, past:cur].reshape(BATCH * steps, D_IDX), new_slots)
-
-        # 2. Indexer over this rank's own keys, then the exact distributed top-k.
-        local = torch.arange(layout.local_bound(cur))
-        key_pos = layout.global_position(local, rank)
-        key_slots = layout.slot(block_table, local.expand(BATCH, -1))
-        key_slots = torch.where(key_pos < cur, key_slots, -1).to(torch.int32)
-        allowed = allowed_mask(x, new_pos, torch.where(key_pos < cur, key_pos, -1))
-        scores = torch.ops.dcp.indexer_scores(
-            x["q_idx"][:, past:cur], x["w_idx"][:, past:cur], index_pool, key_slots, allowed, idx_scale
-        )
-        assert scores.dtype == torch.float32
-        seq_index = torch.arange(BATCH).repeat_interleave(steps)
-        slots, counts = distributed_topk(
-            scores.reshape(BATCH * steps, -1), key_pos, seq_index, block_table, K,
-            rank, world, layout.interleave, P, group,
-        )
+        # 1-3. The rewritten layer's own steps: owner-only paged writes, then the indexer over this rank's keys
+        # and the exact distributed top-k, compacted to this rank's rows.
+        state = LayerCacheState(latent_pool, index_pool, block_table, past)
+        at = StepPositions.of(layout, rank, block_table, past, steps, BATCH)
+        rows = x["kv"][:, past:cur]
+        attention.write_new_rows(rows[..., :D_C].unsqueeze(1), rows[..., D_C:].unsqueeze(1), x["k_idx"][:, past:cur], state, at)
+        not_pad = (~x["pad"][:, :cur])[:, None, None, :].expand(BATCH, 1, steps, cur)  # HF's 4-D bool mask
+        slots, counts = attention.selection.select(x["q_idx"][:, past:cur], x["w_idx"][:, past:cur], not_pad, state, at)
         assert slots.shape == (BATCH * steps, K) and counts.shape == (BATCH * steps,)
 
         # The rank's share of the selection is exactly the owned part of the reference's selection.

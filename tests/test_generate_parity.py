@@ -50,7 +50,7 @@ def generate_on_rank(rank, world, dcp_size, interleave, impl, prompts):
         ids, mask = left_padded_prompts(PROMPTS[prompt], seed=len(prompt))
         out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
-        spec = model.dcp.cache_spec
+        spec = model.dcp.cache_format
         row_bytes = (spec.latent_dim + spec.index_dim) * torch.finfo(spec.dtype).bits // 8
         one_page_per_sequence = len(spec.layer_ids) * ids.shape[0] * PAGE * row_bytes
         results[prompt] = (out.sequences, torch.stack(out.logits), out.cache.storage_bytes(), one_page_per_sequence)

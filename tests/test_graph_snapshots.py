@@ -5,7 +5,7 @@ Regenerate after an intended change with: EXPECTTEST_ACCEPT=1 python -m pytest t
 import expecttest
 import torch
 
-from dcp_compile.api import attention_spec, capture_and_match
+from dcp_compile.api import attention_config, capture_and_match
 from dcp_compile.capture import probe_layers
 from dcp_compile.layout import DCPLayout
 from dcp_compile.passes import dcp_passes, readable
@@ -19,8 +19,8 @@ def captured_layer(impl="eager"):
 
 
 def rewritten(captured, match):
-    spec = attention_spec(match, DCPLayout(2, 1, 4), rank=0, group_name="dcp")
-    return dcp_passes(match, spec, "tp")(captured.graph_module)
+    config = attention_config(match, DCPLayout(2, 1, 4), rank=0, group_name="dcp")
+    return dcp_passes(match, config, "tp")(captured.graph_module)
 
 
 class TestGraphSnapshots(expecttest.TestCase):
@@ -331,7 +331,7 @@ to_6 = aten.to(inputs_1, torch.float32)
 linear_6 = aten.linear(to_6, params_12)
 to_7 = aten.to(linear_6, torch.float32)
 mul_17 = aten.mul(to_7, 0.353553)
-dcp_attention = dcp_attention(getitem, cat, view_1, cat_1, squeeze, to_4, mul_17, inputs_2, params_6, latent_pool, index_pool, block_table, past_length)
+dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rope_new=cat_1, index_key_new=squeeze, index_q=to_4, index_w=mul_17, mask=inputs_2, kv_b_weight=params_6, latent_pool=latent_pool, index_pool=index_pool, block_table=block_table, past_length=past_length)
 linear_default = aten.linear(dcp_attention, params_7)
 tp_all_reduce = tp_all_reduce(linear_default, 'tp')
 return [tp_all_reduce, None]""")

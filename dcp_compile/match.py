@@ -266,7 +266,26 @@ def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
         node = users[0]
     if not topks or not isinstance(topks[0].args[1], int):
         raise MatchError(f"layer {layer}: the indexer scores do not end in a top-k of fixed size")
-    return IndexerMatch(update, update.args[0], mm.args[0], source(weights_mm.args[0]), scale, int(topks[0].args[1]))
+    return IndexerMatch(update, update.args[0], before_upcast(mm.args[0]), source(weights_mm.args[0]), scale,
+                        int(topks[0].args[1]))
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)
+
+
+def before_upcast(node: Node) -> Node:
+    """The tensor a float32 upcast of a bf16/fp16 tensor was made from (HF scores the indexer as
+    ``q.float() @ k.float()``). The DCP kernels take the reduced-precision operands as they are: a bf16 x bf16
+    (or fp16) product is exact in fp32, so the scores are the same products without a widened copy; the fp32
+    path of the kernel is many times slower. Downcasts (a float64 model's ``.float()``) are kept."""
+    while node.op == "call_function" and node.target in _CASTS:
+        src = node.args[0]
+        before, after = src.meta["val"], node.meta["val"]
+        if before.dtype not in _REDUCED or after.dtype != torch.float32 or before.shape != after.shape:
+            break
+        node = src
+    return node
 
 
 def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -> QueryProjectionMatch:

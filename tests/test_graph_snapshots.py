@@ -335,3 +335,12 @@ dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rop
 linear_default = aten.linear(dcp_attention, params_7)
 tp_all_reduce = tp_all_reduce(linear_default, 'tp')
 return [tp_all_reduce, None]""")
+
+
+def test_indexer_query_is_taken_before_the_float32_upcast():
+    # HF scores the indexer as q.float() @ k.float(): a bf16 model's DCP indexer receives the bf16 query (the
+    # same products, exact in fp32, on the kernel's fast path); a float64 model keeps HF's float32 query.
+    for dtype, want in ((torch.bfloat16, torch.bfloat16), (torch.float64, torch.float32)):
+        model = tiny_deepseek_v32(dtype=dtype)
+        _, match = capture_and_match(probe_layers(model)[0])
+        assert match.indexer.query.meta["val"].dtype == want, (dtype, match.indexer.query.meta["val"].dtype)

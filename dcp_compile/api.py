@@ -29,11 +29,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def attention_config(match: MLASparseAttentionMatch, layout: DCPLayout, rank: int, group_name: str) -> AttentionConfig:
     """The static description of one rewritten layer, read off its match."""
+    indexer = match.indexer
     return AttentionConfig(
         heads=match.heads, nope_dim=match.kv_expansion.nope_dim, rope_dim=match.rope_dim,
-        latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=match.indexer.topk,
-        attn_scale=match.attention.scale, index_scale=match.indexer.scale, layout=layout,
-        rank=rank, group_name=group_name,
+        latent_dim=match.latent_dim, v_dim=match.kv_expansion.v_dim, topk=indexer.topk if indexer else None,
+        attn_scale=match.attention.scale, index_scale=indexer.scale if indexer else None, layout=layout,
+        rank=rank, group_name=group_name, selection=match.selection,
+        exports_selection=match.selection_output is not None,
     )
 
 

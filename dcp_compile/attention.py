@@ -10,6 +10,11 @@ Its steps are methods, each a piece of §4 that tests call on its own:
 ``write_new_rows`` (§4.1) → ``selection.select`` (§4.2-4.3: which owned rows each query attends) →
 ``absorb_queries`` (§2) → ``attend`` (§4.4-4.6: gather heads, attention over owned rows, LSE merge) →
 ``values_out`` (§4.7).
+
+The selection is one of ``SELECTIONS``, named by the match (``AttentionConfig.selection``): ``IndexerTopK``
+(DeepSeek Sparse Attention), ``OwnedRows`` (dense MLA: every owned row the mask allows) or ``HandedSelection``
+(the rows another layer selected, GLM's shared indexer layers). Each returns this rank's rows compacted to
+the front with counts; everything after it is the same.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ class AttentionConfig:
     rope_dim: int  # rotary width (shared key part)
     latent_dim: int  # d_c: the cached latent width = absorbed query width = value width in latent space
     v_dim: int  # per-head value width after W_UV
-    topk: int  # index_topk K
+    topk: int | None  # index_topk K (None without an indexer)
     attn_scale: float
-    index_scale: float
+    index_scale: float | None  # None without an indexer
     layout: DCPLayout
     rank: int  # rank inside the DCP group
     group_name: str | None  # the DCP process group (None when the group is a single rank)
+    selection: str = "indexer_topk"  # a key of SELECTIONS
+    exports_selection: bool = False  # also return the selection, packed, for later layers (pack_selection)
 
 
 @dataclass
@@ -77,14 +84,13 @@ def allowed_keys(mask: Tensor | None, key_pos: Tensor, query_pos: Tensor, batch:
 
 class IndexerTopK:
     """Selection by the DeepSeek Sparse Attention indexer: score this rank's own keys, then the exact
-    distributed top-k (§4.2) compacted to this rank's rows with counts (§4.3). The other selection to come is
-    "every owned row" (dense MLA: no indexer)."""
+    distributed top-k (§4.2) compacted to this rank's rows with counts (§4.3): [B·S, K] slots."""
 
     def __init__(self, config: AttentionConfig):
         self.config = config
 
-    def select(self, index_q: Tensor, index_w: Tensor, mask: Tensor | None, state: LayerCacheState,
-               at: StepPositions) -> tuple[Tensor, Tensor]:
+    def select(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions, *, index_q: Tensor,
+               index_w: Tensor) -> tuple[Tensor, Tensor]:
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
         allowed = allowed_keys(mask, at.keys, at.new, batch)
@@ -96,16 +102,68 @@ class IndexerTopK:
         )
 
 
+class OwnedRows:
+    """Dense MLA (no indexer): every row this rank owns that the query may see — causal (key position <= query
+    position) and allowed by the attention mask (left padding) — compacted to the front in position order with
+    counts (§4.2, dense). Width L = local_bound(total), the rank's whole share: no exchange is needed, since
+    each rank attends all of its own rows and the LSE merge (§4.6) makes the union exact."""
+
+    def __init__(self, config: AttentionConfig):
+        self.config = config
+
+    def select(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions) -> tuple[Tensor, Tensor]:
+        batch, steps = at.key_slots.shape[0], at.new.shape[0]
+        keep = allowed_keys(mask, at.keys, at.new, batch) & (at.key_slots >= 0)[:, None, :]  # [B, S, L]
+        keep = keep.reshape(batch * steps, -1)
+        slots = at.key_slots.repeat_interleave(steps, dim=0)  # [B·S, L]
+        return compact(torch.where(keep, slots, -1), keep)
+
+
+class HandedSelection:
+    """The rows another layer selected (GLM-MoE-DSA "shared" indexer layers reuse the previous layer's top-k):
+    that layer's compacted slots and counts, as it packed them (``pack_selection``). Every layer owns the same
+    positions in the same pages, so its slots are this layer's too: nothing is recomputed or exchanged."""
+
+    def __init__(self, config: AttentionConfig):
+        self.config = config
+
+    def select(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions, *,
+               handed: Tensor) -> tuple[Tensor, Tensor]:
+        return unpack_selection(handed)
+
+
+SELECTIONS = {"indexer_topk": IndexerTopK, "owned_rows": OwnedRows, "handed": HandedSelection}
+
+
+def compact(slots: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Move the kept slots of each row to its front (stable: their order is kept), -1 after: (slots, counts).
+    A sort of the keep flags: fixed width, no host sync."""
+    to_front = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return torch.gather(slots, -1, to_front).to(torch.int32), keep.sum(-1).to(torch.int32)
+
+
+def pack_selection(slots: Tensor, counts: Tensor, batch: int, steps: int) -> Tensor:
+    """This rank's selection as one int32 tensor [B, S, W + 1] (slots, then the count): what a layer that
+    selects hands on to later layers, where HF hands on its top-k indices."""
+    return torch.cat([slots, counts[:, None]], dim=-1).reshape(batch, steps, -1)
+
+
+def unpack_selection(packed: Tensor) -> tuple[Tensor, Tensor]:
+    rows = packed.reshape(-1, packed.shape[-1])
+    return rows[:, :-1].contiguous(), rows[:, -1].contiguous()
+
+
 class DCPSparseMLA(nn.Module):
     def __init__(self, config: AttentionConfig):
         super().__init__()
         self.config = config
-        self.selection = IndexerTopK(config)
+        self.selection = SELECTIONS[config.selection](config)
 
     def extra_repr(self) -> str:
         c = self.config
+        chosen = f"topk={c.topk}" if c.selection == "indexer_topk" else f"selection={c.selection}"
         return (
-            f"heads={c.heads}, latent={c.latent_dim}+{c.rope_dim}, topk={c.topk}, dcp_rank={c.rank}/"
+            f"heads={c.heads}, latent={c.latent_dim}+{c.rope_dim}, {chosen}, dcp_rank={c.rank}/"
             f"{c.layout.world}, interleave={c.layout.interleave}, page_size={c.layout.page_size}"
         )
 
@@ -116,24 +174,26 @@ class DCPSparseMLA(nn.Module):
         q_rope: Tensor,  # [B, H, S, rope]  (rotary already applied)
         latent_new: Tensor,  # [B, 1, S, d_c]  (normalised)
         rope_new: Tensor,  # [B, 1, S, rope]  (rotary already applied)
-        index_key_new: Tensor,  # [B, S, Di]
-        index_q: Tensor,  # [B, S, Hi, Di]
-        index_w: Tensor,  # [B, S, Hi]
         mask: Tensor | None,
         kv_b_weight: Tensor,  # [H·(nope + v), d_c]
         latent_pool: Tensor,
-        index_pool: Tensor,
+        index_pool: Tensor | None,
         block_table: Tensor,
         past_length: int,
-    ) -> Tensor:
+        index_key_new: Tensor | None = None,  # [B, S, Di]  (indexer layers only)
+        **selection_inputs: Tensor,  # what the selection reads: index_q [B,S,Hi,Di], index_w [B,S,Hi]; or handed
+    ) -> Tensor | tuple[Tensor, Tensor]:
         batch, heads, steps, _ = q_nope.shape
         state = LayerCacheState(latent_pool, index_pool, block_table, past_length)
         at = StepPositions.of(self.config.layout, self.config.rank, block_table, past_length, steps, batch)
         self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
-        slots, counts = self.selection.select(index_q, index_w, mask, state, at)
+        slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
         o_lat = self.attend(q, state.latent_pool, slots, counts)
-        return self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
+        out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
+        if self.config.exports_selection:
+            return out, pack_selection(slots, counts, batch, steps)
+        return out
 
     def write_new_rows(self, latent_new: Tensor, rope_new: Tensor, index_key_new: Tensor | None,
                        state: LayerCacheState, at: StepPositions) -> None:

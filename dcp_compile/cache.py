@@ -1,8 +1,9 @@
 """The sharded paged MLA cache: each rank holds only the tokens it owns (design §3).
 
-Per layer and per rank, two page pools: latent rows ``c ‖ k_rope`` and indexer keys ``k_idx``. Pages are
-``page_size`` rows; one allocator hands them out for all layers at once (every layer of a sequence owns
-the same positions, so one block table per sequence serves every layer). Pages for a request are reserved
+Per layer and per rank, two page pools: latent rows ``c ‖ k_rope`` and indexer keys ``k_idx`` (the latter only
+for a layer with an indexer of its own). Pages are ``page_size`` rows; one allocator hands them out for all
+layers at once (every layer of a sequence owns the same positions, so one block table per sequence serves
+every layer). Pages for a request are reserved
 up front, so the decode step never allocates: it only reads ``block_table`` and the Python int
 ``seq_length`` — no host sync, no data-dependent shape.
 """
@@ -30,16 +31,20 @@ class CacheFormat:
     index_dim: int | None  # d_idx; None: no indexer, no index pool
     dtype: torch.dtype
     index_dtype: torch.dtype | None
+    index_layer_ids: tuple[int, ...] | None = None  # layers with an index pool; None: all (if index_dim is set)
 
     @staticmethod
     def of(layers) -> "CacheFormat":
-        """Read off the probed layers (``capture.LayerCall``: the rows each gave to the cache)."""
+        """Read off the probed layers (``capture.LayerCall``: the rows each gave to the cache). Only layers with
+        an indexer of their own get an index pool (dense MLA layers and layers handed a selection have none)."""
         first = layers[0]
+        indexed = [layer for layer in layers if layer.index_rows is not None]
         return CacheFormat(
             layer_ids=tuple(layer.layer_idx for layer in layers),
             latent_dim=first.key_rows.shape[-1] + first.value_rows.shape[-1], dtype=first.key_rows.dtype,
-            index_dim=first.index_rows.shape[-1] if first.index_rows is not None else None,
-            index_dtype=first.index_rows.dtype if first.index_rows is not None else None,
+            index_dim=indexed[0].index_rows.shape[-1] if indexed else None,
+            index_dtype=indexed[0].index_rows.dtype if indexed else None,
+            index_layer_ids=tuple(layer.layer_idx for layer in indexed),
         )
 
 
@@ -88,10 +93,11 @@ class ShardedPagedCache(Cache):
         self.allocator = PageAllocator(num_pages)
         rows = num_pages * layout.page_size
         self.latent = {i: torch.zeros(rows, fmt.latent_dim, dtype=fmt.dtype, device=self.device) for i in fmt.layer_ids}
-        self.index_keys = {}  # none for a model without an indexer
+        self.index_keys = {}  # only for layers with an indexer (none for dense MLA)
         if fmt.index_dim is not None:
+            indexed = fmt.layer_ids if fmt.index_layer_ids is None else fmt.index_layer_ids
             self.index_keys = {i: torch.zeros(rows, fmt.index_dim, dtype=fmt.index_dtype, device=self.device)
-                               for i in fmt.layer_ids}
+                               for i in indexed}
         self._last_layer = max(fmt.layer_ids)
         self.seq_length = 0
         self.capacity = 0  # positions per sequence with pages reserved

@@ -277,7 +277,10 @@ def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedL
         raise CaptureError(f"layer {layer.name}: no input has a query-token dimension")
     inputs = placeholders(gm, InputKind.INPUT)
     specs = [v for _, v in leaves if isinstance(v, ProbedTensor)]
-    masks = [node for node, spec in zip(inputs, specs) if TOTAL in spec.roles]
+    # The attention mask: the (bool or additive float) input with a total-length dim. An integer input may have
+    # one too (another layer's top-k indices, while the probes are shorter than the top-k): not a mask.
+    masks = [node for node, spec in zip(inputs, specs)
+             if TOTAL in spec.roles and (spec.dtype.is_floating_point or spec.dtype == torch.bool)]
     return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None)
 
 

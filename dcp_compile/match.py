@@ -8,8 +8,11 @@ The pieces (each a small dataclass, found independently, then combined):
 - ``AttentionMatch``: the attention core that consumes those values (eager ``matmul → softmax → matmul``
   or ``scaled_dot_product_attention``), its query ``cat(q_nope, q_rope)``, scale, and the output
   projection that follows.
-- ``IndexerMatch``: the ``indexer_update`` marker, the indexer's ``matmul → scale → relu → weighted sum →
-  mask → topk`` and its query, head weights, scale and k.
+- The selection — which cached positions each query attends — is one of three, told apart by dataflow:
+  ``IndexerMatch`` (the ``indexer_update`` marker, the indexer's ``matmul → scale → relu → weighted sum →
+  mask → topk`` and its query, head weights, scale and k: DeepSeek Sparse Attention), ``HandedSelectionMatch``
+  (an integer input of the layer scattered into the attention mask: another layer's top-k, reused), or
+  neither (dense MLA: every position the attention mask allows; the mask must reach the core unchanged).
 - ``QueryProjectionMatch``: the linear whose output is split into heads to make the query (for head sharding).
 
 Nothing here names a model class or a module attribute; parameters are found as graph inputs.
@@ -24,6 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .capture import CapturedLayer
+from .contract import InputKind, placeholders
 
 aten = torch.ops.aten
 
@@ -65,6 +69,7 @@ class AttentionMatch:
     scale: float
     output: Node  # attention output as the output projection receives it: [B, S, H·v]
     out_proj: Node  # the output projection (aten.linear)
+    mask: Node | None = None  # the mask the core applies to the scores (None: none)
 
 
 @dataclass
@@ -75,6 +80,15 @@ class IndexerMatch:
     weights: Node  # [B, S, Hi]
     scale: float
     topk: int
+    indices: Node | None = None  # the top-k node
+
+
+@dataclass
+class HandedSelectionMatch:
+    """The layer attends over positions another layer selected: an integer input ([B, S, K], e.g. GLM's
+    ``prev_topk_indices``) scattered into the attention mask."""
+
+    indices: Node  # the input placeholder
 
 
 @dataclass
@@ -90,9 +104,16 @@ class MLASparseAttentionMatch:
     latent_cache: LatentCacheMatch
     kv_expansion: KVExpansionMatch
     attention: AttentionMatch
-    indexer: IndexerMatch
+    indexer: IndexerMatch | None  # None: no indexer of its own (dense MLA, or a handed selection)
     query_projection: QueryProjectionMatch
     mask: Node | None
+    handed: HandedSelectionMatch | None = None
+    selection_output: Node | None = None  # the layer output that hands its selection on (GLM's topk_indices)
+
+    @property
+    def selection(self) -> str:
+        """Which selection the rewritten layer runs (``attention.SELECTIONS``)."""
+        return "indexer_topk" if self.indexer else "handed" if self.handed else "owned_rows"
 
     @property
     def heads(self) -> int:
@@ -177,17 +198,18 @@ def match_kv_expansion(latent: LatentCacheMatch, params: set[Node], layer: str) 
     return KVExpansionMatch(linear, source(linear.args[1]), nope_dim, v_dim, values)
 
 
-def _sdpa_query_and_scale(core: Node, layer: str) -> tuple[Node, float]:
+def _sdpa_query_scale_mask(core: Node, layer: str) -> tuple[Node, float, Node | None]:
     query = source(core.args[0])
     scale = core.kwargs.get("scale")
-    return query, (1.0 / math.sqrt(query.meta["val"].shape[-1]) if scale is None else scale)
+    mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+    return query, (1.0 / math.sqrt(query.meta["val"].shape[-1]) if scale is None else scale), mask
 
 
-def _eager_query_and_scale(pv: Node, layer: str) -> tuple[Node, float]:
+def _eager_query_scale_mask(pv: Node, layer: str) -> tuple[Node, float, Node | None]:
     probs = source(pv.args[0])
     if probs.target not in (aten.softmax.int, aten._softmax.default):
         raise MatchError(f"layer {layer}: the values are multiplied by something other than softmax probabilities")
-    node, scale = probs.args[0], 1.0
+    node, scale, mask = probs.args[0], 1.0, None
     while node.target is not aten.matmul.default:
         if node.target is aten.mul.Tensor and _scalar(node.args[1]) is not None:
             scale *= _scalar(node.args[1])
@@ -195,18 +217,21 @@ def _eager_query_and_scale(pv: Node, layer: str) -> tuple[Node, float]:
         elif node.target is aten.div.Tensor and _scalar(node.args[1]) is not None:
             scale /= _scalar(node.args[1])
             node = node.args[0]
-        elif node.target in (aten.add.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            node = node.args[0]  # the mask is added to (or filled into) the scores
+        elif node.target is aten.add.Tensor:  # the additive mask
+            node, mask = node.args[0], node.args[1]
+        elif node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):  # a boolean mask filled in
+            node, mask = node.args[0], node.args[1]
         else:
             raise MatchError(f"layer {layer}: cannot follow the attention scores through {node.target}")
-    return source(node.args[0]), scale
+    return source(node.args[0]), scale, mask
 
 
 # The attention cores the match understands, keyed by the op that consumes the values: each gives the
-# attention's query and softmax scale. HF's "eager" core is matmul → softmax → matmul; "sdpa" is one op.
+# attention's query, softmax scale and the mask it applies. HF's "eager" core is matmul → softmax → matmul;
+# "sdpa" is one op.
 ATTENTION_CORES = {
-    aten.matmul.default: _eager_query_and_scale,
-    aten.scaled_dot_product_attention.default: _sdpa_query_and_scale,
+    aten.matmul.default: _eager_query_scale_mask,
+    aten.scaled_dot_product_attention.default: _sdpa_query_scale_mask,
 }
 
 
@@ -218,7 +243,7 @@ def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
             f"values; attention implementations other than 'eager' and 'sdpa' are not supported"
         )
     core = cores[0]
-    query, scale = ATTENTION_CORES[core.target](core, layer)
+    query, scale, mask = ATTENTION_CORES[core.target](core, layer)
     if query.target is not aten.cat.default or len(query.args[0]) != 2:
         raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
     q_nope, q_rope = query.args[0]
@@ -226,16 +251,14 @@ def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
     if not projections:
         raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
     out_proj = projections[0]
-    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj)
+    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj, mask)
 
 
-def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
+def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch | None:
+    """The layer's DSA indexer, or None if it has none (no ``indexer_update`` marker)."""
     updates = [n for n in gm.graph.nodes if n.target is torch.ops.dcp_capture.indexer_update.default]
     if not updates:
-        raise MatchError(
-            f"layer {layer}: no indexer key cache update (cache.update_indexer): the layer has no DeepSeek Sparse "
-            f"Attention indexer; dense MLA is not supported yet"
-        )
+        return None
     update = _only(updates, "indexer key cache update", layer)
     mms = [u for u in consumers(update) if u.target is aten.matmul.default]
     if not mms:
@@ -267,7 +290,7 @@ def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch:
     if not topks or not isinstance(topks[0].args[1], int):
         raise MatchError(f"layer {layer}: the indexer scores do not end in a top-k of fixed size")
     return IndexerMatch(update, update.args[0], before_upcast(mm.args[0]), source(weights_mm.args[0]), scale,
-                        int(topks[0].args[1]))
+                        int(topks[0].args[1]), topks[0])
 
 
 _REDUCED = (torch.bfloat16, torch.float16)
@@ -286,6 +309,51 @@ def before_upcast(node: Node) -> Node:
             break
         node = src
     return node
+
+
+def match_handed_selection(gm: GraphModule, layer: str) -> HandedSelectionMatch | None:
+    """An integer input of the layer that is scattered (into the attention mask): the positions another layer
+    selected, reused here (GLM-MoE-DSA's "shared" indexer layers)."""
+    handed = []
+    for node in placeholders(gm, InputKind.INPUT):
+        val = node.meta.get("val")
+        if val is None or val.dtype.is_floating_point or val.dtype.is_complex or val.dtype == torch.bool:
+            continue
+        if any(u.target in SCATTERS and source(u.args[2]) is node for u in consumers(node)):
+            handed.append(node)
+    return HandedSelectionMatch(_only(handed, "input of selected positions", layer)) if handed else None
+
+
+SCATTERS = {aten.scatter.value, aten.scatter.src, aten.scatter_.value, aten.scatter_.src}
+
+
+def check_dense_mask(att: AttentionMatch, mask: Node | None, layer: str) -> None:
+    """A layer without a selection of its own attends every position its attention mask allows (dense MLA): the
+    mask the core applies must be the layer's mask input as given, or the rewrite would attend other positions."""
+    applied = source(att.mask) if att.mask is not None else None
+    if mask is not None and applied is mask:
+        return
+    what = "no attention mask" if applied is None else f"a mask computed by {applied.target}"
+    raise MatchError(
+        f"layer {layer}: the layer has no DeepSeek Sparse Attention indexer, so it must attend every position its "
+        f"attention mask allows (dense MLA), but its attention core applies {what}, not the layer's "
+        f"attention_mask input: dcp_compile cannot tell which positions it attends"
+    )
+
+
+def match_selection_output(gm: GraphModule, idx: IndexerMatch | None, handed: HandedSelectionMatch | None) -> Node | None:
+    """The layer output that hands the layer's selection on to later layers (GLM returns its top-k indices, or
+    the ones it was handed), if any."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in out.args[0]:
+        if not isinstance(leaf, Node):
+            continue
+        src = source(leaf)
+        if handed is not None and src is handed.indices:
+            return leaf
+        if idx is not None and src.target is operator.getitem and src.args[0] is idx.indices and src.args[1] == 1:
+            return leaf
+    return None
 
 
 def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -> QueryProjectionMatch:
@@ -312,17 +380,23 @@ def check_layouts(m: MLASparseAttentionMatch) -> None:
     heads, nope, rope = str(m.heads), str(m.kv_expansion.nope_dim), str(m.rope_dim)
     q_nope, q_rope = _shape(m.attention.query_nope), _shape(m.attention.query_rope)
     latent, rope_new = _shape(m.latent_cache.latent_new), _shape(m.latent_cache.rope_new)
-    key, query, weights = _shape(m.indexer.key_new), _shape(m.indexer.query), _shape(m.indexer.weights)
     batch, steps = q_nope[0] if q_nope else "?", q_nope[2] if len(q_nope) > 2 else "?"
     expected = [
         ("non-rotary query", q_nope, (batch, heads, steps, nope)),
         ("rotary query", q_rope, (batch, heads, steps, rope)),
         ("new latent rows", latent, (batch, "1", steps, str(m.latent_dim))),
         ("new rotary key rows", rope_new, (batch, "1", steps, rope)),
-        ("new indexer keys", key, (batch, steps, key[-1] if key else "?")),
-        ("indexer query", query, (batch, steps, weights[-1] if weights else "?", key[-1] if key else "?")),
-        ("indexer head weights", weights, (batch, steps, query[2] if len(query) > 2 else "?")),
     ]
+    if m.indexer is not None:
+        key, query, weights = _shape(m.indexer.key_new), _shape(m.indexer.query), _shape(m.indexer.weights)
+        expected += [
+            ("new indexer keys", key, (batch, steps, key[-1] if key else "?")),
+            ("indexer query", query, (batch, steps, weights[-1] if weights else "?", key[-1] if key else "?")),
+            ("indexer head weights", weights, (batch, steps, query[2] if len(query) > 2 else "?")),
+        ]
+    if m.handed is not None:
+        handed = _shape(m.handed.indices)
+        expected.append(("handed selected positions", handed, (batch, steps, handed[-1] if handed else "?")))
     for what, got, want in expected:
         if got != want:
             raise MatchError(
@@ -338,9 +412,13 @@ def match_layer(captured: CapturedLayer, layer: str) -> MLASparseAttentionMatch:
     kv = match_kv_expansion(latent, params, layer)
     att = match_attention(kv, layer)
     idx = match_indexer(gm, layer)
+    handed = match_handed_selection(gm, layer) if idx is None else None
+    if idx is None and handed is None:
+        check_dense_mask(att, captured.mask, layer)
     qp = match_query_projection(att, params, layer)
     if source(att.out_proj.args[1]) not in params:
         raise MatchError(f"layer {layer}: the output projection's weight is not a parameter")
-    match = MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, captured.mask)
+    match = MLASparseAttentionMatch(layer, latent, kv, att, idx, qp, captured.mask, handed,
+                                    match_selection_output(gm, idx, handed))
     check_layouts(match)
     return match

@@ -7,6 +7,8 @@ inputs they add follow the contract in ``contract.py``.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -41,17 +43,20 @@ class PassManager:
 def attention_inputs(match: MLASparseAttentionMatch, state: dict[str, Node]) -> dict[str, Node | None]:
     """The keyword arguments of ``DCPSparseMLA.forward``, as graph nodes: the one place they are named."""
     m = match
-    return dict(
-        q_nope=m.attention.query_nope, q_rope=m.attention.query_rope,
-        latent_new=m.latent_cache.latent_new, rope_new=m.latent_cache.rope_new,
-        index_key_new=m.indexer.key_new, index_q=m.indexer.query, index_w=m.indexer.weights,
-        mask=m.mask, kv_b_weight=m.kv_expansion.weight, **state,
-    )
+    inputs = dict(q_nope=m.attention.query_nope, q_rope=m.attention.query_rope,
+                  latent_new=m.latent_cache.latent_new, rope_new=m.latent_cache.rope_new)
+    if m.indexer is not None:  # the selection's own inputs (none for dense MLA)
+        inputs.update(index_key_new=m.indexer.key_new, index_q=m.indexer.query, index_w=m.indexer.weights)
+    if m.handed is not None:
+        inputs.update(handed=m.handed.indices)
+    return dict(inputs, mask=m.mask, kv_b_weight=m.kv_expansion.weight, **state)
 
 
 class InsertDCPAttention(GraphPass):
-    """Replace the layer's cache update, per-head expansion, indexer top-k and masked attention by one
-    ``DCPSparseMLA`` call that reads the sharded paged cache; the output projection now reads its result."""
+    """Replace the layer's cache update, per-head expansion, selection (indexer top-k, or none) and masked
+    attention by one ``DCPSparseMLA`` call that reads the sharded paged cache; the output projection now reads
+    its result. A layer that hands its selection on (``match.selection_output``) hands on the DCP one instead:
+    this rank's compacted rows (``attention.pack_selection``)."""
 
     def __init__(self, match: MLASparseAttentionMatch, config: AttentionConfig):
         self.match, self.config = match, config
@@ -67,6 +72,12 @@ class InsertDCPAttention(GraphPass):
         gm.add_submodule(ATTENTION_MODULE, DCPSparseMLA(self.config))
         with g.inserting_before(m.attention.out_proj):
             call = g.call_module(ATTENTION_MODULE, kwargs=attention_inputs(m, state))
+        if self.config.exports_selection:
+            with g.inserting_after(call):
+                attention, selection = (g.call_function(operator.getitem, (call, i)) for i in (0, 1))
+            out = next(n for n in g.nodes if n.op == "output")
+            out.args = ([selection if leaf is m.selection_output else leaf for leaf in out.args[0]],)
+            call = attention
         m.attention.out_proj.replace_input_with(m.attention.output, call)
 
 

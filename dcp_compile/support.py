@@ -11,7 +11,8 @@ each is a deterministic function of the model and its weights, every rank raises
   probe step runs with a cache that records every other use of the cache. An attention layer may use the
   cache only through ``cache.update`` / ``cache.update_indexer`` (what the trace and the sharded cache
   model), and no other module may use it but the model around the layers (its bookkeeping, such as
-  ``get_seq_length``). A layer with no indexer, or one handed another layer's top-k, is named as such.
+  ``get_seq_length``). A layer without an indexer is dense MLA or reuses an earlier layer's top-k (the match
+  tells which); one that reuses the top-k of a layer rejected here is named as such.
 """
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ def check_layers(model: nn.Module, layers: list) -> None:
     uses = _cache_uses(model)
     problems: list[tuple[str, str]] = []  # ("layer <name>", why); the why does not repeat the name
     inside = set()
+    selecting = None  # (name, rejected) of the last layer with an indexer of its own
     for layer in layers:
         sub = {m: (n and f"`{n}`") for n, m in layer.module.named_modules()}
         inside |= sub.keys()
@@ -155,8 +157,17 @@ def check_layers(model: nn.Module, layers: list) -> None:
         if extra:
             indexer = model.get_submodule(layer.indexer_module) if layer.indexer_module else None
             problems.append((f"layer {layer.name}", _own_cache_state(layer, sub, extra, indexer)))
-        elif layer.index_rows is None:
-            problems.append((f"layer {layer.name}", _no_indexer(layer)))
+        elif (heads := _cached_heads(layer)) > 1:
+            problems.append((f"layer {layer.name}", (
+                f"caches {heads} key/value heads per token (multi-head or grouped-query attention): it is not "
+                f"multi-head latent attention (MLA caches one latent row per token, shared by all heads), which is "
+                f"what dcp_compile rewrites")))
+        elif layer.index_rows is None and _handed(layer) and selecting and selecting[1]:
+            # A layer without an indexer is dense MLA or reuses an earlier layer's top-k (the match tells which);
+            # reusing the top-k of a layer dcp_compile cannot rewrite is not supported either.
+            problems.append((f"layer {layer.name}", _no_indexer(layer, selecting[0])))
+        if layer.index_rows is not None:
+            selecting = (layer.name, bool(extra))
     # Any other module using the cache that is not the model around the layers (its cache bookkeeping, e.g.
     # get_seq_length) keeps state of its own there.
     around = {m for layer in layers for m in _ancestors(model, layer.name)}
@@ -208,15 +219,23 @@ def _own_cache_state(layer, sub: dict, extra: dict, indexer: nn.Module | None) -
             f"cache.update_indexer and selects single tokens, so it cannot rewrite this layer yet")
 
 
-def _no_indexer(layer) -> str:
-    handed = [f"`{k}`" for k, v in (layer.call[1] or {}).items()
-              if isinstance(v, ProbedTensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
-              and len(v.shape) >= 3 and BATCH in v.roles and STEP in v.roles]
-    if handed:
-        return (f"has no DeepSeek Sparse Attention indexer of its own: it is handed another layer's top-k selection "
-                f"({', '.join(handed)}), cross-layer top-k sharing, which dcp_compile does not support yet")
-    return ("has no DeepSeek Sparse Attention indexer (it never calls cache.update_indexer): dcp_compile rewrites MLA "
-            "sparse attention only")
+def _cached_heads(layer) -> int:
+    """Heads per token of the rows the layer gives cache.update ([batch, heads, step, width] as HF lays them out)."""
+    rows = layer.key_rows
+    return rows.shape[1] if len(rows.shape) == 4 and rows.roles[2] == STEP else 1
+
+
+def _handed(layer) -> list[str]:
+    """The layer's integer [batch, step, ...] keyword inputs: another layer's top-k selection handed to it."""
+    return [f"`{k}`" for k, v in (layer.call[1] or {}).items()
+            if isinstance(v, ProbedTensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
+            and len(v.shape) >= 3 and BATCH in v.roles and STEP in v.roles]
+
+
+def _no_indexer(layer, source: str) -> str:
+    return (f"has no DeepSeek Sparse Attention indexer of its own: it reuses the top-k selection "
+            f"({', '.join(_handed(layer))}) of layer {source}, which dcp_compile cannot rewrite, so it cannot "
+            f"rewrite this one either")
 
 
 def _config_value(module: nn.Module, field: str, index: int):

@@ -149,15 +149,21 @@ def tiny_deepseek_v32_config(**overrides):
 
 def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """The tiny model with deterministic random weights (the same on every rank for the same seed)."""
-    import torch
     from transformers import DeepseekV32ForCausalLM
 
-    cfg = tiny_deepseek_v32_config(**overrides)
+    return tiny_model(DeepseekV32ForCausalLM, tiny_deepseek_v32_config(**overrides), seed, dtype, attn_implementation)
+
+
+def tiny_model(model_class, cfg, seed: int = 0, dtype=None, attn_implementation: str = "eager"):
+    """``model_class(cfg)`` with deterministic random weights (the same on every rank for the same seed), in eval
+    mode, cast to ``dtype``."""
+    import torch
+
     cfg._attn_implementation = attn_implementation
     if dtype == torch.float64:
         cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     torch.manual_seed(seed)
-    model = DeepseekV32ForCausalLM(cfg)
+    model = model_class(cfg)
     # HF initialises with std 0.02: scale the weights up so attention is far from uniform and the indexer's
     # scores are well separated (no near-ties at the top-k boundary).
     with torch.no_grad():
@@ -166,6 +172,34 @@ def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eag
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     model = model.to(dtype) if dtype is not None else model
     return model.eval()
+
+
+# DeepSeek-V3 / R1 (and Kimi-K2, the same architecture): dense MLA, no indexer. The structure of the real config
+# (q_lora 1536: q_a_proj → norm → q_b_proj; kv_lora 512; rope 64 interleaved; nope 128; v 128; the first layers
+# dense, then MoE), scaled down.
+_DENSE_MLA = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+    v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=4096,
+    pad_token_id=0, bos_token_id=1, eos_token_id=None,
+)
+
+
+def tiny_deepseek_v3(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
+    """A tiny DeepSeek-V3 (``DeepseekV3ForCausalLM``): 2 layers (dense MLP, then MoE), 4 MLA heads, q_lora 32."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**{**_DENSE_MLA, "q_lora_rank": 32, "n_group": 1, "topk_group": 1, **overrides})
+    return tiny_model(DeepseekV3ForCausalLM, cfg, seed, dtype, attn_implementation)
+
+
+def tiny_deepseek_v2(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
+    """A tiny DeepSeek-V2-Lite (``DeepseekV2ForCausalLM``): no q_lora (the query is one ``q_proj``, as in
+    V2-Lite), complex-valued rotary embedding, 2 layers (dense MLP, then MoE), 4 MLA heads."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = DeepseekV2Config(**{**_DENSE_MLA, "q_lora_rank": None, **overrides})
+    return tiny_model(DeepseekV2ForCausalLM, cfg, seed, dtype, attn_implementation)
 
 
 def left_padded_prompts(lengths, vocab: int = 128, seed: int = 0, pad_id: int = 0):

@@ -178,7 +178,8 @@ def _check_config(rank, world, cfg, seed, group, ref):
         rows = x["kv"][:, past:cur]
         attention.write_new_rows(rows[..., :D_C].unsqueeze(1), rows[..., D_C:].unsqueeze(1), x["k_idx"][:, past:cur], state, at)
         not_pad = (~x["pad"][:, :cur])[:, None, None, :].expand(BATCH, 1, steps, cur)  # HF's 4-D bool mask
-        slots, counts = attention.selection.select(x["q_idx"][:, past:cur], x["w_idx"][:, past:cur], not_pad, state, at)
+        slots, counts = attention.selection.select(not_pad, state, at, index_q=x["q_idx"][:, past:cur],
+                                                   index_w=x["w_idx"][:, past:cur])
         assert slots.shape == (BATCH * steps, K) and counts.shape == (BATCH * steps,)
 
         # The rank's share of the selection is exactly the owned part of the reference's selection.

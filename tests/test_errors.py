@@ -54,7 +54,7 @@ def test_bad_input_single_rank():
     kind, msg = out["dtype"]
     assert kind == "TypeError" and "float8_e4m3fn" in msg, msg
     kind, msg = out["llama"]
-    assert kind == "UnsupportedModelError" and "model.layers.0.self_attn" in msg and "indexer" in msg, msg
+    assert kind == "UnsupportedModelError" and "model.layers.0.self_attn" in msg and "not multi-head latent" in msg, msg
     kind, msg = out["attention_impl"]
     assert kind == "MatchError" and "model.layers.0.self_attn" in msg and "attention core" in msg, msg
     kind, msg = out["foreign_cache"]

@@ -32,6 +32,12 @@ class CacheFormat:
     dtype: torch.dtype
     index_dtype: torch.dtype | None
     index_layer_ids: tuple[int, ...] | None = None  # layers with an index pool; None: all (if index_dim is set)
+    layer_latent_dims: tuple[int, ...] | None = None  # per layer (layer_ids order) where they differ; else latent_dim
+
+    def latent_dim_of(self, layer_id: int) -> int:
+        if self.layer_latent_dims is None:
+            return self.latent_dim
+        return self.layer_latent_dims[self.layer_ids.index(layer_id)]
 
     @staticmethod
     def of(layers) -> "CacheFormat":
@@ -39,12 +45,13 @@ class CacheFormat:
         an indexer of their own get an index pool (dense MLA layers and layers handed a selection have none)."""
         first = layers[0]
         indexed = [layer for layer in layers if layer.index_rows is not None]
+        dims = tuple(layer.key_rows.shape[-1] + layer.value_rows.shape[-1] for layer in layers)
         return CacheFormat(
-            layer_ids=tuple(layer.layer_idx for layer in layers),
-            latent_dim=first.key_rows.shape[-1] + first.value_rows.shape[-1], dtype=first.key_rows.dtype,
+            layer_ids=tuple(layer.layer_idx for layer in layers), latent_dim=dims[0], dtype=first.key_rows.dtype,
             index_dim=indexed[0].index_rows.shape[-1] if indexed else None,
             index_dtype=indexed[0].index_rows.dtype if indexed else None,
             index_layer_ids=tuple(layer.layer_idx for layer in indexed),
+            layer_latent_dims=dims if len(set(dims)) > 1 else None,  # e.g. Dots3Note's sliding-window layers
         )
 
 
@@ -92,7 +99,8 @@ class ShardedPagedCache(Cache):
         self.device = torch.device(device)
         self.allocator = PageAllocator(num_pages)
         rows = num_pages * layout.page_size
-        self.latent = {i: torch.zeros(rows, fmt.latent_dim, dtype=fmt.dtype, device=self.device) for i in fmt.layer_ids}
+        self.latent = {i: torch.zeros(rows, fmt.latent_dim_of(i), dtype=fmt.dtype, device=self.device)
+                       for i in fmt.layer_ids}
         self.index_keys = {}  # only for layers with an indexer (none for dense MLA)
         if fmt.index_dim is not None:
             indexed = fmt.layer_ids if fmt.index_layer_ids is None else fmt.index_layer_ids

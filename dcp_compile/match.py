@@ -62,14 +62,32 @@ class KVExpansionMatch:
 
 
 @dataclass
+class GateMatch:
+    """An elementwise gate on the attention output, before the output projection (AXK2, Dots3Note)."""
+
+    mul: Node  # attention × gate
+    attention: Node  # the attention output as the gate receives it: [B, S, H·v] or [B, S, H, v]
+    gate: Node  # the gate operand
+    projection: Node  # the linear the gate is computed from
+    weight: Node  # its weight (rows per head, head-major)
+
+
+@dataclass
 class AttentionMatch:
     core: Node
     query_nope: Node  # [B, H, S, nope]
     query_rope: Node  # [B, H, S, rope]
     scale: float
-    output: Node  # attention output as the output projection receives it: [B, S, H·v]
+    output: Node  # the attention output as the next op (the output projection, or the gate) receives it:
+    #               [B, S, H·v] (or [B, S, H, v] for a gate per head)
     out_proj: Node  # the output projection (aten.linear)
     mask: Node | None = None  # the mask the core applies to the scores (None: none)
+    gate: GateMatch | None = None  # an elementwise gate between the attention output and the output projection
+
+    @property
+    def output_user(self) -> Node:
+        """The op that reads the attention output."""
+        return self.gate.mul if self.gate is not None else self.out_proj
 
 
 @dataclass
@@ -235,7 +253,7 @@ ATTENTION_CORES = {
 }
 
 
-def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
+def match_attention(kv: KVExpansionMatch, layer: str, params: set[Node] = frozenset()) -> AttentionMatch:
     cores = [u for u in consumers(kv.values) if u.target in ATTENTION_CORES]
     if not cores:
         raise MatchError(
@@ -247,11 +265,48 @@ def match_attention(kv: KVExpansionMatch, layer: str) -> AttentionMatch:
     if query.target is not aten.cat.default or len(query.args[0]) != 2:
         raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
     q_nope, q_rope = query.args[0]
-    projections = [u for u in consumers(core) if u.target is aten.linear.default]
+    users = consumers(core)
+    projections = [u for u in users if u.target is aten.linear.default]
+    gate = None
+    if not projections and len(users) == 1 and users[0].target is aten.mul.Tensor:
+        gate = match_output_gate(users[0], core, params, layer)
+        projections = [u for u in consumers(gate.mul) if u.target is aten.linear.default]
     if not projections:
         raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
     out_proj = projections[0]
-    return AttentionMatch(core, q_nope, q_rope, float(scale), out_proj.args[0], out_proj, mask)
+    output = gate.attention if gate is not None else out_proj.args[0]
+    return AttentionMatch(core, q_nope, q_rope, float(scale), output, out_proj, mask, gate)
+
+
+# Elementwise activations a gate on the attention output may apply to its projection (AXK2, Dots3Note, HY-V4:
+# sigmoid).
+GATE_ACTIVATIONS = {aten.sigmoid.default, aten.silu.default, aten.tanh.default}
+
+
+def match_output_gate(mul: Node, core: Node, params: set[Node], layer: str) -> GateMatch:
+    """An elementwise gate between the attention output and the output projection: ``attention × act(x·W_g)``,
+    with ``W_g`` a linear of the layer (its own, or the query projection's fused gate part) whose rows are per
+    head. The gate stays in the graph; only its projection's rows are sharded with the heads."""
+    operands = [a for a in mul.args[:2] if isinstance(a, Node)]
+    attention = [a for a in operands if source(a) is core]
+    if len(operands) != 2 or len(attention) != 1:
+        raise MatchError(f"layer {layer}: the attention output is multiplied by something other than a gate")
+    gate = next(a for a in operands if a is not attention[0])
+    node, seen = gate, []
+    while True:
+        node = source(node)
+        seen.append(str(node.target))
+        if node.target is aten.linear.default and source(node.args[1]) in params:
+            break
+        if node.target in GATE_ACTIVATIONS or node.target in (operator.getitem, aten.split_with_sizes.default,
+                                                              aten.split.Tensor):
+            node = node.args[0]
+        else:
+            raise MatchError(
+                f"layer {layer}: the attention output is multiplied by a gate that is not an activation of a linear "
+                f"projection of the layer (found {' <- '.join(seen)})"
+            )
+    return GateMatch(mul, attention[0], gate, node, source(node.args[1]))
 
 
 def match_indexer(gm: GraphModule, layer: str) -> IndexerMatch | None:
@@ -362,8 +417,11 @@ def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -
     if split is None or split.target is not aten.split_with_sizes.default:
         raise MatchError(f"layer {layer}: the non-rotary query is not a split of per-head query states")
     view = split.args[0]
-    while view.target is aten.transpose.int:
-        view = view.args[0]
+    # Through transposes and per-head splits (AXK2 splits each head's query from its output gate) to the view of
+    # the projection into heads.
+    while view.target is aten.transpose.int or (view.target is operator.getitem
+                                                and view.args[0].target is aten.split_with_sizes.default):
+        view = view.args[0] if view.target is aten.transpose.int else view.args[0].args[0]
     linear = source(view)
     if view.target is not aten.view.default or linear.target is not aten.linear.default or source(linear.args[1]) not in params:
         raise MatchError(f"layer {layer}: the query heads do not come from one linear projection")
@@ -410,7 +468,7 @@ def match_layer(captured: CapturedLayer, layer: str) -> MLASparseAttentionMatch:
     gm, params = captured.graph_module, captured.params()
     latent = match_latent_cache(gm, layer)
     kv = match_kv_expansion(latent, params, layer)
-    att = match_attention(kv, layer)
+    att = match_attention(kv, layer, params)
     idx = match_indexer(gm, layer)
     handed = match_handed_selection(gm, layer) if idx is None else None
     if idx is None and handed is None:

@@ -70,7 +70,7 @@ class InsertDCPAttention(GraphPass):
                 label(state[name], InputKind.STATE, name)
         state = {name: state[name] for name in STATE_FIELDS}
         gm.add_submodule(ATTENTION_MODULE, DCPSparseMLA(self.config))
-        with g.inserting_before(m.attention.out_proj):
+        with g.inserting_before(m.attention.output_user):
             call = g.call_module(ATTENTION_MODULE, kwargs=attention_inputs(m, state))
         if self.config.exports_selection:
             with g.inserting_after(call):
@@ -78,7 +78,10 @@ class InsertDCPAttention(GraphPass):
             out = next(n for n in g.nodes if n.op == "output")
             out.args = ([selection if leaf is m.selection_output else leaf for leaf in out.args[0]],)
             call = attention
-        m.attention.out_proj.replace_input_with(m.attention.output, call)
+        if len(m.attention.output.meta["val"].shape) == 4:  # a gate per head reads [B, S, H, v]
+            with g.inserting_after(call):
+                call = g.call_function(aten.unflatten.int, (call, -1, [m.heads, m.kv_expansion.v_dim]))
+        m.attention.output_user.replace_input_with(m.attention.output, call)
 
 
 class RowParallelOutputProjection(GraphPass):

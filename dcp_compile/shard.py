@@ -30,11 +30,16 @@ def head_shard_plan(match: MLASparseAttentionMatch) -> list[ShardedLinear]:
 
     q, kv, out = match.query_projection, match.kv_expansion, match.attention.out_proj
     q_bias = q.linear.args[2] if len(q.linear.args) > 2 else None
-    return [
+    plan = [
         ShardedLinear(name(q.weight), name(q_bias), "colwise", q.head_dim),
         ShardedLinear(name(kv.weight), None, "colwise", kv.nope_dim + kv.v_dim),
         ShardedLinear(name(out.args[1]), None, "rowwise", kv.v_dim),
     ]
+    gate = match.attention.gate
+    if gate is not None and gate.projection is not q.linear:  # a gate projection of its own (not fused with q)
+        rows, bias = gate.weight.meta["val"].shape[0], gate.projection.args[2] if len(gate.projection.args) > 2 else None
+        plan.append(ShardedLinear(name(gate.weight), name(bias), "colwise", rows // match.heads))
+    return plan
 
 
 def _set_param(module: nn.Module, fqn: str, value) -> None:

@@ -181,6 +181,8 @@ class DCPSparseMLA(nn.Module):
         block_table: Tensor,
         past_length: int,
         index_key_new: Tensor | None = None,  # [B, S, Di]  (indexer layers only)
+        sinks: Tensor | None = None,  # [H] a learned sink logit per head in the softmax (HY-V4)
+        q_scale: Tensor | None = None,  # [B, H, S, 1] a factor on the whole query (Mistral-Large-4)
         **selection_inputs: Tensor,  # what the selection reads: index_q [B,S,Hi,Di], index_w [B,S,Hi]; or handed
     ) -> Tensor | tuple[Tensor, Tensor]:
         batch, heads, steps, _ = q_nope.shape
@@ -189,7 +191,9 @@ class DCPSparseMLA(nn.Module):
         self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
         slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
-        o_lat = self.attend(q, state.latent_pool, slots, counts)
+        if q_scale is not None:  # (f·q)·k = f·(q·k): scale the absorbed query
+            q = q * q_scale.transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
+        o_lat = self.attend(q, state.latent_pool, slots, counts, sinks)
         out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
         if self.config.exports_selection:
             return out, pack_selection(slots, counts, batch, steps)
@@ -214,13 +218,20 @@ class DCPSparseMLA(nn.Module):
         q_lat = torch.einsum("bhsn,hnc->bshc", q_nope, w_uk)
         return torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(batch * steps, heads, -1)
 
-    def attend(self, q: Tensor, latent_pool: Tensor, slots: Tensor, counts: Tensor) -> Tensor:
+    def attend(self, q: Tensor, latent_pool: Tensor, slots: Tensor, counts: Tensor, sinks: Tensor | None = None) -> Tensor:
         """§4.4-4.6: gather every rank's heads, attend over this rank's selected rows, merge by LSE back to
-        this rank's heads: [T, H, d_c] in the query's dtype."""
+        this rank's heads: [T, H, d_c] in the query's dtype.
+
+        Attention sinks add exp(sink_h) to each head's softmax denominator and nothing to its output, so the
+        merged output is scaled by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), lse being the merged
+        log-sum-exp of the head over every rank's rows."""
         c, world = self.config, self.config.layout.world
         q_all = all_gather_heads(q, c.group_name, world)
         out, lse = torch.ops.dcp.sparse_mla_attn(q_all, latent_pool, slots, counts, c.attn_scale, c.latent_dim)
-        return lse_merge(out, lse, c.group_name, world).to(q.dtype)
+        if sinks is None:
+            return lse_merge(out, lse, c.group_name, world).to(q.dtype)
+        merged, total = lse_merge(out, lse, c.group_name, world, lse_of_rank=c.rank)
+        return (merged * torch.sigmoid(total - sinks.to(total.dtype))[..., None]).to(q.dtype)
 
     def values_out(self, o_lat: Tensor, kv_b_weight: Tensor) -> Tensor:
         """§4.7: o_h = o_lat_h · W_UV_hᵀ: [T, H, v]."""

@@ -73,6 +73,14 @@ class GateMatch:
 
 
 @dataclass
+class QueryScaleMatch:
+    """The whole query (non-rotary and rotary parts) multiplied by one factor per batch, head and token."""
+
+    factor: Node  # [B, H, S, 1]
+    params: list[Node]  # the per-head parameters it is computed from ([H] each: sharded with the heads)
+
+
+@dataclass
 class AttentionMatch:
     core: Node
     query_nope: Node  # [B, H, S, nope]
@@ -83,6 +91,8 @@ class AttentionMatch:
     out_proj: Node  # the output projection (aten.linear)
     mask: Node | None = None  # the mask the core applies to the scores (None: none)
     gate: GateMatch | None = None  # an elementwise gate between the attention output and the output projection
+    sinks: Node | None = None  # a per-head sink logit parameter [H] in the softmax (HY-V4)
+    query_scale: QueryScaleMatch | None = None  # a per-(batch, head, token) factor on the query (Mistral-Large-4)
 
     @property
     def output_user(self) -> Node:
@@ -216,18 +226,22 @@ def match_kv_expansion(latent: LatentCacheMatch, params: set[Node], layer: str) 
     return KVExpansionMatch(linear, source(linear.args[1]), nope_dim, v_dim, values)
 
 
-def _sdpa_query_scale_mask(core: Node, layer: str) -> tuple[Node, float, Node | None]:
+def _sdpa_core(core: Node, layer: str, params: set[Node]) -> tuple[Node, float, Node | None, Node | None]:
     query = source(core.args[0])
     scale = core.kwargs.get("scale")
     mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
-    return query, (1.0 / math.sqrt(query.meta["val"].shape[-1]) if scale is None else scale), mask
+    return query, (1.0 / math.sqrt(query.meta["val"].shape[-1]) if scale is None else scale), mask, None
 
 
-def _eager_query_scale_mask(pv: Node, layer: str) -> tuple[Node, float, Node | None]:
+def _eager_core(pv: Node, layer: str, params: set[Node]) -> tuple[Node, float, Node | None, Node | None]:
     probs = source(pv.args[0])
     if probs.target not in (aten.softmax.int, aten._softmax.default):
         raise MatchError(f"layer {layer}: the values are multiplied by something other than softmax probabilities")
-    node, scale, mask = probs.args[0], 1.0, None
+    node, scale, mask, sinks = probs.args[0], 1.0, None, None
+    if node.target is aten.sub.Tensor and _is_row_max(node.args[1], node.args[0]):
+        node = node.args[0]  # softmax(x - max(x)): a stabiliser, the same softmax
+    if node.target is aten.cat.default:
+        node, sinks = _sinks(node, probs, pv, params, layer)
     while node.target is not aten.matmul.default:
         if node.target is aten.mul.Tensor and _scalar(node.args[1]) is not None:
             scale *= _scalar(node.args[1])
@@ -241,15 +255,47 @@ def _eager_query_scale_mask(pv: Node, layer: str) -> tuple[Node, float, Node | N
             node, mask = node.args[0], node.args[1]
         else:
             raise MatchError(f"layer {layer}: cannot follow the attention scores through {node.target}")
-    return source(node.args[0]), scale, mask
+    return source(node.args[0]), scale, mask, sinks
+
+
+def _is_row_max(node: Node, of: Node) -> bool:
+    node = source(node)
+    if node.target is operator.getitem and node.args[1] == 0:
+        node = node.args[0]
+    return node.target in (aten.max.dim, aten.amax.default) and node.args[0] is of
+
+
+def _sinks(cat: Node, probs: Node, pv: Node, params: set[Node], layer: str) -> tuple[Node, Node]:
+    """Attention sinks (HY-V4): one learned logit per head concatenated to the scores as an extra column, which
+    takes part in the softmax and is dropped before the values: ``softmax([s, sink])[..., :-1] @ v``."""
+    parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
+    sink = source(parts[1]) if len(parts) == 2 else None
+    last = (dim == -1 or dim == len(cat.meta["val"].shape) - 1)
+    dropped = [n for n in _between(pv.args[0], probs) if n.target is aten.slice.Tensor]
+    if sink not in params or not last or len(sink.meta["val"].shape) != 1 or len(dropped) != 1 \
+            or tuple(dropped[0].args[2:4]) != (0, -1):
+        raise MatchError(
+            f"layer {layer}: the attention scores are concatenated with something before the softmax that is not "
+            f"one learned sink logit per head (an extra column dropped before the values)"
+        )
+    return parts[0], sink
+
+
+def _between(node: Node, stop: Node) -> list[Node]:
+    """The TRANSPARENT nodes from ``node`` back to ``stop``."""
+    out = []
+    while node is not stop and isinstance(node, Node) and node.target in TRANSPARENT:
+        out.append(node)
+        node = node.args[0]
+    return out
 
 
 # The attention cores the match understands, keyed by the op that consumes the values: each gives the
-# attention's query, softmax scale and the mask it applies. HF's "eager" core is matmul → softmax → matmul;
-# "sdpa" is one op.
+# attention's query, softmax scale, the mask it applies and its attention sinks (or None). HF's "eager" core is
+# matmul → softmax → matmul; "sdpa" is one op.
 ATTENTION_CORES = {
-    aten.matmul.default: _eager_query_scale_mask,
-    aten.scaled_dot_product_attention.default: _sdpa_query_scale_mask,
+    aten.matmul.default: _eager_core,
+    aten.scaled_dot_product_attention.default: _sdpa_core,
 }
 
 
@@ -261,7 +307,10 @@ def match_attention(kv: KVExpansionMatch, layer: str, params: set[Node] = frozen
             f"values; attention implementations other than 'eager' and 'sdpa' are not supported"
         )
     core = cores[0]
-    query, scale, mask = ATTENTION_CORES[core.target](core, layer)
+    query, scale, mask, sinks = ATTENTION_CORES[core.target](core, layer, params)
+    query_scale = None
+    if query.target is aten.mul.Tensor and all(isinstance(a, Node) for a in query.args[:2]):
+        query, query_scale = _scaled_query(query, params, layer)
     if query.target is not aten.cat.default or len(query.args[0]) != 2:
         raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
     q_nope, q_rope = query.args[0]
@@ -275,7 +324,34 @@ def match_attention(kv: KVExpansionMatch, layer: str, params: set[Node] = frozen
         raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
     out_proj = projections[0]
     output = gate.attention if gate is not None else out_proj.args[0]
-    return AttentionMatch(core, q_nope, q_rope, float(scale), output, out_proj, mask, gate)
+    return AttentionMatch(core, q_nope, q_rope, float(scale), output, out_proj, mask, gate, sinks, query_scale)
+
+
+def _scaled_query(mul: Node, params: set[Node], layer: str) -> tuple[Node, QueryScaleMatch]:
+    """``cat(q_nope, q_rope) × f`` with ``f`` one factor per (batch, head, token) — Mistral-Large-4's
+    position-dependent softmax scaling, ``(scale_h·log(pos + 1) + bias_h)`` — applied to the whole query."""
+    query, factor = (source(a) for a in mul.args[:2])
+    if query.target is not aten.cat.default:
+        query, factor = factor, query
+    q_shape, f_shape = query.meta["val"].shape, mul.args[1 if source(mul.args[0]) is query else 0].meta["val"].shape
+    per_head = [p for p in _ancestors(factor) if p in params]
+    if (query.target is not aten.cat.default or len(f_shape) != len(q_shape) or f_shape[-1] != 1
+            or any(len(p.meta["val"].shape) != 1 or p.meta["val"].shape[0] != q_shape[1] for p in per_head)):
+        raise MatchError(
+            f"layer {layer}: the attention query is multiplied by something that is not one factor per batch, head "
+            f"and token computed from per-head parameters"
+        )
+    return query, QueryScaleMatch(mul.args[1 if source(mul.args[0]) is query else 0], per_head)
+
+
+def _ancestors(node: Node) -> list[Node]:
+    seen, todo = {}, [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen[n] = None
+            todo.extend(n.all_input_nodes)
+    return list(seen)
 
 
 # Elementwise activations a gate on the attention output may apply to its projection (AXK2, Dots3Note, HY-V4:

@@ -49,6 +49,10 @@ def attention_inputs(match: MLASparseAttentionMatch, state: dict[str, Node]) -> 
         inputs.update(index_key_new=m.indexer.key_new, index_q=m.indexer.query, index_w=m.indexer.weights)
     if m.handed is not None:
         inputs.update(handed=m.handed.indices)
+    if m.attention.sinks is not None:
+        inputs.update(sinks=m.attention.sinks)
+    if m.attention.query_scale is not None:
+        inputs.update(q_scale=m.attention.query_scale.factor)
     return dict(inputs, mask=m.mask, kv_b_weight=m.kv_expansion.weight, **state)
 
 

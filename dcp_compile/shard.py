@@ -39,6 +39,10 @@ def head_shard_plan(match: MLASparseAttentionMatch) -> list[ShardedLinear]:
     if gate is not None and gate.projection is not q.linear:  # a gate projection of its own (not fused with q)
         rows, bias = gate.weight.meta["val"].shape[0], gate.projection.args[2] if len(gate.projection.args) > 2 else None
         plan.append(ShardedLinear(name(gate.weight), name(bias), "colwise", rows // match.heads))
+    # One value per head (sink logits; the query scaling's parameters): vectors, kept by head like colwise rows.
+    per_head = [match.attention.sinks] if match.attention.sinks is not None else []
+    per_head += match.attention.query_scale.params if match.attention.query_scale is not None else []
+    plan += [ShardedLinear(name(p), None, "colwise", 1) for p in per_head]
     return plan
 
 

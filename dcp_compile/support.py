@@ -17,6 +17,7 @@ each is a deterministic function of the model and its weights, every rank raises
 from __future__ import annotations
 
 import inspect
+from collections.abc import MutableMapping
 
 import torch
 from torch import nn
@@ -126,17 +127,35 @@ class _LayerView:
         setattr(self._layer, name, value)
 
 
-def _cache_uses(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Per module (the innermost running), the cache attributes it used in one probe step, in first-use order."""
+def _cache_uses(model: nn.Module) -> tuple[dict[nn.Module, list[str]], dict[nn.Module, list[str]]]:
+    """Per module (the innermost running), the cache attributes it used in one probe step, in first-use order;
+    and per module, the dict arguments it stored tensors into (state handed to other layers outside the cache)."""
+    stores: dict[nn.Module, list[str]] = {}
+    before: dict[nn.Module, list] = {}
+
+    def pre(module, args, kwargs):
+        before[module] = [(name, d, dict(d)) for name, d in kwargs.items() if isinstance(d, MutableMapping)]
+
+    def post(module, args, kwargs, out):
+        for name, d, old in before.pop(module, []):
+            changed = d.keys() != old.keys() or any(d[k] is not v for k, v in old.items())
+            if changed and name not in stores.setdefault(module, []):
+                stores[module].append(name)
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
+                                                     m.register_forward_hook(post, with_kwargs=True))]
     try:
         _, cache = _run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
     except Exception:  # noqa: BLE001 — the watch itself tripped the model (the plain probe ran): nothing to report
-        return {}
+        return {}, {}
+    finally:
+        for h in handles:
+            h.remove()
     uses: dict[nn.Module, list[str]] = {}
     for module, attr in cache.uses:
         if attr not in uses.setdefault(module, []):
             uses[module].append(attr)
-    return uses
+    return uses, stores
 
 
 # --- the layers the probe found ---------------------------------------------------------------------------------------
@@ -145,7 +164,7 @@ def check_layers(model: nn.Module, layers: list) -> None:
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__}: no layer updates a KV cache; nothing to rewrite")
     names = {m: n for n, m in model.named_modules()}
-    uses = _cache_uses(model)
+    uses, stores = _cache_uses(model)
     problems: list[tuple[str, str]] = []  # ("layer <name>", why); the why does not repeat the name
     inside = set()
     selecting = None  # (name, rejected) of the last layer with an indexer of its own
@@ -154,7 +173,12 @@ def check_layers(model: nn.Module, layers: list) -> None:
         inside |= sub.keys()
         extra = {m: [a for a in attrs if a not in _TRACEABLE] for m, attrs in uses.items() if m in sub}
         extra = {m: attrs for m, attrs in extra.items() if attrs}
-        if extra:
+        if layer.module in stores:
+            problems.append((f"layer {layer.name}", (
+                f"stores its latent cache rows in {', '.join(f'`{a}`' for a in stores[layer.module])} for later layers "
+                f"to attend (cross-layer KV sharing): under DCP no rank holds those rows whole, and a layer reading "
+                f"them does not call cache.update, so dcp_compile cannot rewrite either")))
+        elif extra:
             indexer = model.get_submodule(layer.indexer_module) if layer.indexer_module else None
             problems.append((f"layer {layer.name}", _own_cache_state(layer, sub, extra, indexer)))
         elif (heads := _cached_heads(layer)) > 1:
@@ -172,7 +196,12 @@ def check_layers(model: nn.Module, layers: list) -> None:
     # get_seq_length) keeps state of its own there.
     around = {m for layer in layers for m in _ancestors(model, layer.name)}
     for module, attrs in uses.items():
-        if module not in inside and module not in around:
+        if module not in inside and module not in around and attrs == ["update_indexer"]:
+            problems.append((f"module {names[module]}", (
+                "uses cache.update_indexer, but its attention layer never calls cache.update: a layer attending a "
+                "latent cache it does not write (another layer's: cross-layer KV sharing), which dcp_compile "
+                "cannot rewrite")))
+        elif module not in inside and module not in around:
             problems.append((f"module {names[module]}", (
                 f"uses {_calls(attrs)}: it keeps state of its own in the cache (not attention keys: linear-attention "
                 f"or recurrent state, say), which the sharded DCP cache does not hold")))

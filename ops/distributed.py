@@ -105,18 +105,24 @@ def distributed_topk(
     )
 
 
-def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int) -> Tensor:
+def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,
+              lse_of_rank: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Merge the partial attention of all ranks of the DCP group (docs/design.md §4.6).
 
     out [T, world·H, D], lse [T, world·H] this rank's partial over its own rows, for every gathered head ->
     [T, H, D] exact attention for this rank's own H heads: all-gather lse, rescale (``dcp::lse_combine``),
     reduce-scatter heads. Returned in float32 (float64 for float64 inputs); the caller casts. (The split-K
     combine inside one rank's attention kernel is another thing: ``ops/triton/merge_partials.py``.)
+    With ``lse_of_rank`` (this rank's index in the group) it also returns the merged lse of its own heads,
+    [T, H] (natural log, -inf where no rank has rows), from the lse it gathered anyway.
     """
     if world == 1:
-        return out
+        return out if lse_of_rank is None else (out, lse)
     lse_all = all_gather(lse.unsqueeze(0), 0, group_name, world)  # [world, T, world·H]
     scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
     heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
-    mine = reduce_scatter_sum(heads_first, group_name, world)  # [H, T, D]
-    return mine.transpose(0, 1)
+    mine = reduce_scatter_sum(heads_first, group_name, world).transpose(0, 1)  # [T, H, D]
+    if lse_of_rank is None:
+        return mine
+    heads = lse.shape[1] // world
+    return mine, torch.logsumexp(lse_all[:, :, lse_of_rank * heads : (lse_of_rank + 1) * heads], dim=0)

@@ -174,22 +174,26 @@ def tiny_model(model_class, cfg, seed: int = 0, dtype=None, attn_implementation:
     return model.eval()
 
 
+# The shapes of the tiny MLA models of the tests (config keyword arguments), for any MLA family: 4 heads, latent
+# 32 + rotary 8, no-RoPE 16, value 16, a small MoE; TINY_INDEXER adds an 8-head lightning indexer keeping 8.
+TINY_MLA = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+    num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+    eos_token_id=None,
+)
+TINY_INDEXER = dict(index_topk=8, index_head_dim=16, index_n_heads=8)
+
+
 # DeepSeek-V3 / R1 (and Kimi-K2, the same architecture): dense MLA, no indexer. The structure of the real config
 # (q_lora 1536: q_a_proj → norm → q_b_proj; kv_lora 512; rope 64 interleaved; nope 128; v 128; the first layers
 # dense, then MoE), scaled down.
-_DENSE_MLA = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
-    v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=4096,
-    pad_token_id=0, bos_token_id=1, eos_token_id=None,
-)
-
-
 def tiny_deepseek_v3(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """A tiny DeepSeek-V3 (``DeepseekV3ForCausalLM``): 2 layers (dense MLP, then MoE), 4 MLA heads, q_lora 32."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(**{**_DENSE_MLA, "q_lora_rank": 32, "n_group": 1, "topk_group": 1, **overrides})
+    cfg = DeepseekV3Config(**{**TINY_MLA, "num_hidden_layers": 2, "first_k_dense_replace": 1, "q_lora_rank": 32,
+                              "n_group": 1, "topk_group": 1, **overrides})
     return tiny_model(DeepseekV3ForCausalLM, cfg, seed, dtype, attn_implementation)
 
 
@@ -198,7 +202,8 @@ def tiny_deepseek_v2(seed: int = 0, dtype=None, attn_implementation: str = "eage
     V2-Lite), complex-valued rotary embedding, 2 layers (dense MLP, then MoE), 4 MLA heads."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    cfg = DeepseekV2Config(**{**_DENSE_MLA, "q_lora_rank": None, **overrides})
+    cfg = DeepseekV2Config(**{**TINY_MLA, "num_hidden_layers": 2, "first_k_dense_replace": 1, "q_lora_rank": None,
+                              **overrides})
     return tiny_model(DeepseekV2ForCausalLM, cfg, seed, dtype, attn_implementation)
 
 

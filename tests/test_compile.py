@@ -27,16 +27,21 @@ def counting_inductor(graphs: list):
 
 
 def compiled_generate(rank, world):
+    # float32: HF's float64 MoE path (per-expert loops) breaks Dynamo graphs; the grouped-mm path does not.
+    return compiled_run(tiny_deepseek_v32(seed=0, dtype=torch.float32), world, prompt(), NEW_TOKENS)
+
+
+def compiled_run(model, world, ids, new_tokens):
+    """apply (page size 4), compile the forward with Inductor and greedy-generate: (tokens, logits, how many
+    Dynamo graphs, the dcp/collective ops of each graph)."""
     from torch._dynamo.utils import counters
     from torch.distributed.device_mesh import init_device_mesh
 
-    # float32: HF's float64 MoE path (per-expert loops) breaks Dynamo graphs; the grouped-mm path does not.
-    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
     dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
     counters.clear()
     graphs: list = []
     model.forward = torch.compile(model.forward, backend=counting_inductor(graphs))
-    out = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits), counters["stats"]["unique_graphs"], graphs
 

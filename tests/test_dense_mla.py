@@ -52,18 +52,10 @@ def _compile_prompt():
 
 
 def _compiled(world):
-    from test_compile import counting_inductor
-    from torch._dynamo.utils import counters
-    from torch.distributed.device_mesh import init_device_mesh
+    from test_compile import compiled_run
 
     model = tiny_deepseek_v3(dtype=torch.float32, num_hidden_layers=COMPILE_LAYERS)
-    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=PAGE)
-    counters.clear()
-    graphs: list = []
-    model.forward = torch.compile(model.forward, backend=counting_inductor(graphs))
-    out = model.generate(_compile_prompt(), max_new_tokens=COMPILE_TOKENS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits), counters["stats"]["unique_graphs"], graphs
+    return compiled_run(model, world, _compile_prompt(), COMPILE_TOKENS)
 
 
 def rank_main(rank, world):
@@ -141,3 +133,54 @@ def test_dense_mla_compiled_generate_matches_hf_with_two_graphs():
             assert sum(v for k, v in g.items() if "all_gather" in k) == 2 * layers, g  # q, lse
             assert sum(v for k, v in g.items() if "reduce_scatter" in k) == layers, g
             assert sum(v for k, v in g.items() if "all_reduce" in k) == layers, g  # o_proj
+
+
+def test_owned_rows_are_every_causal_unmasked_row_of_the_rank_compacted_in_order():
+    from dcp_compile.attention import AttentionConfig, OwnedRows, StepPositions
+    from dcp_compile.contract import LayerCacheState
+    from dcp_compile.layout import DCPLayout
+
+    batch, past, steps, pad = 2, 9, 3, (0, 5)  # sequence 1 is left padded by 5 positions
+    total = past + steps
+    for world, interleave in ((1, 1), (2, 1), (3, 2)):
+        layout = DCPLayout(world, interleave, PAGE)
+        for rank in range(world):
+            pages = -(-layout.local_bound(total) // PAGE)
+            block_table = (torch.arange(batch * pages, dtype=torch.int32).flip(0) * 2).view(batch, pages)  # odd order
+            mask = torch.ones(batch, 1, steps, total, dtype=torch.bool)
+            for b, p in enumerate(pad):
+                mask[b, ..., :p] = False
+            config = AttentionConfig(heads=1, nope_dim=1, rope_dim=1, latent_dim=1, v_dim=1, topk=None, attn_scale=1.0,
+                                     index_scale=None, layout=layout, rank=rank, group_name=None, selection="owned_rows")
+            at = StepPositions.of(layout, rank, block_table, past, steps, batch)
+            slots, counts = OwnedRows(config).select(mask, LayerCacheState(None, None, block_table, past), at)
+            assert slots.shape == (batch * steps, layout.local_bound(total))
+            for t in range(batch * steps):
+                b, q = t // steps, past + t % steps
+                mine = [p for p in range(pad[b], q + 1) if int(layout.owner(p)) == rank]  # position order
+                want = [int(layout.slot(block_table[b], torch.tensor([layout.local_index(p)]))) for p in mine]
+                n = int(counts[t])
+                assert slots[t, :n].tolist() == want and (slots[t, n:] == -1).all(), (world, rank, t, slots[t], want)
+
+
+def test_dense_layer_whose_mask_is_changed_before_attention_is_rejected():
+    """Without an indexer the layer must attend what its attention mask allows: a mask the layer changes itself
+    (a selection dcp_compile does not know) is a MatchError naming the layer, not a silently wrong rewrite."""
+    from dcp_compile.api import capture_and_match
+    from dcp_compile.capture import probe_layers
+    from dcp_compile.match import MatchError
+
+    model = tiny_deepseek_v3(attn_implementation="sdpa")
+    attn = model.model.layers[0].self_attn
+    forward = attn.forward
+
+    def banded(*args, attention_mask=None, **kwargs):  # keep only the last 4 positions: a selection of its own
+        if attention_mask is not None:  # (sdpa's prefill without padding has none)
+            band = torch.ones_like(attention_mask).tril(attention_mask.shape[-1] - attention_mask.shape[-2])
+            attention_mask = attention_mask & band.triu(attention_mask.shape[-1] - attention_mask.shape[-2] - 3)
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    attn.forward = banded
+    with pytest.raises(MatchError, match=r"layer model.layers.0.self_attn: .* attention core applies a mask computed "
+                                         r"by aten.__and__.*, not the layer's attention_mask input"):
+        capture_and_match(probe_layers(model)[0])

@@ -18,19 +18,14 @@ from functools import lru_cache
 import torch
 
 import dcp_compile
-from dcp_compile.testing import TopkGapRecorder, left_padded_prompts, run_ranks, tiny_model
+from dcp_compile.testing import TINY_INDEXER, TINY_MLA, TopkGapRecorder, left_padded_prompts, run_ranks, tiny_model
 from test_errors import _raises
 
 NEW_TOKENS = 12
-TOPK = 8
+TOPK = TINY_INDEXER["index_topk"]
 LOGIT_TOL = 1e-5
 MIN_TOPK_GAP = 2e-5
-_COMMON = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
-    num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=32, qk_rope_head_dim=8,
-    v_head_dim=16, qk_nope_head_dim=16, index_topk=TOPK, index_head_dim=16, index_n_heads=8,
-    max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-)
+_COMMON = dict(TINY_MLA, **TINY_INDEXER)
 PROMPTS = {"hy_v4": (23, 23), "mistral_large4": (9, 23)}
 SEEDS = {"hy_v4": 4, "mistral_large4": 3}  # prompts without a near tie at either model's top-k boundary
 

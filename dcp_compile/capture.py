@@ -18,6 +18,7 @@ the cache and where the full cache is read back.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +237,8 @@ class CapturedLayer:
     step_path: tuple  # an input with a query-token dimension, and that dimension
     step_dim: int
     mask: torch.fx.Node | None  # the placeholder of the attention mask (the input with a total-length dim)
+    traces: int = 1  # make_fx runs it took (the past length grows until every top-k size is a constant)
+    config_reads: frozenset[str] = frozenset()  # the model config attributes the traced code read
 
     def params(self) -> set[torch.fx.Node]:
         return set(placeholders(self.graph_module, InputKind.PARAM)) | set(placeholders(self.graph_module, InputKind.BUFFER))
@@ -262,12 +265,15 @@ MAX_PAST_LEN = 1 << 22
 
 def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedLayer:
     """Trace ``layer`` (growing the past length as needed) into a flat, labelled ``CapturedLayer``."""
-    while True:
-        gm, out_tree = trace_layer(layer, past_len)
-        topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
-        if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
-            break
-        past_len = past_len * 4 + 3
+    traces = 0
+    with _recording_config_reads(layer.module) as reads:
+        while True:
+            gm, out_tree = trace_layer(layer, past_len)
+            traces += 1
+            topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
+            if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
+                break
+            past_len = past_len * 4 + 3
     _flat_codegen(gm)
     _label_placeholders(layer, gm)
     leaves, _ = _leaves(layer)
@@ -278,7 +284,8 @@ def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedL
     inputs = placeholders(gm, InputKind.INPUT)
     specs = [v for _, v in leaves if isinstance(v, ProbedTensor)]
     masks = [node for node, spec in zip(inputs, specs) if TOTAL in spec.roles]
-    return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None)
+    return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None,
+                         traces, frozenset(reads))
 
 
 def _flat_codegen(gm: torch.fx.GraphModule) -> None:
@@ -354,3 +361,109 @@ def trace_layer(layer: LayerCall, past_len: int):
     with mode:
         gm = make_fx(run, tracing_mode="symbolic", pre_dispatch=True)(params, inputs, *pasts)
     return gm, out_holder["tree"]
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+# --- which layers can share one trace ------------------------------------------------------------------------------
+_PER_LAYER_ATTRS = frozenset({"layer_idx", "layer_id", "layer_number"})  # a layer's own index: not part of its shape
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    placements = tuple(map(str, t.placements)) if _is_dtensor(t) else ()
+    return tuple(t.shape), t.dtype, t.device.type, type(t).__name__, placements
+
+
+def _spec_key(spec: ProbedTensor | None):
+    return None if spec is None else (spec.shape, spec.dtype, spec.device.type, spec.roles)
+
+
+def layer_signature(layer: LayerCall) -> tuple:
+    """What a layer's trace depends on, as far as it can be read before tracing: layers with equal signatures
+    give the same captured graph up to which module's parameters it reads (placeholders name parameters relative
+    to the layer), so one trace, match and rewrite serve them all. It holds the module tree (submodule names and
+    classes, and their plain attributes other than the layer's own index: head counts, scaling, flags), each
+    parameter's and buffer's name, shape, dtype, device and placement, the recorded call (tensor shapes, dtypes
+    and dim roles; the other argument values) and the cache rows. What the trace read
+    from the model config is checked after the trace (``per_layer_config``)."""
+    module = layer.module
+    tree = []
+    for name, sub in module.named_modules():
+        attrs = tuple((k, _frozen(v)) for k, v in sorted(vars(sub).items())
+                      if not k.startswith("_") and k not in _PER_LAYER_ATTRS and _plain(v))
+        tree.append((name, type(sub).__module__, type(sub).__qualname__, attrs))
+    tensors = [("param", n, _tensor_key(t)) for n, t in module.named_parameters()]
+    tensors += [("buffer", n, _tensor_key(t)) for n, t in module.named_buffers()]
+    leaves, spec = _leaves(layer)
+    call = tuple(
+        _spec_key(v) if isinstance(v, ProbedTensor) else ("CACHE" if isinstance(v, _CacheSlot) else
+                                                          (repr(v) if _plain(v) else type(v).__qualname__))
+        for _, v in leaves
+    )
+    prefix = layer.name + "."
+    indexer = layer.indexer_module
+    if indexer is not None and indexer.startswith(prefix):
+        indexer = indexer[len(prefix):]
+    return (tuple(tree), tuple(tensors), call, str(spec), layer.arg_names,
+            tuple(_spec_key(s) for s in (layer.key_rows, layer.value_rows, layer.index_rows)), indexer)
+
+
+def _configs(module: nn.Module) -> list:
+    """The model configs the layer's modules hold (HF modules keep ``self.config``)."""
+    found = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if hasattr(value, "to_dict") and hasattr(value, "num_hidden_layers"):
+                found[id(value)] = value
+    return list(found.values())
+
+
+@contextmanager
+def _recording_config_reads(module: nn.Module):
+    """The names of the config attributes read while the context is open (the config's class is swapped for a
+    subclass that records every attribute read, and swapped back)."""
+    reads: set[str] = set()
+    swapped = []
+    for config in _configs(module):
+        cls = type(config)
+
+        def getattribute(self, name, _cls=cls):
+            reads.add(name)
+            return _cls.__getattribute__(self, name)
+
+        config.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__})
+        swapped.append((config, cls))
+    try:
+        yield reads
+    finally:
+        for config, cls in swapped:
+            config.__class__ = cls
+
+
+def per_layer_config(layer: LayerCall, reads: frozenset[str]) -> tuple:
+    """This layer's entries of the config's per-layer lists (one entry per layer: ``layer_types``...) among the
+    attributes a trace read: two layers whose signatures are equal share a trace only if these are equal too."""
+    out = []
+    for config in _configs(layer.module):
+        n = getattr(config, "num_hidden_layers", None)
+        for name in sorted(reads):
+            value = getattr(config, name, None)
+            if isinstance(value, (list, tuple)) and len(value) == n and 0 <= layer.layer_idx < len(value):
+                out.append((name, repr(value[layer.layer_idx])))
+    return tuple(out)

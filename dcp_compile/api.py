@@ -7,8 +7,10 @@ layer's own parameters by name. A real model (DeepSeek-V3.2: 61 layers) thus cos
 layer. Each stage logs one line on rank 0 (logger ``dcp_compile``, INFO).
 
 Everything that can reject the request (mesh shape, dcp_size, dtype, a layer that is not MLA sparse
-attention, heads not divisible by the mesh) is checked before the first collective (creating the DCP
-process groups), so a bad call fails the same way on every rank and never hangs.
+attention, heads not divisible by the mesh, attention weights HF sharded otherwise than by head) is checked
+before the first collective of apply (creating the DCP process groups), so a bad call fails the same way on
+every rank and never hangs. (A model loaded with HF tensor parallelism runs HF's collectives in the probe
+forwards, on every rank alike.)
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from .attention import AttentionConfig
 from .cache import CacheFormat
 from .capture import CapturedLayer, LayerCall, capture_layer, layer_signature, per_layer_config, probe_layers
 from .hf_integration import install_hooks
+from .hf_parallel import tensor_parallel_mesh, tp_wrapped_submodules
 from .install import DCPLayerForward, install
 from .layout import DCPLayout
 from .match import MatchError, MLASparseAttentionMatch, match_layer  # noqa: F401  (MatchError: re-export)
 from .passes import dcp_passes
 from .runtime import DCPRuntime
-from .shard import shard_heads
+from .shard import check_head_shards, shard_heads
 from .support import UnsupportedModelError, check_layers, check_model  # noqa: F401  (UnsupportedModelError: re-export)
 
 logger = logging.getLogger("dcp_compile")
@@ -76,6 +79,8 @@ def _validate(model: nn.Module, mesh, dcp_size: int | None, page_size: int, inte
 def _find_layers(model: nn.Module) -> list[LayerCall]:
     layers = probe_layers(model)
     check_layers(model, layers)  # UnsupportedModelError naming the layer and the piece dcp_compile cannot rewrite
+    for layer in layers:  # HF tensor parallelism's forward wrappers, which the trace runs around
+        layer.wrapped = tp_wrapped_submodules(model, layer.name, layer.module)
     return layers
 
 
@@ -153,11 +158,13 @@ def _dcp_group(mesh, tp_rank: int, tp_size: int, dcp_size: int) -> tuple[str | N
     return tp_name, mine
 
 
-def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 64, interleave: int = 1,
+def apply(model: nn.Module, mesh=None, dcp_size: int | None = None, page_size: int = 64, interleave: int = 1,
           cache_budget_tokens: int | None = None, verify_ranks: bool = True) -> nn.Module:
     """Rewrite every MLA sparse-attention layer of ``model`` for decode context parallelism over ``mesh``.
 
-    mesh: 1-D DeviceMesh over the attention tensor-parallel group (every rank runs the same script).
+    mesh: 1-D DeviceMesh over the attention tensor-parallel group (every rank runs the same script). None: the
+        tensor-parallel mesh of a model loaded with Hugging Face tensor parallelism
+        (``from_pretrained(distributed_config=DistributedConfig(tp_plan="auto"))``; ``tensor_parallel_mesh``).
     dcp_size: ranks sharing one KV cache (divides mesh.size(); default all of them; 1 = plain TP with a
         replicated cache). Groups are contiguous: DCP rank = TP rank mod dcp_size.
     page_size: physical rows per cache page on each rank. interleave: consecutive tokens kept on one rank.
@@ -171,7 +178,14 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     """
     if isinstance(getattr(model, "dcp", None), DCPRuntime):
         raise RuntimeError(f"dcp_compile.apply was already applied to this {type(model).__name__}; apply it once")
-    check_model(model)  # e.g. loaded with HF tensor parallelism: rejected before any probe
+    check_model(model)  # e.g. DTensors not placed by HF tensor parallelism: rejected before any probe
+    if mesh is None:
+        mesh = tensor_parallel_mesh(model)
+        if mesh is None:
+            raise ValueError(
+                "apply needs a mesh: a 1-D DeviceMesh over the tensor-parallel ranks (only a model loaded with Hugging "
+                "Face tensor parallelism brings its own)"
+            )
     dcp_size = _validate(model, mesh, dcp_size, page_size, interleave)
     tp_size, tp_rank = mesh.size(), mesh.get_local_rank()
     stats = {"layers": 0, "distinct_layers": 0, "traces": 0, "seconds": {}}
@@ -179,7 +193,8 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
     was_training = model.training
     model.eval()
 
-    # Find, capture and match every distinct layer; all of it local, so a rejection is the same on every rank.
+    # Find, capture and match every distinct layer; all of it local, so a rejection is the same on every rank
+    # (the probe forwards of a model loaded with HF tensor parallelism run its collectives, on every rank alike).
     layers = _find_layers(model)
     stats["layers"] = len(layers)
     progress("probe", f"found {len(layers)} attention layers")
@@ -190,7 +205,9 @@ def apply(model: nn.Module, mesh, dcp_size: int | None = None, page_size: int = 
         if group.match.heads % tp_size:
             raise ValueError(f"layer {group.describe()}: {group.match.heads} attention heads are not divisible by "
                              f"the mesh size {tp_size}")
-    fingerprint = weight_fingerprint(model)  # before head sharding: every rank still holds the whole model
+        for layer in group.layers:  # HF tensor parallelism's head shards, if any, are the ones apply would cut
+            check_head_shards(layer.module, replace(group.match, layer=layer.name), mesh)
+    fingerprint = weight_fingerprint(model)  # before apply shards heads: replicated weights are whole everywhere
     progress("fingerprint", "fingerprinted the weights")
 
     # From here on, collectives (process groups).

@@ -102,6 +102,9 @@ class LayerCall:
     value_rows: ProbedTensor | None = None
     index_rows: ProbedTensor | None = None  # the new rows given to cache.update_indexer
     indexer_module: str | None = None  # the module that called cache.update_indexer (named in errors)
+    # Submodules (names in the layer) whose forward the instance replaced to run it in parallel (HF tensor
+    # parallelism wraps its sharded linears so): the trace runs their class's own forward, see trace_layer.
+    wrapped: tuple[str, ...] = ()
 
 
 class _CacheSlot:
@@ -328,6 +331,9 @@ def trace_layer(layer: LayerCall, past_len: int):
         return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn))
 
     def static(t):
+        if _is_dtensor(t):  # sharded by HF's tensor parallelism: the trace sees the whole (global) parameter
+            with mode:
+                return torch.empty(t.shape, dtype=t.dtype, device=t.device)
         return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim()))
 
     named = [(n, p) for n, p in layer.module.named_parameters()] + [(n, b) for n, b in layer.module.named_buffers()]
@@ -358,7 +364,7 @@ def trace_layer(layer: LayerCall, past_len: int):
         flat, out_holder["tree"] = pytree.tree_flatten(out)
         return flat
 
-    with mode:
+    with mode, _own_forwards(module, layer.wrapped):
         gm = make_fx(run, tracing_mode="symbolic", pre_dispatch=True)(params, inputs, *pasts)
     return gm, out_holder["tree"]
 
@@ -369,6 +375,23 @@ def _is_dtensor(t) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return isinstance(t, DTensor)
+
+
+@contextmanager
+def _own_forwards(module: nn.Module, names: tuple[str, ...]):
+    """Run the named submodules' class forward while tracing. HF's tensor parallelism replaces the forward of the
+    linears it shards by a wrapper that redistributes DTensors and all-reduces the row-parallel output; the trace
+    records the layer's own computation on whole (global-shape) weights, and the rewrite makes it parallel
+    again from the match (head sharding, the output projection's all-reduce)."""
+    saved = []
+    try:
+        for name in names:
+            sub = module.get_submodule(name)
+            saved.append((sub, sub.__dict__.pop("forward")))
+        yield
+    finally:
+        for sub, forward in saved:
+            sub.forward = forward
 
 
 # --- which layers can share one trace ------------------------------------------------------------------------------
@@ -400,7 +423,7 @@ def layer_signature(layer: LayerCall) -> tuple:
     to the layer), so one trace, match and rewrite serve them all. It holds the module tree (submodule names and
     classes, and their plain attributes other than the layer's own index: head counts, scaling, flags), each
     parameter's and buffer's name, shape, dtype, device and placement, the recorded call (tensor shapes, dtypes
-    and dim roles; the other argument values) and the cache rows. What the trace read
+    and dim roles; the other argument values), the cache rows and the wrapped submodules. What the trace read
     from the model config is checked after the trace (``per_layer_config``)."""
     module = layer.module
     tree = []
@@ -421,7 +444,7 @@ def layer_signature(layer: LayerCall) -> tuple:
     if indexer is not None and indexer.startswith(prefix):
         indexer = indexer[len(prefix):]
     return (tuple(tree), tuple(tensors), call, str(spec), layer.arg_names,
-            tuple(_spec_key(s) for s in (layer.key_rows, layer.value_rows, layer.index_rows)), indexer)
+            tuple(_spec_key(s) for s in (layer.key_rows, layer.value_rows, layer.index_rows)), indexer, layer.wrapped)
 
 
 def _configs(module: nn.Module) -> list:

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from transformers import StoppingCriteriaList
 
+from .hf_parallel import is_dtensor
+
 
 class RankMismatchError(RuntimeError):
     """The ranks of a tensor-parallel group were given different work (raised on every rank alike)."""
@@ -106,11 +108,7 @@ def weight_fingerprint(model: torch.nn.Module) -> tuple[int, int]:
 
 def _comparable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """(the values every rank must hold alike or None, a description of the placement)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    if isinstance(t, DTensor):
+    if is_dtensor(t):
         placement = f"{tuple(map(str, t.placements))} on a mesh of {tuple(t.device_mesh.shape)}"
         local = t.to_local()
         return (local if all(p.is_replicate() for p in t.placements) and not local.is_meta else None), placement

@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache
 
 from .contract import InputKind, label, placeholders
+from .hf_parallel import is_dtensor
 
 # --- the cache-boundary ops seen in captured graphs ---------------------------------------------------------------
 
@@ -331,7 +332,7 @@ def trace_layer(layer: LayerCall, past_len: int):
         return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn))
 
     def static(t):
-        if _is_dtensor(t):  # sharded by HF's tensor parallelism: the trace sees the whole (global) parameter
+        if is_dtensor(t):  # sharded by HF's tensor parallelism: the trace sees the whole (global) parameter
             with mode:
                 return torch.empty(t.shape, dtype=t.dtype, device=t.device)
         return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim()))
@@ -369,14 +370,6 @@ def trace_layer(layer: LayerCall, past_len: int):
     return gm, out_holder["tree"]
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 @contextmanager
 def _own_forwards(module: nn.Module, names: tuple[str, ...]):
     """Run the named submodules' class forward while tracing. HF's tensor parallelism replaces the forward of the
@@ -409,7 +402,7 @@ def _frozen(value):
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    placements = tuple(map(str, t.placements)) if _is_dtensor(t) else ()
+    placements = tuple(map(str, t.placements)) if is_dtensor(t) else ()
     return tuple(t.shape), t.dtype, t.device.type, type(t).__name__, placements
 
 

@@ -28,21 +28,20 @@ from torch import nn
 __all__ = ["tensor_parallel_mesh", "tp_wrapped_submodules", "from_pretrained"]
 
 
-def _dtensor_type():
+def is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return ()
-    return DTensor
+        return False
+    return isinstance(t, DTensor)
 
 
 def tensor_parallel_mesh(model: nn.Module):
     """The 1-D tensor-parallel ``DeviceMesh`` transformers loaded ``model`` over (the mesh of its DTensor
     parameters whose one dim is named ``"tp"``), or None for a model not loaded with HF tensor parallelism."""
-    DTensor = _dtensor_type()
     meshes = []
     for _, param in model.named_parameters():
-        if isinstance(param, DTensor) and param.device_mesh.mesh_dim_names == ("tp",):
+        if is_dtensor(param) and param.device_mesh.mesh_dim_names == ("tp",):
             mesh = param.device_mesh
             if not any(m.mesh.tolist() == mesh.mesh.tolist() for m in meshes):
                 meshes.append(mesh)

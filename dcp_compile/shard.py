@@ -18,6 +18,7 @@ from typing import Literal
 from torch import nn
 
 from .contract import graph_input
+from .hf_parallel import is_dtensor
 from .match import MatchError, MLASparseAttentionMatch, source
 from .support import UnsupportedModelError
 
@@ -48,14 +49,6 @@ def head_shard_plan(match: MLASparseAttentionMatch) -> list[ShardedLinear]:
     ]
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return ()
-    return DTensor
-
-
 def _replicated(param) -> bool:
     return all(p.is_replicate() for p in param.placements)
 
@@ -69,8 +62,7 @@ def check_head_shards(module: nn.Module, match: MLASparseAttentionMatch, mesh) -
     """Before any collective: the layer's DTensor parameters (HF tensor parallelism) are either replicated, or
     exactly the head-sharded linears of the plan, each split evenly by head over ``mesh`` (block ``t`` on mesh
     rank ``t``), all of them or none. Raises ``UnsupportedModelError`` naming the parameter otherwise."""
-    DTensor = _dtensor_type()
-    dtensors = {n: p for n, p in module.named_parameters() if isinstance(p, DTensor)}
+    dtensors = {n: p for n, p in module.named_parameters() if is_dtensor(p)}
     if not dtensors:
         return
     layer = match.layer
@@ -125,7 +117,6 @@ def shard_heads(module: nn.Module, match: MLASparseAttentionMatch, tp_rank: int,
     """Keep heads ``[tp_rank·H/tp, (tp_rank+1)·H/tp)`` of every linear in the plan (in place). A linear that HF
     tensor parallelism sharded already (a DTensor ``check_head_shards`` accepted) keeps its local shard, which is
     that block; the layer's other DTensors are replicated and become their local (whole) tensors."""
-    DTensor = _dtensor_type()
     heads = match.heads
     lo, hi = tp_rank * heads // tp_size, (tp_rank + 1) * heads // tp_size
     for linear in head_shard_plan(match) if tp_size > 1 else ():
@@ -141,11 +132,11 @@ def shard_heads(module: nn.Module, match: MLASparseAttentionMatch, tp_rank: int,
             if name is None:
                 continue
             param = module.get_parameter(name)
-            if isinstance(param, DTensor) and not _replicated(param):
+            if is_dtensor(param) and not _replicated(param):
                 _set_param(module, name, param.to_local(), copy=False)  # HF's shard of this rank: the same block
             else:
-                whole = param.to_local() if isinstance(param, DTensor) else param
+                whole = param.to_local() if is_dtensor(param) else param
                 _set_param(module, name, whole[block] if sliced == 0 else whole[:, block])
     for name, param in list(module.named_parameters()):
-        if isinstance(param, DTensor):  # replicated (check_head_shards): this rank holds all of it
+        if is_dtensor(param):  # replicated (check_head_shards): this rank holds all of it
             _set_param(module, name, param.to_local(), copy=False)

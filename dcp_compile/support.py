@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .capture import BATCH, STEP, ProbedTensor, _ProbeCache, _run_probe
+from .hf_parallel import is_dtensor
 
 _TRACEABLE = {"update", "update_indexer"}  # what CaptureCache stands in for
 
@@ -35,11 +36,7 @@ def check_model(model: nn.Module) -> None:
     tensor/expert parallelism (``from_pretrained(distributed_config=DistributedConfig(tp_plan=..., ep_size=...))``),
     without FSDP or pipeline stages. Which attention weights HF sharded is checked per layer once the layers are
     matched (``shard.check_head_shards``): HF's sharding of the attention heads is adopted, any other is rejected."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    sharded = [n for n, p in model.named_parameters() if is_dtensor(p)]
     config = getattr(getattr(model, "config", None), "distributed_config", None)  # public: set by from_pretrained
     tp_size = getattr(model, "tp_size", None) or 1  # public: None unless from_pretrained applied a tp_plan
     some = f"{len(sharded)} parameters are DTensor shards ({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''})"

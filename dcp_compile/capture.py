@@ -262,9 +262,23 @@ def _dims_for(spec: ProbedTensor, sizes: dict[str, int]) -> list[int]:
 
 # The trace's past length must exceed every top-k size in the layer (HF takes min(topk, length): a shorter
 # trace would record the length, not the constant). It starts odd and unlike the other traced sizes (batch 2,
-# step 3) so no two symbolic sizes are unified, and grows until every top-k size is a constant.
+# step 3) so no two symbolic sizes are unified, and grows until every top-k size is a constant: past the
+# largest constant a size was compared with in the failed trace (``min(topk, length)`` leaves the guard
+# ``length < topk``), or 4x, whichever is more — one retrace for DeepSeek-V3.2's top-k 2048.
 FIRST_PAST_LEN = 61
 MAX_PAST_LEN = 1 << 22
+
+
+def _next_past_len(gm: torch.fx.GraphModule, past_len: int) -> int:
+    import sympy
+
+    bounds = [0]
+    env = next((n.meta["val"].fake_mode.shape_env for n in gm.graph.nodes
+                if isinstance(n.meta.get("val"), torch.Tensor) and hasattr(n.meta["val"], "fake_mode")), None)
+    for guard in getattr(env, "guards", ()):
+        if isinstance(guard.expr, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan, sympy.GreaterThan)):
+            bounds += [int(c) for c in guard.expr.atoms(sympy.Integer) if int(c) < MAX_PAST_LEN]
+    return max(past_len * 4 + 3, max(bounds) + FIRST_PAST_LEN)
 
 
 def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedLayer:
@@ -277,7 +291,7 @@ def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedL
             topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
             if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
                 break
-            past_len = past_len * 4 + 3
+            past_len = _next_past_len(gm, past_len)
     _flat_codegen(gm)
     _label_placeholders(layer, gm)
     leaves, _ = _leaves(layer)

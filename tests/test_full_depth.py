@@ -4,11 +4,12 @@
   one whose softmax scale is changed) on 2 gloo ranks: apply traces 2 distinct attention shapes (once before and
   once after the head sharding each), not 6, and greedy generate still equals single-device HF (float64).
 - The real DeepSeek-V3.2 configuration (61 layers, hidden 7168, 128 MLA heads, q_lora 1536, kv_lora 512,
-  rope 64, a 64-head indexer with top-k 2048, 256 routed experts), every weight on the meta device (no memory,
-  no values; bf16 as released): apply on 2 gloo ranks finishes, with one traced shape for the 61 layers. What is
-  real: every dimension and the layer count, and the code path (probe forwards, traces, match, head sharding,
-  rewrite, install). What is not: the weights (meta tensors; the fingerprint covers their shapes only) and no
-  forward runs after apply. The time apply took on each rank is printed (run with -s), not asserted.
+  rope 64, a 64-head indexer with top-k 2048, 256 routed experts), every weight a bf16 tensor on the meta
+  device (no memory, no values): apply on 2 gloo ranks finishes, with one traced shape for the 61 layers. What
+  is real: every dimension and the layer count, and the code path (probe forwards, traces, match, head
+  sharding, rewrite, install; 3 traces for the 61 layers). What is not: the weights (meta tensors; the
+  fingerprint covers their shapes only), and no forward runs after apply. The time apply took on each rank is
+  printed (run with -s), not asserted.
 """
 import logging
 import re
@@ -117,6 +118,7 @@ def test_real_deepseek_v32_config_at_full_depth_on_meta():
               f"({seconds[1]:.1f} s of CPU): {stats}")
         assert installed, f"rank {rank}: not every layer was rewritten"
         assert stats["layers"] == 61 and stats["distinct_layers"] == 1, stats
+        assert stats["traces"] == 3, f"one retrace to pass the top-k 2048, one after the head sharding: {stats}"
         assert dims["q_b"] == (64 * 192, 1536) and dims["kv_b"] == (64 * 256, 512) and dims["o"] == (7168, 64 * 128), dims
         assert (dims["spec"].latent_dim, dims["spec"].index_dim, len(dims["spec"].layer_ids)) == (576, 128, 61), dims
         assert (attn.heads, attn.topk, attn.latent_dim, attn.rope_dim, attn.rank) == (64, 2048, 512, 64, rank), attn

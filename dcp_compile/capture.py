@@ -122,7 +122,7 @@ def _probed(t: torch.Tensor) -> ProbedTensor:
     return ProbedTensor(tuple(t.shape), t.dtype, t.device)
 
 
-class _ProbeCache(DynamicCache):
+class ProbeCache(DynamicCache):
     def __init__(self, config, stack):
         super().__init__(config=config)
         self.stack, self.updates, self.index_updates = stack, [], []
@@ -136,7 +136,7 @@ class _ProbeCache(DynamicCache):
         return super().update_indexer(key_states, layer_idx)
 
 
-def _run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=_ProbeCache):
+def run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=ProbeCache):
     """Prefill ``past`` tokens, then record a step of ``step`` tokens; returns per-module calls and cache events."""
     stack: list[nn.Module] = []
     calls: dict[nn.Module, Any] = {}
@@ -181,7 +181,7 @@ def probe_layers(model: nn.Module) -> list[LayerCall]:
     """The attention layers of ``model`` (modules that call ``cache.update``), in cache order."""
     import inspect
 
-    runs = [_run_probe(model, *p) for p in PROBES]
+    runs = [run_probe(model, *p) for p in PROBES]
     names = {mod: name for name, mod in model.named_modules()}
     layers: list[LayerCall] = []
     for probe_i, (calls, cache) in enumerate(runs):

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from .capture import BATCH, STEP, ProbedTensor, _ProbeCache, _run_probe
+from .capture import BATCH, STEP, ProbedTensor, ProbeCache, run_probe
 from .hf_parallel import is_dtensor
 
 _TRACEABLE = {"update", "update_indexer"}  # what CaptureCache stands in for
@@ -56,7 +56,7 @@ def check_model(model: nn.Module) -> None:
 
 
 # --- what each module does with the cache, seen by one more probe step ------------------------------------------------
-class _WatchedCache(_ProbeCache):
+class _WatchedCache(ProbeCache):
     """The probe's cache, also recording (module, attribute) for every use of the cache beyond the probe's own,
     and ``layers[i].<attribute>`` for what is read off a cache layer directly."""
 
@@ -128,7 +128,7 @@ class _LayerView:
 def _cache_uses(model: nn.Module) -> dict[nn.Module, list[str]]:
     """Per module (the innermost running), the cache attributes it used in one probe step, in first-use order."""
     try:
-        _, cache = _run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
+        _, cache = run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
     except Exception:  # noqa: BLE001 — the watch itself tripped the model (the plain probe ran): nothing to report
         return {}
     uses: dict[nn.Module, list[str]] = {}

@@ -150,14 +150,12 @@ def tiny_deepseek_v32_config(**overrides):
 def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """The tiny model with deterministic random weights (the same on every rank for the same seed)."""
     import torch
-    from transformers import DeepseekV32ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = tiny_deepseek_v32_config(**overrides)
-    cfg._attn_implementation = attn_implementation
-    if dtype == torch.float64:
-        cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     torch.manual_seed(seed)
-    model = DeepseekV32ForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(tiny_deepseek_v32_config(**overrides), attn_implementation=attn_implementation)
+    if dtype == torch.float64:
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     # HF initialises with std 0.02: scale the weights up so attention is far from uniform and the indexer's
     # scores are well separated (no near-ties at the top-k boundary).
     with torch.no_grad():

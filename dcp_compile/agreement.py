@@ -3,8 +3,9 @@ same generation settings, the same sampled tokens, the same number of steps. A r
 fail by itself — it would compute wrong tokens, or wait forever in a collective its peers never reach. This
 module makes the ranks agree, or fail together with a message that names what differs:
 
-- ``weight_fingerprint``: an exact integer digest of every parameter, taken once in ``apply`` (before the
-  heads are sharded, when every rank still holds the whole model).
+- ``weight_fingerprint``: an exact integer digest of every parameter, taken once in ``apply`` (before apply
+  shards the heads): the values of what every rank holds whole, and the shapes and placements of what Hugging
+  Face's tensor/expert parallelism sharded (each rank holds its own block of those).
 - ``verify_same``: one all-gather of a fixed-length int64 vector of named fields (shapes, input checksums,
   a digest of the generation settings, the weight fingerprint); every rank sees every rank's vector and so
   raises the same ``RankMismatchError``, naming the fields and the ranks, before any other collective.
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from transformers import StoppingCriteriaList
+
+from .hf_parallel import is_dtensor
 
 
 class RankMismatchError(RuntimeError):
@@ -86,14 +89,30 @@ def tensor_digest(t: torch.Tensor) -> tuple[int, int]:
 
 
 def weight_fingerprint(model: torch.nn.Module) -> tuple[int, int]:
-    """A digest of every parameter and buffer (name, shape, dtype and values)."""
+    """A digest of every parameter and buffer: name, shape, dtype, and the values of what every rank holds whole.
+
+    A plain tensor, or a DTensor replicated over its mesh, must be equal on every rank: its values are digested
+    (a DTensor's local copy). A DTensor *sharded* by Hugging Face's tensor or expert parallelism holds a different
+    block on each rank by design, and every block lives on one rank of the group only, so there is nothing to
+    compare its values with: its global shape, dtype and placements enter the digest, its values do not (HF's
+    loader reads each block from the checkpoint). A tensor on the meta device has no values either."""
     a = b = 0
     for i, (name, t) in enumerate([*model.named_parameters(), *model.named_buffers()]):
-        s, w = tensor_digest(t)
-        meta = _hash_int(f"{name}{tuple(t.shape)}{t.dtype}")
+        values, placement = _comparable(t)
+        s, w = tensor_digest(values) if values is not None else (0, 0)
+        meta = _hash_int(f"{name}{tuple(t.shape)}{t.dtype}{placement}")
         a = _wrap(a + (i + 1) * s + meta)
         b = _wrap(b + (i + 1) * w)
     return a, b
+
+
+def _comparable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """(the values every rank must hold alike or None, a description of the placement)."""
+    if is_dtensor(t):
+        placement = f"{tuple(map(str, t.placements))} on a mesh of {tuple(t.device_mesh.shape)}"
+        local = t.to_local()
+        return (local if all(p.is_replicate() for p in t.placements) and not local.is_meta else None), placement
+    return (None if t.is_meta else t), ""
 
 
 def _wrap(x: int) -> int:

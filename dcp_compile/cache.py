@@ -1,4 +1,4 @@
-"""The sharded paged MLA cache: each rank holds only the tokens it owns (design §3).
+"""The sharded paged MLA cache: each rank holds only the tokens it owns (docs/design.md §3).
 
 Per layer and per rank, two page pools: latent rows ``c ‖ k_rope`` and indexer keys ``k_idx`` (the latter only
 for a layer with an indexer of its own). Pages are ``page_size`` rows; one allocator hands them out for all

@@ -18,6 +18,7 @@ the cache and where the full cache is read back.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache
 
 from .contract import InputKind, label, placeholders
+from .hf_parallel import is_dtensor
 
 # --- the cache-boundary ops seen in captured graphs ---------------------------------------------------------------
 
@@ -101,6 +103,9 @@ class LayerCall:
     value_rows: ProbedTensor | None = None
     index_rows: ProbedTensor | None = None  # the new rows given to cache.update_indexer
     indexer_module: str | None = None  # the module that called cache.update_indexer (named in errors)
+    # Submodules (names in the layer) whose forward the instance replaced to run it in parallel (HF tensor
+    # parallelism wraps its sharded linears so): the trace runs their class's own forward, see trace_layer.
+    wrapped: tuple[str, ...] = ()
 
 
 class _CacheSlot:
@@ -117,7 +122,7 @@ def _probed(t: torch.Tensor) -> ProbedTensor:
     return ProbedTensor(tuple(t.shape), t.dtype, t.device)
 
 
-class _ProbeCache(DynamicCache):
+class ProbeCache(DynamicCache):
     def __init__(self, config, stack):
         super().__init__(config=config)
         self.stack, self.updates, self.index_updates = stack, [], []
@@ -131,7 +136,7 @@ class _ProbeCache(DynamicCache):
         return super().update_indexer(key_states, layer_idx)
 
 
-def _run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=_ProbeCache):
+def run_probe(model: nn.Module, batch: int, past: int, step: int, cache_cls=ProbeCache):
     """Prefill ``past`` tokens, then record a step of ``step`` tokens; returns per-module calls and cache events."""
     stack: list[nn.Module] = []
     calls: dict[nn.Module, Any] = {}
@@ -176,7 +181,7 @@ def probe_layers(model: nn.Module) -> list[LayerCall]:
     """The attention layers of ``model`` (modules that call ``cache.update``), in cache order."""
     import inspect
 
-    runs = [_run_probe(model, *p) for p in PROBES]
+    runs = [run_probe(model, *p) for p in PROBES]
     names = {mod: name for name, mod in model.named_modules()}
     layers: list[LayerCall] = []
     for probe_i, (calls, cache) in enumerate(runs):
@@ -236,6 +241,8 @@ class CapturedLayer:
     step_path: tuple  # an input with a query-token dimension, and that dimension
     step_dim: int
     mask: torch.fx.Node | None  # the placeholder of the attention mask (the input with a total-length dim)
+    traces: int = 1  # make_fx runs it took (the past length grows until every top-k size is a constant)
+    config_reads: frozenset[str] = frozenset()  # the model config attributes the traced code read
 
     def params(self) -> set[torch.fx.Node]:
         return set(placeholders(self.graph_module, InputKind.PARAM)) | set(placeholders(self.graph_module, InputKind.BUFFER))
@@ -255,19 +262,36 @@ def _dims_for(spec: ProbedTensor, sizes: dict[str, int]) -> list[int]:
 
 # The trace's past length must exceed every top-k size in the layer (HF takes min(topk, length): a shorter
 # trace would record the length, not the constant). It starts odd and unlike the other traced sizes (batch 2,
-# step 3) so no two symbolic sizes are unified, and grows until every top-k size is a constant.
+# step 3) so no two symbolic sizes are unified, and grows until every top-k size is a constant: past the
+# largest constant a size was compared with in the failed trace (``min(topk, length)`` leaves the guard
+# ``length < topk``), or 4x, whichever is more — one retrace for DeepSeek-V3.2's top-k 2048.
 FIRST_PAST_LEN = 61
 MAX_PAST_LEN = 1 << 22
 
 
+def _next_past_len(gm: torch.fx.GraphModule, past_len: int) -> int:
+    import sympy
+
+    bounds = [0]
+    env = next((n.meta["val"].fake_mode.shape_env for n in gm.graph.nodes
+                if isinstance(n.meta.get("val"), torch.Tensor) and hasattr(n.meta["val"], "fake_mode")), None)
+    for guard in getattr(env, "guards", ()):
+        if isinstance(guard.expr, (sympy.StrictLessThan, sympy.LessThan, sympy.StrictGreaterThan, sympy.GreaterThan)):
+            bounds += [int(c) for c in guard.expr.atoms(sympy.Integer) if int(c) < MAX_PAST_LEN]
+    return max(past_len * 4 + 3, max(bounds) + FIRST_PAST_LEN)
+
+
 def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedLayer:
     """Trace ``layer`` (growing the past length as needed) into a flat, labelled ``CapturedLayer``."""
-    while True:
-        gm, out_tree = trace_layer(layer, past_len)
-        topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
-        if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
-            break
-        past_len = past_len * 4 + 3
+    traces = 0
+    with _recording_config_reads(layer.module) as reads:
+        while True:
+            gm, out_tree = trace_layer(layer, past_len)
+            traces += 1
+            topk_sizes = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.topk.default]
+            if all(isinstance(k, int) for k in topk_sizes) or past_len > MAX_PAST_LEN:
+                break
+            past_len = _next_past_len(gm, past_len)
     _flat_codegen(gm)
     _label_placeholders(layer, gm)
     leaves, _ = _leaves(layer)
@@ -281,7 +305,8 @@ def capture_layer(layer: LayerCall, past_len: int = FIRST_PAST_LEN) -> CapturedL
     # one too (another layer's top-k indices, while the probes are shorter than the top-k): not a mask.
     masks = [node for node, spec in zip(inputs, specs)
              if TOTAL in spec.roles and (spec.dtype.is_floating_point or spec.dtype == torch.bool)]
-    return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None)
+    return CapturedLayer(gm, out_tree, past_len, cache_path, step[0], step[1], masks[0] if len(masks) == 1 else None,
+                         traces, frozenset(reads))
 
 
 def _flat_codegen(gm: torch.fx.GraphModule) -> None:
@@ -324,6 +349,9 @@ def trace_layer(layer: LayerCall, past_len: int):
         return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn))
 
     def static(t):
+        if is_dtensor(t):  # sharded by HF's tensor parallelism: the trace sees the whole (global) parameter
+            with mode:
+                return torch.empty(t.shape, dtype=t.dtype, device=t.device)
         return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim()))
 
     named = [(n, p) for n, p in layer.module.named_parameters()] + [(n, b) for n, b in layer.module.named_buffers()]
@@ -354,6 +382,121 @@ def trace_layer(layer: LayerCall, past_len: int):
         flat, out_holder["tree"] = pytree.tree_flatten(out)
         return flat
 
-    with mode:
+    with mode, _own_forwards(module, layer.wrapped):
         gm = make_fx(run, tracing_mode="symbolic", pre_dispatch=True)(params, inputs, *pasts)
     return gm, out_holder["tree"]
+
+
+@contextmanager
+def _own_forwards(module: nn.Module, names: tuple[str, ...]):
+    """Run the named submodules' class forward while tracing. HF's tensor parallelism replaces the forward of the
+    linears it shards by a wrapper that redistributes DTensors and all-reduces the row-parallel output; the trace
+    records the layer's own computation on whole (global-shape) weights, and the rewrite makes it parallel
+    again from the match (head sharding, the output projection's all-reduce)."""
+    saved = []
+    try:
+        for name in names:
+            sub = module.get_submodule(name)
+            saved.append((sub, sub.__dict__.pop("forward")))
+        yield
+    finally:
+        for sub, forward in saved:
+            sub.forward = forward
+
+
+# --- which layers can share one trace ------------------------------------------------------------------------------
+_PER_LAYER_ATTRS = frozenset({"layer_idx", "layer_id", "layer_number"})  # a layer's own index: not part of its shape
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    placements = tuple(map(str, t.placements)) if is_dtensor(t) else ()
+    return tuple(t.shape), t.dtype, t.device.type, type(t).__name__, placements
+
+
+def _spec_key(spec: ProbedTensor | None):
+    return None if spec is None else (spec.shape, spec.dtype, spec.device.type, spec.roles)
+
+
+def layer_signature(layer: LayerCall) -> tuple:
+    """What a layer's trace depends on, as far as it can be read before tracing: layers with equal signatures
+    give the same captured graph up to which module's parameters it reads (placeholders name parameters relative
+    to the layer), so one trace, match and rewrite serve them all. It holds the module tree (submodule names and
+    classes, and their plain attributes other than the layer's own index: head counts, scaling, flags), each
+    parameter's and buffer's name, shape, dtype, device and placement, the recorded call (tensor shapes, dtypes
+    and dim roles; the other argument values), the cache rows and the wrapped submodules. What the trace read
+    from the model config is checked after the trace (``per_layer_config``)."""
+    module = layer.module
+    tree = []
+    for name, sub in module.named_modules():
+        attrs = tuple((k, _frozen(v)) for k, v in sorted(vars(sub).items())
+                      if not k.startswith("_") and k not in _PER_LAYER_ATTRS and _plain(v))
+        tree.append((name, type(sub).__module__, type(sub).__qualname__, attrs))
+    tensors = [("param", n, _tensor_key(t)) for n, t in module.named_parameters()]
+    tensors += [("buffer", n, _tensor_key(t)) for n, t in module.named_buffers()]
+    leaves, spec = _leaves(layer)
+    call = tuple(
+        _spec_key(v) if isinstance(v, ProbedTensor) else ("CACHE" if isinstance(v, _CacheSlot) else
+                                                          (repr(v) if _plain(v) else type(v).__qualname__))
+        for _, v in leaves
+    )
+    prefix = layer.name + "."
+    indexer = layer.indexer_module
+    if indexer is not None and indexer.startswith(prefix):
+        indexer = indexer[len(prefix):]
+    return (tuple(tree), tuple(tensors), call, str(spec), layer.arg_names,
+            tuple(_spec_key(s) for s in (layer.key_rows, layer.value_rows, layer.index_rows)), indexer, layer.wrapped)
+
+
+def _configs(module: nn.Module) -> list:
+    """The model configs the layer's modules hold (HF modules keep ``self.config``)."""
+    found = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if hasattr(value, "to_dict") and hasattr(value, "num_hidden_layers"):
+                found[id(value)] = value
+    return list(found.values())
+
+
+@contextmanager
+def _recording_config_reads(module: nn.Module):
+    """The names of the config attributes read while the context is open (the config's class is swapped for a
+    subclass that records every attribute read, and swapped back)."""
+    reads: set[str] = set()
+    swapped = []
+    for config in _configs(module):
+        cls = type(config)
+
+        def getattribute(self, name, _cls=cls):
+            reads.add(name)
+            return _cls.__getattribute__(self, name)
+
+        config.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__})
+        swapped.append((config, cls))
+    try:
+        yield reads
+    finally:
+        for config, cls in swapped:
+            config.__class__ = cls
+
+
+def per_layer_config(layer: LayerCall, reads: frozenset[str]) -> tuple:
+    """This layer's entries of the config's per-layer lists (one entry per layer: ``layer_types``...) among the
+    attributes a trace read: two layers whose signatures are equal share a trace only if these are equal too."""
+    out = []
+    for config in _configs(layer.module):
+        n = getattr(config, "num_hidden_layers", None)
+        for name in sorted(reads):
+            value = getattr(config, name, None)
+            if isinstance(value, (list, tuple)) and len(value) == n and 0 <= layer.layer_idx < len(value):
+                out.append((name, repr(value[layer.layer_idx])))
+    return tuple(out)

@@ -91,10 +91,14 @@ class GenerationHooks:
 
     def prepare_cache(self, model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         runtime = self.runtime
-        if getattr(generation_config, "num_beams", 1) > 1:
-            raise NotImplementedError("dcp_compile does not support beam search yet (num_beams > 1)")
         expanded = batch_size * max(generation_config.num_beams, generation_config.num_return_sequences)
         held = model_kwargs.get("cache")
+        # First the ranks agree (one collective that every rank reaches): a rank-specific error below could
+        # otherwise leave its peers waiting in the first forward's collectives.
+        if runtime.verify_ranks:
+            self._verify_request(generation_config, expanded, max_cache_length, held)
+        if generation_config.num_beams > 1:
+            raise NotImplementedError("dcp_compile does not support beam search yet (num_beams > 1)")
         if held is not None and not isinstance(held, ShardedPagedCache):
             raise TypeError(f"a DCP model needs a ShardedPagedCache (model.dcp.new_cache), got {type(held).__name__}")
         if held is not None and held.num_sequences != expanded:
@@ -103,8 +107,6 @@ class GenerationHooks:
                 f"(batch {batch_size} x {max(generation_config.num_beams, generation_config.num_return_sequences)} "
                 f"return sequences); make it with model.dcp.new_cache({expanded}, tokens)"
             )
-        if runtime.verify_ranks:
-            self._verify_request(generation_config, expanded, max_cache_length, held)
         if generation_config.do_sample:
             sync_sampling_rng(runtime.ranks, runtime.device)
         if held is not None:
@@ -121,7 +123,7 @@ class GenerationHooks:
             *_ids_fields("inputs", self.request.get("inputs")),
             *_ids_fields("attention_mask", self.request.get("attention_mask")),
             ("max cache length", max_cache_length),
-            ("positions already in the held cache", -1 if held is None else held.seq_length),
+            ("positions already in the held cache", -1 if held is None else held.get_seq_length()),
             ("generation settings digest", settings_digest(settings)),
             ("weights fingerprint", self.runtime.fingerprint[0]),
             ("weights position fingerprint", self.runtime.fingerprint[1]),
@@ -147,27 +149,26 @@ class GenerationHooks:
             )
         runtime.check_parameters()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        tokens = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
+        if tokens is None:
+            raise ValueError("dcp_compile: a forward needs input_ids or inputs_embeds")
+        if not self.in_generate and runtime.verify_ranks:  # before anything that could fail on one rank only
+            fields = [
+                *_ids_fields("inputs", tokens),
+                *_ids_fields("attention_mask", kwargs.get("attention_mask")),
+                ("positions already in the cache", -1 if cache is None else cache.get_seq_length()),
+                ("weights fingerprint", runtime.fingerprint[0]),
+                ("weights position fingerprint", runtime.fingerprint[1]),
+            ]
+            verify_same(runtime.ranks, fields, "forward inputs")
         # A call without a cache (a plain forward) gets one sized for its input, as HF's model would make a
         # DynamicCache. The rewritten layers always need one, so under use_cache=False a fresh one is made for
         # every call (HF hands the previous output's cache back; it must not be appended to).
         fresh = kwargs.get("use_cache") is False and getattr(cache, "made_for_one_call", False)
         if cache is None or fresh:
-            tokens = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
-            if tokens is None:
-                raise ValueError("dcp_compile: a forward needs input_ids or inputs_embeds")
             kwargs.pop("past_key_values", None)
-            kwargs["cache"] = cache = runtime.new_cache(tokens.shape[0], tokens.shape[1])
-            cache.made_for_one_call = True
-        if not self.in_generate and runtime.verify_ranks:
-            ids = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
-            fields = [
-                *_ids_fields("inputs", ids),
-                *_ids_fields("attention_mask", kwargs.get("attention_mask")),
-                ("positions already in the cache", getattr(cache, "seq_length", -1)),
-                ("weights fingerprint", runtime.fingerprint[0]),
-                ("weights position fingerprint", runtime.fingerprint[1]),
-            ]
-            verify_same(runtime.ranks, fields, "forward inputs")
+            kwargs["cache"] = runtime.new_cache(tokens.shape[0], tokens.shape[1])
+            kwargs["cache"].made_for_one_call = True
         return args, kwargs
 
 

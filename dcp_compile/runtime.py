@@ -2,7 +2,7 @@
 ranks check against each other at the start of each request."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class DCPRuntime:
     captured_param: tuple[nn.Parameter, str, torch.dtype, torch.device]  # a parameter of a rewritten layer
     cache_budget_tokens: int | None = None
     verify_ranks: bool = True
+    apply_stats: dict = field(default_factory=dict)  # what apply did: layers, distinct layers, traces, seconds
     _fixed: ShardedPagedCache | None = None
 
     def __post_init__(self):

@@ -4,6 +4,11 @@ The plan is a small table read off the match (gpt-fast's colwise / rowwise linea
 and the per-head latent expansion (``kv_b_proj``) are *colwise* (their output rows are per head: keep this
 rank's rows, and the bias's), the output projection is *rowwise* (its input columns are per head: keep this
 rank's columns; its partial products are all-reduced by the rewrite). Everything else stays replicated.
+
+A model loaded with Hugging Face tensor parallelism (``from_pretrained(distributed_config=...)``) may hold these
+linears as DTensor shards already: HF's DeepSeek plan shards them exactly so (``colwise`` = ``Shard(0)``,
+``rowwise`` = ``Shard(1)``, rank ``t`` holding block ``t``). ``check_head_shards`` verifies that a layer's
+DTensors are that and nothing else, and ``shard_heads`` then adopts HF's local shards instead of slicing.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from typing import Literal
 from torch import nn
 
 from .contract import graph_input
+from .hf_parallel import is_dtensor
 from .match import MatchError, MLASparseAttentionMatch, source
+from .support import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,11 @@ class ShardedLinear:
     bias: str | None
     style: Literal["colwise", "rowwise"]
     per_head: int  # rows (colwise) or columns (rowwise) per head
+
+    @property
+    def dim(self) -> int:
+        """The weight dim split by head."""
+        return 0 if self.style == "colwise" else 1
 
 
 def head_shard_plan(match: MLASparseAttentionMatch) -> list[ShardedLinear]:
@@ -46,27 +58,94 @@ def head_shard_plan(match: MLASparseAttentionMatch) -> list[ShardedLinear]:
     return plan
 
 
-def _set_param(module: nn.Module, fqn: str, value) -> None:
+def _replicated(param) -> bool:
+    return all(p.is_replicate() for p in param.placements)
+
+
+def _shard_dims(param) -> list[int | None]:
+    """Per mesh dim: the tensor dim it shards (None when that mesh dim does not shard it)."""
+    return [p.dim % param.ndim if p.is_shard() else None for p in param.placements]
+
+
+def check_head_shards(module: nn.Module, match: MLASparseAttentionMatch, mesh) -> None:
+    """Before any collective: the layer's DTensor parameters (HF tensor parallelism) are either replicated, or
+    exactly the head-sharded linears of the plan, each split evenly by head over ``mesh`` (block ``t`` on mesh
+    rank ``t``), all of them or none. Raises ``UnsupportedModelError`` naming the parameter otherwise."""
+    dtensors = {n: p for n, p in module.named_parameters() if is_dtensor(p)}
+    if not dtensors:
+        return
+    layer = match.layer
+    expected = {}
+    for linear in head_shard_plan(match):
+        expected[linear.weight] = linear
+        if linear.bias is not None:
+            expected[linear.bias] = linear
+    sharded = {n: p for n, p in dtensors.items() if not _replicated(p)}
+    ranks = mesh.mesh.flatten().tolist()
+    for name, param in sharded.items():
+        placement = ", ".join(map(repr, param.placements))
+        linear = expected.get(name)
+        if linear is None:
+            raise UnsupportedModelError(
+                f"layer {layer}: Hugging Face tensor parallelism shards {name} ({placement}); dcp_compile adopts HF's "
+                f"sharding of the attention heads only ({', '.join(sorted(expected))}): load the model with this "
+                f"module replicated (DistributedConfig(tp_plan={{...: 'replicate'}}))"
+            )
+        dim = linear.dim if name == linear.weight else 0
+        if param.device_mesh.mesh.flatten().tolist() != ranks or _shard_dims(param) != [dim]:
+            raise UnsupportedModelError(
+                f"layer {layer}: {name} is a DTensor ({placement}) over the ranks {param.device_mesh.mesh.flatten().tolist()}; "
+                f"dcp_compile adopts it only as Shard(dim={dim}) over the mesh apply runs on (ranks {ranks}): give apply "
+                f"the tensor-parallel mesh the model was loaded over (apply(model) takes it from the model)"
+            )
+        total, local = param.shape[dim], param.to_local().shape[dim]
+        if total % (len(ranks) * linear.per_head) or local * len(ranks) != total:
+            raise UnsupportedModelError(
+                f"layer {layer}: {name} is split into uneven head blocks by Hugging Face tensor parallelism ({total} "
+                f"{'rows' if dim == 0 else 'columns'} of {linear.per_head} per head over {len(ranks)} ranks, "
+                f"{local} here)"
+            )
+    plan = [linear.weight for linear in head_shard_plan(match)]
+    adopted = [w for w in plan if w in sharded]
+    if adopted and len(adopted) != len(plan):
+        missing = [w for w in plan if w not in sharded]
+        raise UnsupportedModelError(
+            f"layer {layer}: Hugging Face tensor parallelism shards {', '.join(adopted)} by head but not "
+            f"{', '.join(missing)}: the heads of all three must be sharded alike (HF's plan 'auto' does), or none"
+        )
+
+
+def _set_param(module: nn.Module, fqn: str, value, copy: bool = True) -> None:
     owner_name, _, attr = fqn.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    setattr(owner, attr, nn.Parameter(value.contiguous().clone(), requires_grad=False))
+    value = value.detach().contiguous()
+    setattr(owner, attr, nn.Parameter(value.clone() if copy else value, requires_grad=False))
 
 
 def shard_heads(module: nn.Module, match: MLASparseAttentionMatch, tp_rank: int, tp_size: int) -> None:
-    """Keep heads ``[tp_rank·H/tp, (tp_rank+1)·H/tp)`` of every linear in the plan (in place)."""
-    if tp_size == 1:
-        return
+    """Keep heads ``[tp_rank·H/tp, (tp_rank+1)·H/tp)`` of every linear in the plan (in place). A linear that HF
+    tensor parallelism sharded already (a DTensor ``check_head_shards`` accepted) keeps its local shard, which is
+    that block; the layer's other DTensors are replicated and become their local (whole) tensors."""
     heads = match.heads
     lo, hi = tp_rank * heads // tp_size, (tp_rank + 1) * heads // tp_size
-    for linear in head_shard_plan(match):
+    for linear in head_shard_plan(match) if tp_size > 1 else ():
         weight = module.get_parameter(linear.weight)
-        dim = 0 if linear.style == "colwise" else 1
+        dim = linear.dim
         if weight.shape[dim] != heads * linear.per_head:
             raise MatchError(
                 f"layer {match.layer}: {linear.weight} has {weight.shape[dim]} {'rows' if dim == 0 else 'columns'}, "
                 f"not {heads} heads x {linear.per_head}"
             )
         block = slice(lo * linear.per_head, hi * linear.per_head)
-        _set_param(module, linear.weight, weight[block] if dim == 0 else weight[:, block])
-        if linear.bias is not None:
-            _set_param(module, linear.bias, module.get_parameter(linear.bias)[block])
+        for name, sliced in ((linear.weight, dim), (linear.bias, 0)):
+            if name is None:
+                continue
+            param = module.get_parameter(name)
+            if is_dtensor(param) and not _replicated(param):
+                _set_param(module, name, param.to_local(), copy=False)  # HF's shard of this rank: the same block
+            else:
+                whole = param.to_local() if is_dtensor(param) else param
+                _set_param(module, name, whole[block] if sliced == 0 else whole[:, block])
+    for name, param in list(module.named_parameters()):
+        if is_dtensor(param):  # replicated (check_head_shards): this rank holds all of it
+            _set_param(module, name, param.to_local(), copy=False)

@@ -4,9 +4,9 @@
 each is a deterministic function of the model and its weights, every rank raises the same error.
 
 * ``check_model(model)``, first thing, before any forward pass (the forward of a sharded model runs
-  collectives): a model loaded with Hugging Face tensor parallelism (``from_pretrained(..., tp_plan=...)``,
-  public ``model.tp_size > 1``) or holding any DTensor parameter. ``apply`` shards the attention heads itself,
-  traces plain tensors and fingerprints the whole model on every rank.
+  collectives): DTensor parameters that transformers' tensor/expert parallelism did not place, or a model
+  loaded with FSDP or pipeline stages. A model loaded with HF tensor (and expert) parallelism is accepted; its
+  attention layers are checked once matched (``shard.check_head_shards``).
 * ``check_layers(model, layers)``, after the probe found the layers that call ``cache.update``: one more
   probe step runs with a cache that records every other use of the cache. An attention layer may use the
   cache only through ``cache.update`` / ``cache.update_indexer`` (what the trace and the sharded cache
@@ -22,7 +22,8 @@ from collections.abc import MutableMapping
 import torch
 from torch import nn
 
-from .capture import BATCH, STEP, ProbedTensor, _ProbeCache, _run_probe
+from .capture import BATCH, STEP, ProbedTensor, ProbeCache, run_probe
+from .hf_parallel import is_dtensor
 
 _TRACEABLE = {"update", "update_indexer"}  # what CaptureCache stands in for
 
@@ -33,32 +34,31 @@ class UnsupportedModelError(ValueError):
 
 # --- a model sharded already -----------------------------------------------------------------------------------------
 def check_model(model: nn.Module) -> None:
-    """Before any forward: a model loaded with HF tensor parallelism (``tp_plan``), or holding DTensor parameters
-    at all, is not supported: apply needs every rank to hold the whole model as plain tensors."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    """Before any forward: a model holding DTensor parameters must have been parallelised by transformers'
+    tensor/expert parallelism (``from_pretrained(distributed_config=DistributedConfig(tp_plan=..., ep_size=...))``),
+    without FSDP or pipeline stages. Which attention weights HF sharded is checked per layer once the layers are
+    matched (``shard.check_head_shards``): HF's sharding of the attention heads is adopted, any other is rejected."""
+    sharded = [n for n, p in model.named_parameters() if is_dtensor(p)]
+    config = getattr(getattr(model, "config", None), "distributed_config", None)  # public: set by from_pretrained
     tp_size = getattr(model, "tp_size", None) or 1  # public: None unless from_pretrained applied a tp_plan
-    if not sharded and tp_size <= 1:
-        return
     some = f"{len(sharded)} parameters are DTensor shards ({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''})"
-    if tp_size > 1:
+    if config is not None and (config.dp_size > 1 or config.pp_size > 1):
         raise UnsupportedModelError(
-            f"{type(model).__name__} was loaded with Hugging Face tensor parallelism (tp_plan, tp_size={tp_size}"
-            f"{'; ' + some if sharded else ''}): dcp_compile.apply does not compose with HF tensor parallelism yet. Load the model without "
-            f"tp_plan (every rank holding the whole model) and pass apply a 1-D mesh over the tensor-parallel ranks: "
-            f"apply shards the attention heads over it itself"
+            f"{type(model).__name__} was loaded with {'FSDP' if config.dp_size > 1 else 'pipeline parallelism'} "
+            f"(dp_size={config.dp_size}, pp_size={config.pp_size}): dcp_compile composes with Hugging Face tensor and "
+            f"expert parallelism (DistributedConfig(tp_plan='auto', ep_size=...)) only"
         )
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: {some}: dcp_compile.apply needs every rank to hold the whole model as plain "
-        f"tensors (it shards the attention heads over the mesh itself): apply it before sharding the model"
-    )
+    if sharded and config is None and tp_size <= 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: {some}, not placed by transformers' tensor parallelism: dcp_compile.apply takes "
+            f"a model loaded whole on every rank, or one loaded with from_pretrained(distributed_config="
+            f"DistributedConfig(tp_plan='auto')) (apply then adopts HF's head shards); apply it before sharding the "
+            f"model otherwise"
+        )
 
 
 # --- what each module does with the cache, seen by one more probe step ------------------------------------------------
-class _WatchedCache(_ProbeCache):
+class _WatchedCache(ProbeCache):
     """The probe's cache, also recording (module, attribute) for every use of the cache beyond the probe's own,
     and ``layers[i].<attribute>`` for what is read off a cache layer directly."""
 
@@ -145,7 +145,7 @@ def _cache_uses(model: nn.Module) -> tuple[dict[nn.Module, list[str]], dict[nn.M
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
                                                      m.register_forward_hook(post, with_kwargs=True))]
     try:
-        _, cache = _run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
+        _, cache = run_probe(model, 1, 4, 1, cache_cls=_WatchedCache)
     except Exception:  # noqa: BLE001 — the watch itself tripped the model (the plain probe ran): nothing to report
         return {}, {}
     finally:

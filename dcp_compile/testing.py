@@ -149,21 +149,19 @@ def tiny_deepseek_v32_config(**overrides):
 
 def tiny_deepseek_v32(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """The tiny model with deterministic random weights (the same on every rank for the same seed)."""
-    from transformers import DeepseekV32ForCausalLM
-
-    return tiny_model(DeepseekV32ForCausalLM, tiny_deepseek_v32_config(**overrides), seed, dtype, attn_implementation)
+    return tiny_model(tiny_deepseek_v32_config(**overrides), seed, dtype, attn_implementation)
 
 
-def tiny_model(model_class, cfg, seed: int = 0, dtype=None, attn_implementation: str = "eager"):
-    """``model_class(cfg)`` with deterministic random weights (the same on every rank for the same seed), in eval
-    mode, cast to ``dtype``."""
+def tiny_model(cfg, seed: int = 0, dtype=None, attn_implementation: str = "eager", auto_class=None):
+    """The model of ``cfg`` (``auto_class.from_config``, default ``AutoModelForCausalLM``) with deterministic random
+    weights (the same on every rank for the same seed), in eval mode, cast to ``dtype``."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    cfg._attn_implementation = attn_implementation
-    if dtype == torch.float64:
-        cfg._experts_implementation = "eager"  # grouped_mm has no float64 kernel
     torch.manual_seed(seed)
-    model = model_class(cfg)
+    model = (auto_class or AutoModelForCausalLM).from_config(cfg, attn_implementation=attn_implementation)
+    if dtype == torch.float64:
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     # HF initialises with std 0.02: scale the weights up so attention is far from uniform and the indexer's
     # scores are well separated (no near-ties at the top-k boundary).
     with torch.no_grad():
@@ -190,21 +188,21 @@ TINY_INDEXER = dict(index_topk=8, index_head_dim=16, index_n_heads=8)
 # dense, then MoE), scaled down.
 def tiny_deepseek_v3(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """A tiny DeepSeek-V3 (``DeepseekV3ForCausalLM``): 2 layers (dense MLP, then MoE), 4 MLA heads, q_lora 32."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3Config
 
     cfg = DeepseekV3Config(**{**TINY_MLA, "num_hidden_layers": 2, "first_k_dense_replace": 1, "q_lora_rank": 32,
                               "n_group": 1, "topk_group": 1, **overrides})
-    return tiny_model(DeepseekV3ForCausalLM, cfg, seed, dtype, attn_implementation)
+    return tiny_model(cfg, seed, dtype, attn_implementation)
 
 
 def tiny_deepseek_v2(seed: int = 0, dtype=None, attn_implementation: str = "eager", **overrides):
     """A tiny DeepSeek-V2-Lite (``DeepseekV2ForCausalLM``): no q_lora (the query is one ``q_proj``, as in
     V2-Lite), complex-valued rotary embedding, 2 layers (dense MLP, then MoE), 4 MLA heads."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    from transformers import DeepseekV2Config
 
     cfg = DeepseekV2Config(**{**TINY_MLA, "num_hidden_layers": 2, "first_k_dense_replace": 1, "q_lora_rank": None,
                               **overrides})
-    return tiny_model(DeepseekV2ForCausalLM, cfg, seed, dtype, attn_implementation)
+    return tiny_model(cfg, seed, dtype, attn_implementation)
 
 
 def left_padded_prompts(lengths, vocab: int = 128, seed: int = 0, pad_id: int = 0):

@@ -46,13 +46,29 @@ def _(q, kv, slots, counts, scale, v_dim):
     return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=reference._lse_dtype(q))
 
 
+def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
+    from .triton.sparse_mla_attn import sparse_mla_attn as kernel
+
+    return kernel(q, kv, slots, counts, scale, v_dim)
+
+
+# CUDA kernels for dcp::sparse_mla_attn, by name: ``use_attention_kernel(name)`` picks one for the process
+# (before the first compile: Inductor traces the op, not the choice). "reference" is the plain-PyTorch one.
+ATTENTION_KERNELS = {"triton": _triton_sparse_mla_attn, "reference": reference.sparse_mla_attn}
+_attention_kernel = {"name": "triton"}
+
+
+def use_attention_kernel(name: str) -> None:
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; registered: {sorted(ATTENTION_KERNELS)}")
+    _attention_kernel["name"] = name
+
+
 @sparse_mla_attn.register_kernel("cuda")
 def _(q, kv, slots, counts, scale, v_dim):
     if q.dtype == torch.float64:  # no float64 Triton path: the reference is exact and fine for tests
         return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    from .triton.sparse_mla_attn import sparse_mla_attn as kernel
-
-    return kernel(q, kv, slots, counts, scale, v_dim)
+    return ATTENTION_KERNELS[_attention_kernel["name"]](q, kv, slots, counts, scale, v_dim)
 
 
 # --- paged_write -------------------------------------------------------------------------------------------
@@ -136,4 +152,5 @@ for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
 __all__ = [
     "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
     "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
+    "ATTENTION_KERNELS", "use_attention_kernel",
 ]

@@ -96,10 +96,11 @@ def distributed_topk(
     top_scores, top_idx = local_topk_sorted(scores, k)
     top_pos = torch.gather(positions, -1, top_idx)
     if world > 1:
-        # One collective for both: float32 scores and positions < 2**53 are exact in float64.
-        packed = torch.stack([top_scores.double(), top_pos.double()], dim=0)  # [2, T, k]
+        # One collective for both, 8 bytes per candidate: the fp32 score's bits and the int32 position side
+        # by side (a bit view, so the exchange is exact; positions are < 2**31, the padding is int32 max).
+        packed = torch.stack([top_scores.float().view(torch.int32), top_pos.to(torch.int32)], dim=0)  # [2, T, k]
         packed = all_gather(packed, 2, group_name, world)  # [2, T, world·k]
-        top_scores, top_pos = packed[0].float(), packed[1].long()
+        top_scores, top_pos = packed[0].view(torch.float32), packed[1]
     return torch.ops.dcp.topk_select(
         top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
     )

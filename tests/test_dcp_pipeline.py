@@ -1,4 +1,4 @@
-"""Op-level DCP parity (issue 2, "Done when"): the distributed pipeline on N ∈ {1,2,3,4} gloo ranks
+"""Op-level DCP parity: the distributed pipeline on N ∈ {1,2,3,4} gloo ranks
 
     owner-only paged_write -> indexer_scores on own keys -> distributed_topk -> all_gather_heads
     -> sparse_mla_attn -> lse_merge

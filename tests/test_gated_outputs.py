@@ -26,14 +26,14 @@ _COMMON = dict(TINY_MLA, **TINY_INDEXER, q_lora_rank=32)
 
 
 def tiny_axk2():
-    from transformers import AXK2Config, AXK2ForCausalLM
+    from transformers import AXK2Config
 
     cfg = AXK2Config(**_COMMON, num_hidden_layers=2, gated_norm_rank=8)  # layer 0 dense MLP, layer 1 MoE
-    return tiny_model(AXK2ForCausalLM, cfg, 0, torch.float64, "sdpa")
+    return tiny_model(cfg, 0, torch.float64, "sdpa")
 
 
 def tiny_dots3_note():
-    from transformers import Dots3NoteForCausalLM, Dots3NoteTextConfig
+    from transformers import Dots3NoteTextConfig
 
     layer_types = ["indexed_attention", "full_attention", "sliding_attention"]
     # The sliding-window layers have their own shapes (swa_*): a wider latent (48) than the others (32).
@@ -41,7 +41,7 @@ def tiny_dots3_note():
                    swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
     cfg = Dots3NoteTextConfig(**_COMMON, **sliding, num_hidden_layers=3, layer_types=layer_types, head_dim=24,
                               sliding_window=8, shared_experts_intermediate_size=32, n_group=1, topk_group=1)
-    return tiny_model(Dots3NoteForCausalLM, cfg, 0, torch.float64, "sdpa")
+    return tiny_model(cfg, 0, torch.float64, "sdpa")
 
 
 MODELS = {"axk2": tiny_axk2, "dots3_note": tiny_dots3_note}

@@ -1,4 +1,4 @@
-"""Ownership math of design §3 (dcp_compile/layout.py), checked exhaustively for small groups and lengths.
+"""Ownership math of docs/design.md §3 (ops/layout.py), checked exhaustively for small groups and lengths.
 
 For every N ∈ {1,2,3,4,8}, I ∈ {1,2,P}, P ∈ {1,4,16} and every length 0..200:
   * every position is owned by exactly one rank, and the ranks' local copies together are exactly 0..L-1;

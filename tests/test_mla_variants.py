@@ -31,11 +31,11 @@ SEEDS = {"hy_v4": 4, "mistral_large4": 3}  # prompts without a near tie at eithe
 
 
 def tiny_hy_v4():
-    from transformers import HYV4Config, HYV4ForCausalLM
+    from transformers import HYV4Config
 
     cfg = HYV4Config(**_COMMON, num_hidden_layers=2, head_dim=24, q_lora_rank=32, indexer_types=["full", "shared"],
                      hc_mult=2)
-    model = tiny_model(HYV4ForCausalLM, cfg, 0, torch.float64, "eager")
+    model = tiny_model(cfg, 0, torch.float64, "eager")
     with torch.no_grad():  # a different sink per head, so a head's sink on the wrong rank shows
         gen = torch.Generator().manual_seed(1)
         for layer in model.model.layers:
@@ -44,13 +44,13 @@ def tiny_hy_v4():
 
 
 def tiny_mistral_large4(**text):
-    from transformers import MistralLarge4Config, MistralLarge4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, MistralLarge4Config
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
                   patch_size=4, image_size=16)
     text = {**_COMMON, "num_hidden_layers": 2, "no_rope_layers": [1, 0], **text}  # layer 1: NoPE
     cfg = MistralLarge4Config(text_config=text, vision_config=vision)
-    model = tiny_model(MistralLarge4ForConditionalGeneration, cfg, 0, torch.float64, "sdpa")
+    model = tiny_model(cfg, 0, torch.float64, "sdpa", AutoModelForImageTextToText)
     with torch.no_grad():  # the query scaling's per-head parameters (HF leaves them uninitialised)
         gen = torch.Generator().manual_seed(1)
         for layer in model.model.language_model.layers:

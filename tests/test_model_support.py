@@ -1,8 +1,8 @@
 """Models apply cannot rewrite fail with an UnsupportedModelError that names the layer and the piece, before
 any collective of apply and the same on every rank: GLM-5-Next (pooled indexer, shared top-k, linear
-attention), DeepSeek-V4 (compressed KV caches), and a DeepSeek-V3.2 loaded with HF tensor parallelism, also
-with the attention entries of its plan set to "replicate" (unsupported too: apply fingerprints the whole model on
-every rank, which the HF-sharded rest of the model breaks)."""
+attention), DeepSeek-V4 (compressed KV caches), and a DeepSeek-V3.2 whose HF tensor-parallel plan shards a
+piece of attention other than the heads (the indexer's head weights). HF's plan with the attention replicated
+is supported: apply cuts the heads itself (HF's own plan "auto", and TP + EP: tests/test_hf_parallel.py)."""
 import os
 import re
 
@@ -88,53 +88,59 @@ def test_unsupported_models_name_the_layer_and_the_piece():
 
 ATTENTION_REPLICATED = {f"model.layers.*.self_attn.{p}": "replicate"
                         for p in ("q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
+# A plan that shards a piece of attention dcp_compile does not shard: the indexer's head weights (HF gathers
+# their output again, so HF's own forward is right; the rewritten indexer would score half the heads).
+INDEXER_SHARDED = {"model.layers.*.self_attn.indexer.weights_proj": "colwise_rep"}
 PROMPTS = (7, 19)
 NEW_TOKENS = 12
+HF_KWARGS = dict(dtype=torch.float64, attn_implementation="sdpa", experts_implementation="eager")
 
 
 def hf_tensor_parallel(rank, world, path):
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import DeepseekV32ForCausalLM
+    from transformers.distributed import DistributedConfig
 
     import dcp_compile.api as api
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))  # as torchrun sets them
-    probes = []
-    probe_layers = api.probe_layers
-    api.probe_layers = lambda model: probes.append(1) or probe_layers(model)
     mesh = init_device_mesh("cpu", (world,))
-    errors = {}
-    # HF's whole plan; and HF's plan with the attention replicated (the MLP/MoE, embeddings and head still sharded).
-    for name, plan in (("auto", "auto"), ("attention_replicated", ATTENTION_REPLICATED)):
-        hf_tp = DeepseekV32ForCausalLM.from_pretrained(path, tp_plan=plan, dtype=torch.float32)
-        assert hf_tp.tp_size == world, "the model was not loaded with HF tensor parallelism"
-        errors[name] = _raises(dcp_compile.apply, hf_tp, mesh)
-    probed_before_errors = len(probes)
-
-    # What the error says to do instead: load without tp_plan, apply over the tensor-parallel ranks.
-    model = DeepseekV32ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    # HF's plan with the attention replicated (MLP/MoE, embeddings and head still sharded by HF): apply cuts
+    # the heads itself, over a mesh of the caller's.
+    model = DeepseekV32ForCausalLM.from_pretrained(
+        path, distributed_config=DistributedConfig(tp_plan=ATTENTION_REPLICATED), **HF_KWARGS)
+    assert model.tp_size == world, "the model was not loaded with HF tensor parallelism"
     dcp_compile.apply(model, mesh, page_size=4)
     ids, mask = left_padded_prompts(PROMPTS, seed=1)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
-    return errors, probed_before_errors, out.sequences, torch.stack(out.logits)
+    q_rows = model.model.layers[0].self_attn.q_b_proj.weight.shape[0]
+
+    # HF sharding a piece of attention that dcp_compile keeps whole: rejected on every rank, before any
+    # collective of apply (the probe forwards run HF's own collectives, on every rank alike).
+    groups = []
+    new_group = api._dcp_group
+    api._dcp_group = lambda *a: groups.append(1) or new_group(*a)
+    model = DeepseekV32ForCausalLM.from_pretrained(
+        path, distributed_config=DistributedConfig(tp_plan=INDEXER_SHARDED), **HF_KWARGS)
+    error = _raises(dcp_compile.apply, model, mesh)
+    return out.sequences, torch.stack(out.logits), q_rows, error, len(groups)
 
 
-def test_hf_tensor_parallel_fails_before_the_probe_on_every_rank(tmp_path):
+def test_hf_tensor_parallel_with_replicated_attention_and_an_unsupported_plan(tmp_path):
     tiny_deepseek_v32().save_pretrained(tmp_path)
-    ref = tiny_deepseek_v32(attn_implementation="sdpa")
+    ref = tiny_deepseek_v32(attn_implementation="sdpa", dtype=torch.float64)
     ids, mask = left_padded_prompts(PROMPTS, seed=1)
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                         return_dict_in_generate=True)
     per_rank = run_ranks(hf_tensor_parallel, 2, str(tmp_path), timeout=300)  # a rank stuck in a collective times out
-    assert per_rank[0][0] == per_rank[1][0], [errors for errors, *_ in per_rank]
-    for name, (kind, msg) in per_rank[0][0].items():
-        assert kind == "UnsupportedModelError", (name, msg)
-        assert "Hugging Face tensor parallelism (tp_plan, tp_size=2; " in msg and "DTensor shards" in msg, (name, msg)
-        assert "Load the model without tp_plan" in msg and "replicate" not in msg, (name, msg)
-    assert "model.layers.0.self_attn.q_b_proj.weight" in per_rank[0][0]["auto"][1]
-    for rank, (_, probed, tokens, logits) in enumerate(per_rank):
-        assert probed == 0, f"rank {rank}: an error came after a probe forward"
-        assert torch.equal(tokens, want.sequences), f"rank {rank}: the model loaded without tp_plan differs from HF"
+    assert per_rank[0][3] == per_rank[1][3], [r[3] for r in per_rank]
+    for rank, (tokens, logits, q_rows, (kind, msg), groups) in enumerate(per_rank):
+        assert torch.equal(tokens, want.sequences), f"rank {rank}: tokens differ from single-device HF"
         err = (logits - torch.stack(want.logits)).abs().max().item()
-        assert err < 1e-4, f"rank {rank}: logits differ by {err:.2e}"
+        assert err < 1e-9, f"rank {rank}: logits differ by {err:.2e}"
+        assert q_rows == ref.model.layers[0].self_attn.q_b_proj.weight.shape[0] // 2, "apply did not shard the heads"
+        assert kind == "UnsupportedModelError", msg
+        assert "layer model.layers.0.self_attn: Hugging Face tensor parallelism shards indexer.weights_proj.weight" in msg, msg
+        assert "adopts HF's sharding of the attention heads only" in msg and "'replicate'" in msg, msg
+        assert groups == 0, f"rank {rank}: apply created process groups before rejecting the model"

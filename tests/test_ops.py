@@ -157,16 +157,16 @@ def _lse_dtype(q):
 
 
 EXPECTED_META = {
-    # (op, args) -> expected (shape, dtype) tree, from the op's documented contract; a tuple of dtypes = any of them
-    "sparse_mla_attn": lambda q, kv, slots, counts, scale, v_dim: (
+    # op -> (args -> expected (shape, dtype) tree), from the op's documented contract; a tuple of dtypes = any of them
+    dcp.sparse_mla_attn: lambda q, kv, slots, counts, scale, v_dim: (
         ((q.shape[0], q.shape[1], v_dim), q.dtype), ((q.shape[0], q.shape[1]), _lse_dtype(q))
     ),
-    "paged_write": lambda pool, rows, slots: None,
-    "indexer_scores": lambda q, w, k_pool, key_slots, allowed, scale: (
+    dcp.paged_write: lambda pool, rows, slots: None,
+    dcp.indexer_scores: lambda q, w, k_pool, key_slots, allowed, scale: (
         (q.shape[0], q.shape[1], key_slots.shape[1]), torch.float32
     ),
-    "topk_select": lambda cs, cp, si, bt, k, *rest: (((cs.shape[0], k), torch.int32), ((cs.shape[0],), torch.int32)),
-    "lse_combine": lambda out, lse, lse_all: (
+    dcp.topk_select: lambda cs, cp, si, bt, k, *rest: (((cs.shape[0], k), torch.int32), ((cs.shape[0],), torch.int32)),
+    dcp.lse_combine: lambda out, lse, lse_all: (
         tuple(out.shape), torch.float64 if out.dtype == torch.float64 else torch.float32
     ),
 }
@@ -186,7 +186,7 @@ def _matches(meta, expected):
 def test_fake_shapes(case):
     op, make = FAKE_CASES[case]
     args = make()
-    expected = EXPECTED_META[case.split("_f")[0].split("_bf")[0].replace("_few_candidates", "")](*args)
+    expected = EXPECTED_META[op](*args)
     real = op(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     with FakeTensorMode() as mode:
         fake = op(*_to_fake(mode, args))
@@ -566,3 +566,28 @@ def test_no_group_is_none():
             all_gather_heads(x, name, 2)
     with pytest.raises(ValueError, match="needs its process group name"):
         all_reduce_sum(x, "")
+
+
+def test_attention_kernel_is_chosen_by_name():
+    from dcp_compile.ops import ATTENTION_KERNELS, use_attention_kernel
+
+    assert {"triton", "reference"} <= set(ATTENTION_KERNELS)
+    with pytest.raises(ValueError, match=r"unknown attention kernel 'flashmla'.*'reference', 'triton'"):
+        use_attention_kernel("flashmla")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_registered_attention_kernels_agree_on_cuda():
+    from dcp_compile.ops import use_attention_kernel
+
+    q, kv, slots, counts, scale, v_dim = (a.cuda() if isinstance(a, torch.Tensor) else a
+                                          for a in attn_inputs(torch.float32))
+    outs = {}
+    try:
+        for name in ("triton", "reference"):
+            use_attention_kernel(name)
+            outs[name] = dcp.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
+    finally:
+        use_attention_kernel("triton")
+    for a, b in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

@@ -192,7 +192,7 @@ class DCPSparseMLA(nn.Module):
         slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
         if q_scale is not None:  # (f·q)·k = f·(q·k): scale the absorbed query
-            q = q * q_scale.transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
+            q = q * q_scale.expand(batch, -1, -1, -1).transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
         o_lat = self.attend(q, state.latent_pool, slots, counts, sinks)
         out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
         if self.config.exports_selection:

@@ -521,6 +521,12 @@ def check_layouts(m: MLASparseAttentionMatch) -> None:
         ("new latent rows", latent, (batch, "1", steps, str(m.latent_dim))),
         ("new rotary key rows", rope_new, (batch, "1", steps, rope)),
     ]
+    out, v = _shape(m.attention.output), str(m.kv_expansion.v_dim)
+    per_head_out = (batch, steps, heads, v) if len(out) == 4 else (batch, steps, str(m.heads * m.kv_expansion.v_dim))
+    expected.append(("attention output", out, per_head_out))
+    if m.attention.query_scale is not None:
+        factor = _shape(m.attention.query_scale.factor)
+        expected.append(("query scaling factors", factor, (factor[0] if factor else "?", heads, steps, "1")))
     if m.indexer is not None:
         key, query, weights = _shape(m.indexer.key_new), _shape(m.indexer.query), _shape(m.indexer.weights)
         expected += [

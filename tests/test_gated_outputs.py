@@ -4,8 +4,8 @@ dcp_compile.apply on 2 gloo ranks give the greedy tokens of the unmodified model
 - AXK2 (A.X-K2): ``sigmoid`` of the gate half of the fused ``q_gate_proj`` (each head's query and gate rows are
   one block of the projection, so sharding the query heads shards the gate with them);
 - Dots3Note: a per-head ``sigmoid(g_proj(x))`` multiplying the attention output ``[B, S, H, v]`` — its own
-  projection, sharded by head like the query. Its layers mix the three kinds: DSA indexer, dense MLA
-  ("full_attention") and sliding-window dense MLA (another latent width, and a windowed mask).
+  projection, sharded by head like the query. Its layers mix DSA layers and a sliding-window dense MLA layer
+  (another latent width, a windowed mask, no index pool).
 
 Each rank applies the gate to its own heads before the row-parallel output projection. float64, a left-padded
 batch with sdpa; the reference asserts that no indexer top-k had a near tie.
@@ -35,7 +35,8 @@ def tiny_axk2():
 def tiny_dots3_note():
     from transformers import Dots3NoteTextConfig
 
-    layer_types = ["indexed_attention", "full_attention", "sliding_attention"]
+    # (Dots3Note's "full_attention" layers are DSA layers unless use_dsa=False, which makes every layer dense.)
+    layer_types = ["indexed_attention", "sliding_attention", "indexed_attention"]
     # The sliding-window layers have their own shapes (swa_*): a wider latent (48) than the others (32).
     sliding = dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32, swa_kv_lora_rank=48,
                    swa_head_dim=24, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
@@ -63,7 +64,7 @@ def generate_on_rank(rank, world):
         attn = [m for m in model.modules() if hasattr(m, "dcp_graph")]
         # The gate's own projection (Dots3Note's g_proj) is sharded with the heads: 4 heads over 2 ranks.
         gates = {tuple(m.g_proj.weight.shape) for m in attn if hasattr(m, "g_proj")}
-        results[name] = (*_generate(model), gates)
+        results[name] = (*_generate(model), gates, sorted(model.dcp.new_cache(1, 8).index_keys))
     return results
 
 
@@ -81,9 +82,10 @@ def test_gated_outputs_generate_matches_single_device_hf():
     for name in MODELS:
         want_tokens, want_logits = reference(name)
         for rank, results in enumerate(per_rank):
-            tokens, logits, gates = results[name]
+            tokens, logits, gates, index_pools = results[name]
             assert torch.equal(tokens, want_tokens), f"{name}, rank {rank}: tokens differ\n{tokens}\n{want_tokens}"
             err = (logits - want_logits).abs().max().item()
             assert err < LOGIT_TOL, f"{name}, rank {rank}: logits differ by {err:.2e}"
             if name == "dots3_note":
                 assert gates == {(2, 64)}, gates
+                assert index_pools == [0, 2], f"index pools for layers {index_pools}: the sliding layer needs none"

@@ -74,7 +74,12 @@ def rank_main(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    results = {name: _generate(name, dcp_compile.apply(make(), mesh, page_size=4)) for name, make in MODELS.items()}
+    results = {}
+    for name, make in MODELS.items():
+        model = dcp_compile.apply(make(), mesh, page_size=4)
+        results[name] = _generate(name, model)
+        with torch.no_grad():  # a plain forward of a batch: HF's position ids are then [1, S], broadcast over it
+            results[name + "-forward"] = model(_forward_ids()).logits
     results["kv_sharing"] = _raises(dcp_compile.apply, tiny_mistral_large4(kv_source_layers=[0, 0], no_rope_layers=[1, 1]), mesh)
     return results
 
@@ -97,13 +102,21 @@ def run_world():
     return _RUNS[0]
 
 
+def _forward_ids():
+    return torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
 def _check(name):
     want_tokens, want_logits = reference(name)
+    with torch.no_grad():
+        want_forward = MODELS[name]()(_forward_ids()).logits
     for rank, results in enumerate(run_world()):
         tokens, logits = results[name]
         assert torch.equal(tokens, want_tokens), f"{name}, rank {rank}: tokens differ\n{tokens}\n{want_tokens}"
         err = (logits - want_logits).abs().max().item()
         assert err < LOGIT_TOL, f"{name}, rank {rank}: logits differ by {err:.2e}"
+        err = (results[name + "-forward"] - want_forward).abs().max().item()
+        assert err < LOGIT_TOL, f"{name}, rank {rank}: plain forward logits differ by {err:.2e}"
 
 
 def test_hy_v4_sinks_gate_shared_indexer_match_single_device_hf():

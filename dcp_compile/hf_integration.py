@@ -95,7 +95,7 @@ class GenerationHooks:
         held = model_kwargs.get("cache")
         # First the ranks agree (one collective that every rank reaches): a rank-specific error below could
         # otherwise leave its peers waiting in the first forward's collectives.
-        if runtime.verify_ranks:
+        if runtime.verify_ranks and runtime.ranks.active:  # a group of one has nothing to compare
             self._verify_request(generation_config, expanded, max_cache_length, held)
         if generation_config.num_beams > 1:
             raise NotImplementedError("dcp_compile does not support beam search yet (num_beams > 1)")
@@ -152,7 +152,9 @@ class GenerationHooks:
         tokens = _first_tensor(args, kwargs, "input_ids", "inputs_embeds")
         if tokens is None:
             raise ValueError("dcp_compile: a forward needs input_ids or inputs_embeds")
-        if not self.in_generate and runtime.verify_ranks:  # before anything that could fail on one rank only
+        # Before anything that could fail on one rank only; a group of one has nothing to compare (and the input
+        # digests would cost a host sync per forward).
+        if not self.in_generate and runtime.verify_ranks and runtime.ranks.active:
             fields = [
                 *_ids_fields("inputs", tokens),
                 *_ids_fields("attention_mask", kwargs.get("attention_mask")),

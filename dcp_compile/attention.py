@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .cache import StepPositions
 from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
@@ -46,26 +47,6 @@ class AttentionConfig:
     group_name: str | None  # the DCP process group (None when the group is a single rank)
     selection: str = "indexer_topk"  # a key of SELECTIONS
     exports_selection: bool = False  # also return the selection, packed, for later layers (pack_selection)
-
-
-@dataclass
-class StepPositions:
-    """The positions one step touches on this rank (the same for every layer of the step)."""
-
-    new: Tensor  # [S] global positions of the step's query tokens
-    total: int  # past + S
-    keys: Tensor  # [L] global positions of this rank's local rows 0 .. L-1 (L = local_bound(total))
-    key_slots: Tensor  # [B, L] physical rows of those keys, -1 past the sequence
-
-    @staticmethod
-    def of(layout: DCPLayout, rank: int, block_table: Tensor, past: int, steps: int, batch: int) -> "StepPositions":
-        dev = block_table.device
-        total = past + steps
-        local = torch.arange(layout.local_bound(total), device=dev)
-        keys = layout.global_position(local, rank)
-        key_slots = layout.slot(block_table, local.expand(batch, -1))
-        key_slots = torch.where(keys < total, key_slots, -1).to(torch.int32)
-        return StepPositions(torch.arange(steps, device=dev) + past, total, keys, key_slots)
 
 
 def allowed_keys(mask: Tensor | None, key_pos: Tensor, query_pos: Tensor, batch: int) -> Tensor:
@@ -105,7 +86,7 @@ class IndexerTopK:
 class OwnedRows:
     """Dense MLA (no indexer): every row this rank owns that the query may see — causal (key position <= query
     position) and allowed by the attention mask (left padding) — compacted to the front in position order with
-    counts (§4.2, dense). Width L = local_bound(total), the rank's whole share: no exchange is needed, since
+    counts (§4.2, dense). Width L = the step's key width (the rank's whole share, or more in a static step): no exchange is needed, since
     each rank attends all of its own rows and the LSE merge (§4.6) makes the union exact."""
 
     def __init__(self, config: AttentionConfig):
@@ -179,15 +160,17 @@ class DCPSparseMLA(nn.Module):
         latent_pool: Tensor,
         index_pool: Tensor | None,
         block_table: Tensor,
-        past_length: int,
+        query_positions: Tensor,  # [S] the step's positions (the cache computes them once per step)
+        key_positions: Tensor,  # [L] global positions of this rank's local rows
+        key_slots: Tensor,  # [B, L] their physical rows, -1 past the sequence
         index_key_new: Tensor | None = None,  # [B, S, Di]  (indexer layers only)
         sinks: Tensor | None = None,  # [H] a learned sink logit per head in the softmax (HY-V4)
         q_scale: Tensor | None = None,  # [B, H, S, 1] a factor on the whole query (Mistral-Large-4)
         **selection_inputs: Tensor,  # what the selection reads: index_q [B,S,Hi,Di], index_w [B,S,Hi]; or handed
     ) -> Tensor | tuple[Tensor, Tensor]:
         batch, heads, steps, _ = q_nope.shape
-        state = LayerCacheState(latent_pool, index_pool, block_table, past_length)
-        at = StepPositions.of(self.config.layout, self.config.rank, block_table, past_length, steps, batch)
+        state = LayerCacheState(latent_pool, index_pool, block_table, query_positions, key_positions, key_slots)
+        at = StepPositions(query_positions, key_positions, key_slots)
         self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
         slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)

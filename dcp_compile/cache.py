@@ -4,18 +4,68 @@ Per layer and per rank, two page pools: latent rows ``c ‖ k_rope`` and indexer
 for a layer with an indexer of its own). Pages are ``page_size`` rows; one allocator hands them out for all
 layers at once (every layer of a sequence owns the same positions, so one block table per sequence serves
 every layer). Pages for a request are reserved
-up front, so the decode step never allocates: it only reads ``block_table`` and the Python int
-``seq_length`` — no host sync, no data-dependent shape.
+up front, so the decode step never allocates.
+
+**Steps.** Each forward is one *step* of S new tokens per sequence, bracketed on the host by ``begin_step`` /
+``end_step`` (the model's forward hooks, outside any compiled ``forward``). ``begin_step`` checks the capacity,
+writes the past length into a device scalar and fixes the step's two widths:
+
+- the *key width* L: how many of this rank's local rows the step looks at, and
+- the *mask width*: the columns of HF's attention mask.
+
+A short step (decode, speculative verification: S <= ``STATIC_STEP_TOKENS``) uses the cache's *static* widths, a
+power-of-two bucket of the reserved capacity; a longer one (prefill) uses the exact widths. So inside a compiled
+decode step nothing grows with the sequence: fixed shapes, the length lives on the device, every pool, the block
+table and the device length stay at fixed addresses. One graph per (batch size, capacity bucket) serves every
+decode step of a request, and CUDA graphs can replay it (``torch.compile(model.forward, mode="reduce-overhead")``).
+Rows past the sequence inside the static width have key slot -1 and are never selected.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from transformers.cache_utils import Cache
 
 from .contract import LayerCacheState
 from .layout import DCPLayout
+
+# Steps of at most this many tokens per sequence run at the static widths: decode (1) and speculative
+# verification (a few draft tokens). Longer steps are prefill chunks: exact widths, not worth a CUDA graph.
+STATIC_STEP_TOKENS = 16
+MIN_STATIC_POSITIONS = 256  # the smallest capacity bucket
+
+
+def static_positions(capacity: int, stride: int) -> int:
+    """The capacity bucket of a static step: the next power of two >= capacity (at least
+    ``MIN_STATIC_POSITIONS``), rounded up to a whole round of ownership (N·I) so that it ends on a round."""
+    bucket = max(MIN_STATIC_POSITIONS, 1 << max(0, capacity - 1).bit_length())
+    return -(-bucket // stride) * stride
+
+
+@dataclass
+class StepPositions:
+    """The positions one step touches on this rank, the same for every layer of the step (§3, §4.1)."""
+
+    new: Tensor  # [S] global positions of the step's query tokens
+    keys: Tensor  # [L] global positions of this rank's local rows 0 .. L-1
+    key_slots: Tensor  # [B, L] physical rows of those keys, -1 past the sequence
+
+    @staticmethod
+    def of(layout: DCPLayout, rank: int, block_table: Tensor, past: Tensor | int, steps: int, batch: int,
+           width: int | None = None) -> "StepPositions":
+        """``past``: positions already cached (a device scalar in a step; an int in tests); ``width``: L, by
+        default the exact one, ``local_bound(past + steps)`` (needs an int ``past``)."""
+        dev = block_table.device
+        width = layout.local_bound(past + steps) if width is None else width
+        local = torch.arange(width, device=dev)
+        keys = layout.global_position(local, rank)
+        # A static width can reach past the block table's pages; those keys are past the sequence anyway.
+        in_table = local.clamp(max=block_table.shape[1] * layout.page_size - 1)
+        key_slots = layout.slot(block_table, in_table.expand(batch, -1))
+        key_slots = torch.where(keys < past + steps, key_slots, -1).to(torch.int32)
+        return StepPositions(torch.arange(steps, device=dev) + past, keys, key_slots)
 
 
 class CachePoolExhausted(RuntimeError):
@@ -107,10 +157,18 @@ class ShardedPagedCache(Cache):
             self.index_keys = {i: torch.zeros(rows, fmt.index_dim, dtype=fmt.index_dtype, device=self.device)
                                for i in indexed}
         self._last_layer = max(fmt.layer_ids)
-        self.seq_length = 0
+        self.seq_length = 0  # host: positions cached per sequence (read outside the step only)
+        self.past = torch.zeros((), dtype=torch.int64, device=self.device)  # its device copy, set by begin_step
         self.capacity = 0  # positions per sequence with pages reserved
         self.made_for_one_call = False  # made by a forward that was given no cache (see hf_integration)
+        self.step_tokens: int | None = None  # S of the step in progress (None between steps)
+        self.step_owner: str | None = None  # who opened it: "model" (forward hooks) or "layers" (eager fallback)
+        self.key_width = 0  # L of the step in progress
+        self.mask_width = 0  # HF attention-mask columns of the step in progress
+        self._positions: StepPositions | None = None  # computed by the step's first DCP layer, shared by the rest
         self._set_batch(batch_size)
+        for t in (self.past, *self.latent.values(), *self.index_keys.values()):
+            _static_address(t)
 
     # -- allocation (host side, outside the decode step) -------------------------------------------------------
     def _set_batch(self, batch_size: int) -> None:
@@ -119,6 +177,7 @@ class ShardedPagedCache(Cache):
         self.block_table = torch.full(
             (batch_size, max(1, self.allocator.num_pages)), -1, dtype=torch.int32, device=self.device
         )
+        _static_address(self.block_table)
 
     def start_request(self, batch_size: int, num_tokens: int) -> None:
         """Free everything, then reserve ``num_tokens`` positions for each of ``batch_size`` sequences.
@@ -164,32 +223,69 @@ class ShardedPagedCache(Cache):
             self.free_sequence(seq)
         self.seq_length = 0
         self.capacity = 0
+        self.step_tokens = self.step_owner = self._positions = None
 
-    # -- the decode step ------------------------------------------------------------------------------------------
-    def layer_state(self, layer_idx: int, num_new: int) -> LayerCacheState:
-        """What one DCP layer's step reads (``contract.LayerCacheState``)."""
+    # -- steps (docs/design.md §4; the module docstring) ----------------------------------------------------------
+    def begin_step(self, num_new: int, owner: str = "model") -> None:
+        """Host side, before a forward of ``num_new`` tokens per sequence: check the capacity (raises
+        CachePoolExhausted before anything runs), write the past length to the device scalar (an async fill, no
+        sync) and fix the step's key and mask widths."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "the DCP cache's step bookkeeping ran inside torch.compile: compile the model's forward "
+                "(model.forward = torch.compile(model.forward, ...)), not the module or a function around generate, "
+                "so that its forward hooks run outside the compiled graph"
+            )
         past = self.seq_length
         if past + num_new > self.capacity:
             raise CachePoolExhausted(
                 f"step writes positions {past}..{past + num_new - 1} but only {self.capacity} positions per "
                 f"sequence are reserved; call reserve() or generate() so the cache is sized for the request"
             )
-        return LayerCacheState(self.latent[layer_idx], self.index_keys.get(layer_idx), self.block_table, past)
+        self.step_tokens, self.step_owner, self._positions = num_new, owner, None
+        self.mask_width = self.mask_width_for(num_new)
+        self.key_width = self.layout.local_bound(self.mask_width)
+        self.past.fill_(past)
 
-    def advance(self, layer_idx: int, num_new: int) -> None:
-        """Called by each DCP layer after its step; the last layer moves the sequence length on."""
-        if layer_idx == self._last_layer:
-            self.seq_length = self.seq_length + num_new
+    def end_step(self) -> None:
+        """Host side, after the forward: the sequences are ``step_tokens`` longer."""
+        if self.step_tokens is not None:
+            self.seq_length += self.step_tokens
+        self.step_tokens = self.step_owner = self._positions = None
+
+    def mask_width_for(self, num_new: int) -> int:
+        """Columns of HF's attention mask for a step of ``num_new`` tokens: the static bucket for short steps,
+        the exact length (past + new) for prefill."""
+        if num_new <= STATIC_STEP_TOKENS:
+            return max(static_positions(self.capacity, self.layout.stride), self.seq_length + num_new)
+        return self.seq_length + num_new
+
+    def layer_state(self, layer_idx: int) -> LayerCacheState:
+        """What one DCP layer of the step in progress reads (``contract.LayerCacheState``)."""
+        if self.step_tokens is None:
+            raise RuntimeError("layer_state outside a step: call begin_step(num_new) first")
+        if self._positions is None:  # the step's first DCP layer: once per step, not once per layer
+            self._positions = StepPositions.of(self.layout, self.rank, self.block_table, self.past, self.step_tokens,
+                                               self.num_sequences, self.key_width)
+        at = self._positions
+        return LayerCacheState(self.latent[layer_idx], self.index_keys.get(layer_idx), self.block_table,
+                               at.new, at.keys, at.key_slots)
+
+    @property
+    def last_layer(self) -> int:
+        return self._last_layer
 
     # -- what transformers asks of a Cache ----------------------------------------------------------------------
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_length
+    # Inside a compiled forward HF reads the length as the device scalar (as from its StaticCache), so the graph
+    # never sees the growing host int; outside, the host int.
+    def get_seq_length(self, layer_idx: int = 0) -> int | Tensor:
+        return self.past if torch.compiler.is_compiling() else self.seq_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seq_length + query_length, 0
+        return (self.mask_width if self.step_tokens is not None else self.mask_width_for(query_length)), 0
 
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.seq_length
+    def get_query_offset(self, layer_idx: int = 0) -> int | Tensor:
+        return self.get_seq_length(layer_idx)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -253,3 +349,10 @@ class ShardedPagedCache(Cache):
             f"ShardedPagedCache(rank={self.rank}, {self.layout}, layers={len(self.format.layer_ids)}, "
             f"pages={self.used_pages()}/{self.allocator.num_pages}, seq_length={self.seq_length})"
         )
+
+
+def _static_address(t: Tensor) -> None:
+    """Tell torch.compile that ``t`` keeps its address (as HF's StaticCache does): a CUDA-graph replay then reads
+    and writes it in place instead of copying it in, and a step that writes a pool is still captured."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)

@@ -5,8 +5,11 @@ The model's own ``forward`` is left in place (HF ``generate`` reads its signatur
 an attention mask, position ids, ``logits_to_keep``...). Instead:
 
 - a forward pre-hook gives a call without a cache a ``ShardedPagedCache`` sized for its input, rejects what
-  DCP cannot return (``output_attentions``) and a model moved to another dtype/device after ``apply``, and
-  checks that every rank runs the same plain forward;
+  DCP cannot return (``output_attentions``) and a model moved to another dtype/device after ``apply``,
+  checks that every rank runs the same plain forward, and opens the cache's step (``begin_step``: capacity,
+  the length's device copy, the step's widths; a 2-D attention mask is padded to the step's mask width, so a
+  decode step's inputs have the same shapes at every length); a forward hook closes it (``end_step``). Both
+  run outside a compiled ``model.forward``: the compiled step sees only fixed shapes and device tensors;
 - ``_prepare_cache_for_generation`` (HF's cache factory inside ``generate``) makes the sharded cache for the
   expanded batch (``num_return_sequences``), or sizes a cache the user holds; there, once the generation
   settings are final and before the first forward, the ranks verify that they run the same request and, for
@@ -59,11 +62,13 @@ class GenerationHooks:
         self.runtime = model.dcp
         self.in_generate = 0
         self.request: dict = {}
+        self.open_cache: ShardedPagedCache | None = None  # the cache whose step the running forward is in
 
     # -- install ---------------------------------------------------------------------------------------------------------
     def install(self) -> None:
         model, cls = self.model, type(self.model)
         model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+        model.register_forward_hook(self.after_forward)
         model._prepare_cache_for_generation = types.MethodType(self.prepare_cache, model)
         model._get_stopping_criteria = types.MethodType(self.stopping_criteria, model)
         model.generate = self.wrap_generate(cls.generate.__get__(model))
@@ -169,9 +174,24 @@ class GenerationHooks:
         fresh = kwargs.get("use_cache") is False and getattr(cache, "made_for_one_call", False)
         if cache is None or fresh:
             kwargs.pop("past_key_values", None)
-            kwargs["cache"] = runtime.new_cache(tokens.shape[0], tokens.shape[1])
-            kwargs["cache"].made_for_one_call = True
+            cache = kwargs["cache"] = runtime.new_cache(tokens.shape[0], tokens.shape[1])
+            cache.made_for_one_call = True
+        if not isinstance(cache, ShardedPagedCache):
+            return args, kwargs  # the layers raise their clear error
+        steps = tokens.shape[1]
+        cache.begin_step(steps)
+        self.open_cache = cache
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] < cache.mask_width:
+            # Zeros past the sequence: those columns are masked anyway. A decode step's mask then has the
+            # static width at every length (HF pads it the same way inside; here it is done before the graph).
+            kwargs["attention_mask"] = torch.nn.functional.pad(mask.bool(), (0, cache.mask_width - mask.shape[-1]))
         return args, kwargs
+
+    def after_forward(self, model, args, output):
+        cache, self.open_cache = self.open_cache, None
+        if cache is not None and cache.step_owner == "model":
+            cache.end_step()
 
 
 def _refuse_save(self, *args, **kwargs):

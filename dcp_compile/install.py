@@ -2,11 +2,17 @@
 
 The installed forward takes the layer's usual arguments (as HF's decoder layer passes them), pulls the
 tensors the graph needs out of them by the paths recorded at capture, adds the layer's live parameters
-and the cache state (pools, block table, past length), runs the graph, and returns the layer's usual output
-structure. It is plain Python over tensors, so eager runs it and Dynamo traces straight through it.
+and the cache state (pools, block table, the step's positions), runs the graph, and returns the layer's usual
+output structure. It is plain Python over tensors, so eager runs it and Dynamo traces straight through it.
+
+The step's host bookkeeping (capacity check, the length's device copy, the widths; ``ShardedPagedCache.begin_step``
+/ ``end_step``) is done by the model's forward hooks, outside any compiled forward. A layer run without them (the
+base model or a layer called directly, eagerly) brackets the step itself: the first DCP layer opens it, the last
+closes it.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
@@ -48,7 +54,15 @@ class DCPLayerForward:
                 f"{type(cache).__name__}"
             )
         steps = _lookup(args, kwargs, self.step_path, self.arg_names).shape[self.step_dim]
-        state = cache.layer_state(self.layer_idx, steps)
+        if cache.step_tokens is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "a DCP layer ran inside torch.compile without the model's forward hooks (they bracket each step on "
+                    "the host): compile the forward of the model dcp_compile.apply was given, "
+                    "model.forward = torch.compile(model.forward, ...), and call the model"
+                )
+            cache.begin_step(steps, owner="layers")
+        state = cache.layer_state(self.layer_idx)
         flat = []
         for item in self.inputs:
             if item.kind is InputKind.PARAM:
@@ -60,7 +74,8 @@ class DCPLayerForward:
             else:
                 flat.append(getattr(state, item.what))
         out = self.gm(*flat)
-        cache.advance(self.layer_idx, steps)
+        if self.layer_idx == cache.last_layer and cache.step_owner == "layers":
+            cache.end_step()
         return pytree.tree_unflatten(list(out), self.out_tree)
 
 

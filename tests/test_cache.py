@@ -129,8 +129,9 @@ def test_exhausted_pool_raises_and_stays_consistent():
     # A following smaller request works: 2 sequences of 24 tokens = 3 pages each.
     cache.start_request(2, 24)
     assert cache.used_pages() == 6 and cache.capacity == 24
-    state = cache.layer_state(0, 24)
-    assert state.past_length == 0 and state.block_table is cache.block_table
+    cache.begin_step(24)
+    state = cache.layer_state(0)
+    assert state.query_positions.tolist() == list(range(24)) and state.block_table is cache.block_table
 
 
 def test_exhausted_growth_leaves_cache_unchanged():
@@ -207,36 +208,61 @@ def test_page_allocator_all_or_nothing():
     assert alloc.allocate(0) == []
 
 
-def test_layer_state_advance_and_capacity():
+def test_step_bracket_widths_and_capacity():
     cache = make_cache(world=2, page_size=4, rank=0, num_pages=10, batch=2, layers=(0, 2))
     cache.start_request(2, 10)
-    for layer in (0, 2):
-        state = cache.layer_state(layer, 7)
+    cache.begin_step(7)
+    states = [cache.layer_state(layer) for layer in (0, 2)]
+    for layer, state in zip((0, 2), states):
         assert state.latent_pool is cache.latent[layer] and state.index_pool is cache.index_keys[layer]
-        assert state.past_length == 0
-        cache.advance(layer, 7)
-    assert cache.get_seq_length() == 7  # only the last layer moves the length on
-    assert cache.get_mask_sizes(3) == (10, 0)
-    assert cache.get_mask_sizes(1, layer_idx=2) == (8, 0)
-    assert cache.layer_state(0, 3).past_length == 7
+    assert states[0].key_slots is states[1].key_slots  # the positions are computed once per step
+    assert int(cache.past) == 0 and states[0].query_positions.tolist() == list(range(7))
+    # A short step has the static widths: the capacity bucket (256 positions, 128 local rows on 2 ranks).
+    assert cache.mask_width == 256 and states[0].key_positions.shape == (128,)
+    assert states[0].key_positions[:4].tolist() == [0, 2, 4, 6]  # rank 0 of 2 owns the even positions
+    slots = states[0].key_slots
+    assert (slots[:, 4:] == -1).all() and (slots[:, :4] >= 0).all()  # positions 0, 2, 4, 6 < 7 are written
+    assert cache.get_seq_length() == 0  # the host length moves on at the end of the step
+    cache.end_step()
+    assert cache.get_seq_length() == 7 and cache.step_tokens is None
+    assert cache.get_mask_sizes(3) == (256, 0)  # static
+    assert cache.get_mask_sizes(17) == (24, 0)  # a prefill chunk: exact
+    cache.begin_step(3)
+    assert int(cache.past) == 7 and cache.layer_state(0).query_positions.tolist() == [7, 8, 9]
+    cache.end_step()
     with pytest.raises(CachePoolExhausted) as info:
-        cache.layer_state(0, 4)  # positions 7..10 but only 10 reserved
-    assert "reserve" in str(info.value)
+        cache.begin_step(1)  # position 10 but only 10 reserved
+    assert "reserve" in str(info.value) and cache.step_tokens is None
+    with pytest.raises(RuntimeError, match="begin_step"):
+        cache.layer_state(0)
     cache.reserve(11)
-    assert cache.layer_state(2, 4).past_length == 7
+    cache.begin_step(1)
+    assert cache.layer_state(2).query_positions.tolist() == [10]
+
+
+def test_static_bucket():
+    from dcp_compile.cache import static_positions
+
+    assert static_positions(1, 1) == 256 and static_positions(256, 1) == 256 and static_positions(257, 1) == 512
+    assert static_positions(300, 6) == 516  # 512 rounded up to whole rounds of 6
+    assert static_positions(100_000, 4) == 131072
 
 
 def test_crop():
     cache = make_cache(num_pages=10)
     cache.start_request(2, 20)
-    cache.advance(0, 12)
+    cache.begin_step(12)
+    cache.end_step()
     assert cache.get_seq_length() == 12
     cache.crop(0)
     assert cache.get_seq_length() == 12
     cache.crop(-5)
     assert cache.get_seq_length() == 7
-    assert cache.get_mask_sizes(2) == (9, 0)
-    assert cache.layer_state(0, 1).past_length == 7
+    assert cache.get_mask_sizes(17) == (24, 0)
+    cache.begin_step(1)
+    assert int(cache.past) == 7 and cache.layer_state(0).query_positions.tolist() == [7]
+    cache.end_step()
+    cache.crop(-1)
     with pytest.raises(ValueError):
         cache.crop(3)  # transformers 5.x: only a negative number of tokens to remove
     cache.crop(-100)

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from dcp_compile.layout import DCPLayout
-from dcp_compile.attention import AttentionConfig, DCPSparseMLA, StepPositions
+from dcp_compile.attention import AttentionConfig, DCPSparseMLA
+from dcp_compile.cache import StepPositions
 from dcp_compile.contract import LayerCacheState
 from dcp_compile.ops import all_gather_heads, distributed_topk, lse_merge
 from dcp_compile.testing import run_ranks
@@ -165,16 +166,18 @@ def _check_config(rank, world, cfg, seed, group, ref):
     stats = dict(max_err=0.0, one_rank_queries=0, few_queries=0, none_queries=0, queries=0)
     past = 0
     for steps in cfg["chunks"]:
-        if cache is not None:
-            state = cache.layer_state(0, steps)
-            latent_pool, index_pool, block_table = state.latent_pool, state.index_pool, state.block_table
-            assert state.past_length == past
+        if cache is not None:  # the cache's own step: static widths for short steps, exact ones for long
+            cache.begin_step(steps)
+            state = cache.layer_state(0)
+            assert state.query_positions.tolist() == list(range(past, past + steps))
+            at = StepPositions(state.query_positions, state.key_positions, state.key_slots)
+        else:
+            at = StepPositions.of(layout, rank, block_table, past, steps, BATCH)
+            state = LayerCacheState(latent_pool, index_pool, block_table, at.new, at.keys, at.key_slots)
         cur = past + steps
 
         # 1-3. The rewritten layer's own steps: owner-only paged writes, then the indexer over this rank's keys
         # and the exact distributed top-k, compacted to this rank's rows.
-        state = LayerCacheState(latent_pool, index_pool, block_table, past)
-        at = StepPositions.of(layout, rank, block_table, past, steps, BATCH)
         rows = x["kv"][:, past:cur]
         attention.write_new_rows(rows[..., :D_C].unsqueeze(1), rows[..., D_C:].unsqueeze(1), x["k_idx"][:, past:cur], state, at)
         not_pad = (~x["pad"][:, :cur])[:, None, None, :].expand(BATCH, 1, steps, cur)  # HF's 4-D bool mask
@@ -231,7 +234,7 @@ def _check_config(rank, world, cfg, seed, group, ref):
                 if rank not in owners:
                     assert int(counts[t]) == 0 and (lse[t] == NEG_INF).all() and (out[t] == 0).all()
         if cache is not None:
-            cache.advance(0, steps)
+            cache.end_step()
         past = cur
     assert past == total
     return stats

@@ -136,7 +136,8 @@ def test_dense_mla_compiled_generate_matches_hf_with_two_graphs():
 
 
 def test_owned_rows_are_every_causal_unmasked_row_of_the_rank_compacted_in_order():
-    from dcp_compile.attention import AttentionConfig, OwnedRows, StepPositions
+    from dcp_compile.attention import AttentionConfig, OwnedRows
+    from dcp_compile.cache import StepPositions
     from dcp_compile.contract import LayerCacheState
     from dcp_compile.layout import DCPLayout
 
@@ -153,7 +154,7 @@ def test_owned_rows_are_every_causal_unmasked_row_of_the_rank_compacted_in_order
             config = AttentionConfig(heads=1, nope_dim=1, rope_dim=1, latent_dim=1, v_dim=1, topk=None, attn_scale=1.0,
                                      index_scale=None, layout=layout, rank=rank, group_name=None, selection="owned_rows")
             at = StepPositions.of(layout, rank, block_table, past, steps, batch)
-            slots, counts = OwnedRows(config).select(mask, LayerCacheState(None, None, block_table, past), at)
+            slots, counts = OwnedRows(config).select(mask, LayerCacheState(None, None, block_table, at.new, at.keys, at.key_slots), at)
             assert slots.shape == (batch * steps, layout.local_bound(total))
             for t in range(batch * steps):
                 b, q = t // steps, past + t % steps

@@ -243,7 +243,9 @@ inputs_5 <- input 1.position_embeddings.1
 latent_pool <- state latent_pool
 index_pool <- state index_pool
 block_table <- state block_table
-past_length <- state past_length
+query_positions <- state query_positions
+key_positions <- state key_positions
+key_slots <- state key_slots
 linear = aten.linear(inputs_1, params_1)
 to = aten.to(linear, torch.float32)
 pow_1 = aten.pow(to, 2)
@@ -332,7 +334,7 @@ to_6 = aten.to(inputs_1, torch.float32)
 linear_6 = aten.linear(to_6, params_12)
 to_7 = aten.to(linear_6, torch.float32)
 mul_17 = aten.mul(to_7, 0.353553)
-dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rope_new=cat_1, index_key_new=squeeze, index_q=to_4, index_w=mul_17, mask=inputs_2, kv_b_weight=params_6, latent_pool=latent_pool, index_pool=index_pool, block_table=block_table, past_length=past_length)
+dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rope_new=cat_1, index_key_new=squeeze, index_q=to_4, index_w=mul_17, mask=inputs_2, kv_b_weight=params_6, latent_pool=latent_pool, index_pool=index_pool, block_table=block_table, query_positions=query_positions, key_positions=key_positions, key_slots=key_slots)
 linear_default = aten.linear(dcp_attention, params_7)
 tp_all_reduce = tp_all_reduce(linear_default, 'tp')
 return [tp_all_reduce, None]""")
@@ -368,7 +370,7 @@ return [linear_4, None]""")
         after = readable(rewritten(captured, match)).splitlines()
         # The DCP call, without indexer inputs, then the row-parallel output projection.
         self.assertExpectedInline("\n".join(after[next(i for i, x in enumerate(after) if x.startswith("dcp_attention")):]), """\
-dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rope_new=cat_1, mask=inputs_2, kv_b_weight=params_6, latent_pool=latent_pool, index_pool=index_pool, block_table=block_table, past_length=past_length)
+dcp_attention = dcp_attention(q_nope=getitem, q_rope=cat, latent_new=view_1, rope_new=cat_1, mask=inputs_2, kv_b_weight=params_6, latent_pool=latent_pool, index_pool=index_pool, block_table=block_table, query_positions=query_positions, key_positions=key_positions, key_slots=key_slots)
 linear_default = aten.linear(dcp_attention, params_7)
 tp_all_reduce = tp_all_reduce(linear_default, 'tp')
 return [tp_all_reduce, None]""")

@@ -169,6 +169,7 @@ def _check_config(rank, world, cfg, seed, group, ref):
         if cache is not None:  # the cache's own step: static widths for short steps, exact ones for long
             cache.begin_step(steps)
             state = cache.layer_state(0)
+            latent_pool, index_pool, block_table = state.latent_pool, state.index_pool, state.block_table
             assert state.query_positions.tolist() == list(range(past, past + steps))
             at = StepPositions(state.query_positions, state.key_positions, state.key_slots)
         else:

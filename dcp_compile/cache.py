@@ -14,7 +14,7 @@ writes the past length into a device scalar and fixes the step's two widths:
 - the *mask width*: the columns of HF's attention mask.
 
 A short step (decode, speculative verification: S <= ``STATIC_STEP_TOKENS``) uses the cache's *static* widths, a
-power-of-two bucket of the reserved capacity; a longer one (prefill) uses the exact widths. So inside a compiled
+bucket of the reserved capacity (``static_positions``); a longer one (prefill) uses the exact widths. So inside a compiled
 decode step nothing grows with the sequence: fixed shapes, the length lives on the device, every pool, the block
 table and the device length stay at fixed addresses. One graph per (batch size, capacity bucket) serves every
 decode step of a request, and CUDA graphs can replay it (``torch.compile(model.forward, mode="reduce-overhead")``).
@@ -38,9 +38,13 @@ MIN_STATIC_POSITIONS = 256  # the smallest capacity bucket
 
 
 def static_positions(capacity: int, stride: int) -> int:
-    """The capacity bucket of a static step: the next power of two >= capacity (at least
-    ``MIN_STATIC_POSITIONS``), rounded up to a whole round of ownership (N·I) so that it ends on a round."""
-    bucket = max(MIN_STATIC_POSITIONS, 1 << max(0, capacity - 1).bit_length())
+    """The capacity bucket of a static step: the next m·2^e >= capacity with m in 4..8 (quarter-octave steps:
+    at most 25 % above the capacity; at least ``MIN_STATIC_POSITIONS``), rounded up to a whole round of
+    ownership (N·I) so that it ends on a round. Requests whose capacities share a bucket share a compiled
+    decode graph (and per-request pools sized by it have the same shape)."""
+    capacity = max(MIN_STATIC_POSITIONS, capacity)
+    step = 1 << max(0, (capacity - 1).bit_length() - 3)
+    bucket = -(-capacity // step) * step
     return -(-bucket // stride) * stride
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .agreement import FailureRecords, RankGroup
-from .cache import CacheFormat, ShardedPagedCache
+from .cache import CacheFormat, ShardedPagedCache, static_positions
 from .layout import DCPLayout
 
 
@@ -29,6 +29,7 @@ class DCPRuntime:
     cache_budget_tokens: int | None = None
     verify_ranks: bool = True
     apply_stats: dict = field(default_factory=dict)  # what apply did: layers, distinct layers, traces, seconds
+    bucket_pools: bool = False  # size per-request pools by capacity bucket (compile_decode sets it)
     _fixed: ShardedPagedCache | None = None
 
     def __post_init__(self):
@@ -60,8 +61,11 @@ class DCPRuntime:
             self._fixed.start_request(batch_size, num_tokens)
             return self._fixed
         # Pools are the same size on every rank (rank 0 owns the most tokens): at most one page more per
-        # sequence than this rank's own share.
-        pages = batch_size * self.layout.pages(num_tokens, 0)
+        # sequence than this rank's own share. With compiled decode steps (``bucket_pools``) they are sized for
+        # the capacity bucket (at most 25 % more), so requests of one bucket have pools of one shape and reuse the
+        # compiled step instead of recompiling it.
+        tokens = static_positions(num_tokens, self.layout.stride) if self.bucket_pools else num_tokens
+        pages = batch_size * self.layout.pages(tokens, 0)
         cache = ShardedPagedCache(self.cache_format, self.layout, self.dcp_rank, pages, self.device, batch_size)
         cache.reserve(num_tokens)
         return cache

@@ -243,9 +243,12 @@ def test_step_bracket_widths_and_capacity():
 def test_static_bucket():
     from dcp_compile.cache import static_positions
 
-    assert static_positions(1, 1) == 256 and static_positions(256, 1) == 256 and static_positions(257, 1) == 512
-    assert static_positions(300, 6) == 516  # 512 rounded up to whole rounds of 6
-    assert static_positions(100_000, 4) == 131072
+    assert static_positions(1, 1) == 256 and static_positions(256, 1) == 256 and static_positions(257, 1) == 320
+    assert static_positions(300, 6) == 324  # 320 rounded up to whole rounds of 6
+    assert static_positions(100_000, 4) == 114688  # 7 · 2^14
+    for capacity in range(1, 5000, 7):
+        bucket = static_positions(capacity, 1)
+        assert capacity <= bucket <= max(256, capacity * 1.25), capacity
 
 
 def test_crop():

@@ -1,0 +1,71 @@
+"""compile_decode: decode steps compiled once per (batch size, capacity bucket) with fully static shapes, prefill
+eager; tokens equal to single-device HF over 96 decode steps on 2 gloo ranks. (CUDA graphs on top of this
+are tests/test_cuda_graphs.py, on a GPU.)"""
+import pytest
+import torch
+
+import dcp_compile
+from dcp_compile.testing import TopkGapRecorder, run_ranks, tiny_deepseek_v32, tiny_deepseek_v32_config
+
+DECODE_STEPS = 96
+
+
+def prompt(length: int, batch: int = 1, seed: int = 6):  # seed 6: no near tie at the top-k boundary
+    return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+REQUESTS = [  # (prompt length, batch): the first two share a capacity bucket (<= 256 positions), the third does not
+    (19, 1), (40, 1), (19, 2),
+]
+
+
+def static_graph_recorder(graphs: list):
+    """A backend that records, per Dynamo graph, the symbolic sizes among its inputs (none for a static graph),
+    then compiles it with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        symbolic = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.SymInt)
+                    or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))]
+        graphs.append(symbolic)
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def compiled_decode_run(rank, world):
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
+    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
+    graphs: list = []
+    dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    results = []
+    for length, batch in REQUESTS:
+        counters.clear()
+        out = model.generate(prompt(length, batch), max_new_tokens=DECODE_STEPS + 1, do_sample=False)
+        results.append((out, counters["stats"]["unique_graphs"]))
+    return results, graphs
+
+
+def test_decode_compiles_once_per_batch_and_bucket_with_static_shapes_and_matches_hf():
+    ref = tiny_deepseek_v32(seed=0, dtype=torch.float32)
+    want = []
+    with TopkGapRecorder(tiny_deepseek_v32_config().index_topk) as gaps, torch.no_grad():
+        for length, batch in REQUESTS:
+            want.append(ref.generate(prompt(length, batch), max_new_tokens=DECODE_STEPS + 1, do_sample=False))
+    if gaps.min_gap <= 1e-4:
+        pytest.fail(f"near tie at the indexer's top-k boundary ({gaps.min_gap:.2e}): change the prompts")
+    for rank, (results, graphs) in enumerate(run_ranks(compiled_decode_run, 2)):
+        for (tokens, new_graphs), expected, request in zip(results, want, REQUESTS):
+            assert torch.equal(tokens, expected), f"rank {rank}, request {request}: tokens differ from HF"
+        # prefill runs eagerly; decode: one graph for (batch 1, bucket 256), reused by the second request,
+        # one more for batch 2
+        assert [n for _, n in results] == [1, 0, 1], f"rank {rank}: decode graphs per request {[n for _, n in results]}"
+        assert graphs == [[], []], f"rank {rank}: symbolic inputs in the decode graphs: {graphs}"
+
+
+def test_compile_decode_needs_apply():
+    with pytest.raises(TypeError, match="dcp_compile.apply"):
+        dcp_compile.compile_decode(torch.nn.Linear(2, 2))

@@ -85,6 +85,30 @@ def _trace_under_compile(op, body, when) -> None:
     op.register_torch_dispatch(FunctionalTensorMode, rule)
 
 
+def _key_compile_caches_by_op_sources() -> None:
+    """Compiled graphs hold the traced host wrappers, kernels and references, but torch.compile's caches
+    (AOTAutograd's, Inductor's FX graph cache) key a graph by Dynamo's graph, where each op is one node
+    (triton_op's source scan, meant to add the kernels to that key, cannot see ours behind the lazy imports).
+    A new process would then reuse a stale compiled graph after an edit of ops/. So the hash of ops/'s
+    sources goes into ``torch.compiler.config.cache_key_tag`` (appended to any tag already set)."""
+    import hashlib
+    import pathlib
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    root = pathlib.Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    tag = f"dcp-ops-{digest.hexdigest()[:16]}"
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+
+
+_key_compile_caches_by_op_sources()
+
+
 # --- sparse_mla_attn ---------------------------------------------------------------------------------------
 def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
     from .triton.sparse_mla_attn import sparse_mla_attn as kernel

@@ -2,6 +2,8 @@
 
 Each op has a schema, a fake (meta) implementation for tracing, a plain-PyTorch implementation that serves
 the CPU (``ops/reference.py``), and a Triton implementation for CUDA tensors where one pays (``ops/triton``).
+Under torch.compile the Triton-backed ops are traced into the graph down to their kernel launches, and the
+others down to their aten ops (see "how the ops lower" below and docs/design.md, "The ops layer").
 The ops are local: collectives live in ``ops/distributed.py`` as c10d functional collectives, so Inductor
 sees them and can schedule around them. The ownership arithmetic (``DCPLayout``, docs/design.md §3) is in
 ``ops/layout.py``. This package is the lower layer: it never imports the rest of dcp_compile.
@@ -30,31 +32,97 @@ from .layout import DCPLayout  # noqa: E402,F401
 
 LIB = "dcp"
 
+# --- how the ops lower under torch.compile (docs/design.md, "The ops layer") -------------------------------
+# The ops backed by Triton kernels are ``torch.library.triton_op``s: in eager they call their host wrapper
+# (ops/triton), which launches the kernels directly; under torch.compile, AOTAutograd's functionalization
+# (FunctionalTensorMode) replaces the op by a trace of that wrapper, whose launches (``wrap_triton``) become
+# graph nodes that Inductor emits itself: no Python between the kernels, and the step can be captured as a
+# CUDA graph. Where the Triton kernels do not serve the tensors (CPU, float64) the op stays one opaque node
+# that runs ops/reference.py (``register_kernel("cpu")``, and the float64 branch of the CUDA impl). Ops
+# without a kernel whose reference is plain traceable tensor code (topk_select, lse_combine) are replaced by
+# that code on every device, so Inductor fuses it.
+
+# Devices whose tensors the Triton kernels serve (tests add "cpu" to trace the Triton path without a GPU).
+TRITON_DEVICES = ("cuda",)
+
+
+def _on_triton(*tensors: Tensor) -> bool:
+    """True where the Triton kernels serve these tensors: on a Triton device and not float64 (no float64
+    kernels: the reference is exact there, and fast enough for the float64 tests)."""
+    return all(t.device.type in TRITON_DEVICES and t.dtype != torch.float64 for t in tensors)
+
+
+def _always(*args, **kwargs) -> bool:
+    return True
+
+
+def _export_keeps_ops() -> bool:
+    """torch.export keeps triton ops as ops (torch.library.triton_op does the same, for a serialisable
+    program); older torch without the switch: never."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _trace_under_compile(op, body, when) -> None:
+    """Under AOTAutograd's functionalization (torch.compile), replace a call of ``op`` by a trace of
+    ``body`` (same arguments) wherever ``when(*args)`` holds; elsewhere keep the op as one node (Inductor
+    then calls it: the CPU / float64 path). For a triton_op this overrides the rule triton_op registers
+    (which would trace its function on every device), so the device choice is made here, per call."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def rule(mode, func, types, args, kwargs):
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+            return NotImplemented  # another tensor subclass: let it handle the op first
+        if _export_keeps_ops() or not when(*args, **kwargs):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            return body(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def _key_compile_caches_by_op_sources() -> None:
+    """Compiled graphs hold the traced host wrappers, kernels and references, but torch.compile's caches
+    (AOTAutograd's, Inductor's FX graph cache) key a graph by Dynamo's graph, where each op is one node
+    (triton_op's source scan, meant to add the kernels to that key, cannot see ours behind the lazy imports).
+    A new process would then reuse a stale compiled graph after an edit of ops/. So the hash of ops/'s
+    sources goes into ``torch.compiler.config.cache_key_tag`` (appended to any tag already set)."""
+    import hashlib
+    import pathlib
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    root = pathlib.Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    tag = f"dcp-ops-{digest.hexdigest()[:16]}"
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+
+
+_key_compile_caches_by_op_sources()
+
 
 # --- sparse_mla_attn ---------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::sparse_mla_attn", mutates_args=())
-def sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
-    """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
-    out [T, H, v_dim] (q's dtype), lse [T, H] float32 (float64 for float64 q; natural log, -inf where
-    counts is 0, out exactly 0 there). S may be 0 (a rank that owns no token yet; every count is then 0)."""
-    return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-
-
-@sparse_mla_attn.register_fake
-def _(q, kv, slots, counts, scale, v_dim):
-    T, H, _ = q.shape
-    return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=reference._lse_dtype(q))
-
-
 def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
     from .triton.sparse_mla_attn import sparse_mla_attn as kernel
 
     return kernel(q, kv, slots, counts, scale, v_dim)
 
 
-# CUDA kernels for dcp::sparse_mla_attn, by name: ``use_attention_kernel(name)`` picks one for the process
-# (before the first compile: Inductor traces the op, not the choice). "reference" is the plain-PyTorch one.
+# Kernels for dcp::sparse_mla_attn on Triton devices, by name: ``use_attention_kernel(name)`` picks one for
+# the process, before the first compile (Inductor traces the chosen one into the graph; a compiled graph
+# keeps the kernel it was traced with). "reference" is the plain-PyTorch one. TRACED_ATTENTION_KERNELS: the
+# ones torch.compile traces into the graph (host code made of wrap_triton launches); any other stays an
+# opaque op.
 ATTENTION_KERNELS = {"triton": _triton_sparse_mla_attn, "reference": reference.sparse_mla_attn}
+TRACED_ATTENTION_KERNELS = {"triton"}
 _attention_kernel = {"name": "triton"}
 
 
@@ -64,18 +132,42 @@ def use_attention_kernel(name: str) -> None:
     _attention_kernel["name"] = name
 
 
-@sparse_mla_attn.register_kernel("cuda")
+def _sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
+    """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
+    out [T, H, v_dim] (q's dtype), lse [T, H] float32 (float64 for float64 q; natural log, -inf where
+    counts is 0, out exactly 0 there). S may be 0 (a rank that owns no token yet; every count is then 0)."""
+    kernel = ATTENTION_KERNELS[_attention_kernel["name"]] if _on_triton(q) else reference.sparse_mla_attn
+    return kernel(q, kv, slots, counts, scale, v_dim)
+
+
+sparse_mla_attn = torch.library.triton_op(f"{LIB}::sparse_mla_attn", mutates_args=())(_sparse_mla_attn)
+sparse_mla_attn.register_kernel("cpu")(reference.sparse_mla_attn)
+_trace_under_compile(
+    sparse_mla_attn, _sparse_mla_attn,
+    when=lambda q, *rest: _on_triton(q) and _attention_kernel["name"] in TRACED_ATTENTION_KERNELS,
+)
+
+
+@sparse_mla_attn.register_fake
 def _(q, kv, slots, counts, scale, v_dim):
-    if q.dtype == torch.float64:  # no float64 Triton path: the reference is exact and fine for tests
-        return reference.sparse_mla_attn(q, kv, slots, counts, scale, v_dim)
-    return ATTENTION_KERNELS[_attention_kernel["name"]](q, kv, slots, counts, scale, v_dim)
+    T, H, _ = q.shape
+    return q.new_empty(T, H, v_dim), q.new_empty(T, H, dtype=reference._lse_dtype(q))
 
 
 # --- paged_write -------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::paged_write", mutates_args=("pool",))
-def paged_write(pool: Tensor, rows: Tensor, slots: Tensor) -> None:
+def _paged_write(pool: Tensor, rows: Tensor, slots: Tensor) -> None:
     """pool [S, D] <- rows [N, D] at slots [N] (int); slots < 0 are rows this rank does not own: skipped."""
-    reference.paged_write(pool, rows, slots)
+    if pool.device.type in TRITON_DEVICES:  # any dtype (the kernel only copies); no boolean indexing there:
+        from .triton.paged_write import paged_write as kernel  # it would sync the host (no CUDA graph)
+
+        kernel(pool, rows, slots)
+    else:
+        reference.paged_write(pool, rows, slots)
+
+
+paged_write = torch.library.triton_op(f"{LIB}::paged_write", mutates_args=("pool",))(_paged_write)
+paged_write.register_kernel("cpu")(reference.paged_write)
+_trace_under_compile(paged_write, _paged_write, when=lambda pool, *rest: pool.device.type in TRITON_DEVICES)
 
 
 @paged_write.register_fake
@@ -83,20 +175,20 @@ def _(pool, rows, slots):
     return None
 
 
-@paged_write.register_kernel("cuda")
-def _(pool, rows, slots):
-    # No boolean indexing on CUDA: it would sync the host and break CUDA-graph capture.
-    from .triton.paged_write import paged_write as kernel
-
-    kernel(pool, rows, slots)
-
-
 # --- indexer_scores ----------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::indexer_scores", mutates_args=())
-def indexer_scores(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor, scale: float) -> Tensor:
+def _indexer_scores(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor, scale: float) -> Tensor:
     """q [B, S, Hi, Di], w [B, S, Hi], k_pool [P, Di], key_slots [B, L] int32, allowed [B, S, L] bool ->
     [B, S, L] float32 scores, -inf where not allowed or slot < 0. P may be 0 (every slot is then -1)."""
+    if _on_triton(q, k_pool):
+        from .triton.indexer_scores import indexer_scores as kernel
+
+        return kernel(q, w, k_pool, key_slots, allowed, scale)
     return reference.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+
+
+indexer_scores = torch.library.triton_op(f"{LIB}::indexer_scores", mutates_args=())(_indexer_scores)
+indexer_scores.register_kernel("cpu")(reference.indexer_scores)
+_trace_under_compile(indexer_scores, _indexer_scores, when=lambda q, w, k_pool, *rest: _on_triton(q, k_pool))
 
 
 @indexer_scores.register_fake
@@ -104,24 +196,23 @@ def _(q, w, k_pool, key_slots, allowed, scale):
     return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
 
 
-@indexer_scores.register_kernel("cuda")
-def _(q, w, k_pool, key_slots, allowed, scale):
-    if q.dtype == torch.float64 or k_pool.dtype == torch.float64:
-        return reference.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
-    from .triton.indexer_scores import indexer_scores as kernel
-
-    return kernel(q, w, k_pool, key_slots, allowed, scale)
-
-
 # --- topk_select -------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())
-def topk_select(
+# No Triton kernel yet: the reference (sorts, gathers, elementwise; no host sync) is traced into the graph
+# on every device. With a kernel (a host function of the op's signature in ops/triton/topk_select.py), make
+# this a triton op like indexer_scores: call the kernel under ``if _on_triton(cand_scores):`` in
+# _topk_select, define the op with torch.library.triton_op, register_kernel("cpu") the reference; the
+# _trace_under_compile line stays as it is.
+def _topk_select(
     cand_scores: Tensor, cand_pos: Tensor, seq_index: Tensor, block_table: Tensor,
     k: int, rank: int, world: int, interleave: int, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Global top-k of gathered (score, position) candidates [T, C] -> this rank's compacted slots [T, k]
     int32 and counts [T] int32. Sort-based and fixed-width: no host sync, no data-dependent shape."""
     return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
+
+
+topk_select = torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())(_topk_select)
+_trace_under_compile(topk_select, _topk_select, when=_always)
 
 
 @topk_select.register_fake
@@ -131,12 +222,17 @@ def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave,
 
 
 # --- lse_combine -------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::lse_combine", mutates_args=())
-def lse_combine(out: Tensor, lse: Tensor, lse_all: Tensor) -> Tensor:
+# Elementwise + a reduction over ranks: traced into the graph on every device, where Inductor fuses it with
+# its neighbours (the op stays, for its schema, its fake and its inference-only backward).
+def _lse_combine(out: Tensor, lse: Tensor, lse_all: Tensor) -> Tensor:
     """out [T, H, D] partial attention of this rank, lse [T, H], lse_all [N, T, H] of every rank ->
     out · exp(lse - logsumexp(lse_all)) in float32 (float64 for float64); exactly 0 where this rank is empty
     (lse = -inf), whatever ``out`` holds there (NaN, inf)."""
     return reference.lse_combine(out, lse, lse_all)
+
+
+lse_combine = torch.library.custom_op(f"{LIB}::lse_combine", mutates_args=())(_lse_combine)
+_trace_under_compile(lse_combine, _lse_combine, when=_always)
 
 
 @lse_combine.register_fake
@@ -152,5 +248,5 @@ for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
 __all__ = [
     "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
     "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
-    "ATTENTION_KERNELS", "use_attention_kernel",
+    "ATTENTION_KERNELS", "TRACED_ATTENTION_KERNELS", "use_attention_kernel",
 ]

@@ -1,8 +1,12 @@
-"""What the Triton host wrappers of ``ops/triton`` share: the interpreter flag, the output allocation hook,
-the ``tl.dot`` input precision and the input normalisation.
+"""What the Triton host wrappers of ``ops/triton`` share: the interpreter flag, the launch hook, the output
+allocation hook, the ``tl.dot`` input precision and the input normalisation.
 
 Kernels are in ``ops/triton/kernels/`` (one ``@triton.jit`` kernel per file); the wrappers beside this file
 check inputs, allocate outputs, choose tiles / configs and launch.
+
+The wrappers are traced by torch.compile (the ``dcp`` ops are ``torch.library.triton_op``s, docs/design.md
+"The ops layer"), so they must stay traceable: no ``.item()``, no branch on tensor data, no run-time
+autotuning; choices may depend on shapes, dtypes and devices only. Every launch goes through ``launch``.
 """
 from __future__ import annotations
 
@@ -17,6 +21,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def fixed_launch(device: torch.device) -> bool:
     """True where the kernels run with a fixed small config: the interpreter, or a tensor not on CUDA."""
     return INTERPRET or device.type != "cuda"
+
+
+def launch(kernel):
+    """``kernel`` made traceable (``torch.library.wrap_triton``): under torch.compile the launch is recorded
+    as a graph node that Inductor emits itself; in eager a ``dcp`` op calls it directly (triton_op turns the
+    wrapping off), a direct call of a host wrapper goes through the (slower to dispatch) wrapper node; under
+    the Triton interpreter it is the interpreted kernel itself."""
+    return torch.library.wrap_triton(kernel)
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

@@ -4,10 +4,19 @@ design in ``kernels/indexer_scores.py``). The local top-k that follows is a stab
 
 Precision: products and sums in fp32. bf16/fp16 operands go to the tensor cores as they are (every such
 product is exact in fp32); fp32 operands (or mixed dtypes, cast to fp32) use IEEE fp32 dots, so no tf32
-rounding. On CUDA the key tile (BLOCK_L) / warps / stages are autotuned, separately for decode (one query
-per sequence) and prefill.
+rounding.
+
+Launch configs come from a fixed table by shape class (``choose_config``), not from run-time autotuning:
+torch.compile traces this wrapper (``dcp::indexer_scores`` is a ``triton_op``), which rules out a choice made
+by timing the data, and a new process must not pay an autotuning sweep on its first prefill (the old
+autotune over six configs cost ~115 s in the fp32 GPU tests, benchmarks/RESULTS.md run 6). ``tune=True``
+(benchmarks only, not traceable) runs Triton's autotuner over ``_configs()`` instead, with its results kept
+on disk across processes (``cache_results``) where the installed Triton has it, so the table can be checked
+against it on a new GPU.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import triton
@@ -23,10 +32,34 @@ def _configs():
     ]
 
 
+# cache_results (Triton >= 3.2) keeps each key's winner on disk; without it the sweep reruns in every process.
+_CACHE_RESULTS = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
 indexer_scores_tuned = triton.autotune(
     configs=_configs(),
     key=["D", "BLOCK_HI", "BLOCK_S", "CAST_F32", "DOT_PRECISION", "TUNE_BUCKET"],
+    **_CACHE_RESULTS,
 )(indexer_scores_kernel)
+
+
+def choose_config(block_s: int, block_hi: int, fp32_dots: bool) -> tuple[int, int, int]:
+    """(BLOCK_L, num_warps, num_stages) by shape class. The kernel has no loop (one key tile a program), so
+    stages barely matter; the tile is bounded by registers: the M = BLOCK_S·BLOCK_HI query rows of the dot,
+    the BLOCK_L gathered key rows and the [M, BLOCK_L] fp32 scores.
+    - tensor-core operands (bf16/fp16), M ≤ 64 (decode, 64 index heads): 128 keys, 4 warps (a wgmma tile;
+      the decode benchmark, 16 × 8K keys, runs at 86–104 % of the memory floor on the autotuned kernel,
+      whose candidates all had 64–256 keys: the gather of the keys, not the tile, is the cost);
+    - tensor-core operands, M = 128 (prefill: 2 queries × 64 heads): 128 keys, 8 warps (the same register
+      load per thread as decode);
+    - IEEE fp32 dots (FMA, fp32 or mixed operands; tests and float32 models): 32 keys, so the fp32 q and key
+      tiles stay in registers (q alone is M·Di/threads = 64 registers at M = 64, Di = 128, 4 warps).
+    The bf16 rows are the autotuner's own candidates; benchmarks/RESULTS.md records no per-shape winner, so
+    ``tune=True`` is there to check them on a GPU."""
+    rows = block_s * block_hi
+    if fp32_dots:
+        return 32, (8 if rows > 64 else 4), 2
+    return 128, (8 if rows > 64 else 4), 3
 
 
 def _check(q, w, k_pool, key_slots, allowed):
@@ -38,13 +71,15 @@ def _check(q, w, k_pool, key_slots, allowed):
         raise ValueError("shapes: w [B,S,Hi], key_slots [B,L], allowed [B,S,L]")
 
 
-def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: int | None = None):
+def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: int | None = None,
+                   config: tuple[int, int, int] | None = None, tune: bool = False):
     """DSA lightning-indexer scores of queries against this rank's own index-key rows.
     q [B, S, Hi, Di] (any float dtype), w [B, S, Hi] fp32 (per-head weights, may be negative), k_pool [P, Di],
     key_slots [B, L] int32 (row of k_pool for local key l of sequence b; -1 = no key), allowed [B, S, L] bool.
     out[b,s,l] = Σ_h w[b,s,h] * relu(scale * (q[b,s,h,:]·k_pool[key_slots[b,l],:])) computed in fp32,
     and -inf where not allowed[b,s,l] or key_slots[b,l] < 0. Returns [B, S, L] fp32. P may be 0 (every slot
-    is then -1). ``block_l`` (tests, benchmarks) fixes the key tile instead of autotuning it."""
+    is then -1). Keyword-only overrides (tests, benchmarks): ``block_l`` the key tile, ``config`` =
+    (BLOCK_L, num_warps, num_stages), ``tune`` Triton's autotuner instead of the table (not traceable)."""
     _check(q, w, k_pool, key_slots, allowed)
     B, S, Hi, Di = q.shape
     L = key_slots.shape[1]
@@ -62,18 +97,26 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     cast_f32 = q.dtype != k_pool.dtype
     BLOCK_HI = max(16, triton.next_power_of_2(Hi))
     BLOCK_D = max(16, triton.next_power_of_2(Di))
-    # M side of the dot = BLOCK_S × BLOCK_HI; ≤ 128 rows (registers), ≥ 1 query
-    BLOCK_S = max(1, min(triton.next_power_of_2(S), 128 // BLOCK_HI))
+    # M side of the dot = BLOCK_S × BLOCK_HI; ≤ 128 rows (registers), ≥ 1 query. Two shape classes, decode
+    # (S = 1) and the rest, so a dynamic S (prefill under torch.compile) never needs a guard on its value.
+    BLOCK_S = 1 if S == 1 else max(1, 128 // BLOCK_HI)
     n_sb = triton.cdiv(S, BLOCK_S)
     args = (q, w, k_pool, key_slots, allowed_u8, out, float(scale), S, L, Hi, n_sb,
             q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k_pool.stride(0),
             key_slots.stride(0), allowed_u8.stride(0), allowed_u8.stride(1), out.stride(0), out.stride(1))
     meta = dict(D=Di, BLOCK_D=BLOCK_D, BLOCK_HI=BLOCK_HI, BLOCK_S=BLOCK_S, CAST_F32=cast_f32,
                 DOT_PRECISION=common.dot_precision(torch.float32 if cast_f32 else q.dtype))
-    if common.fixed_launch(device) or block_l is not None:
-        bl = block_l or 16
-        indexer_scores_kernel[(B * n_sb * triton.cdiv(L, bl),)](*args, **meta, BLOCK_L=bl, TUNE_BUCKET=0)
-    else:
+    fp32_dots = meta["DOT_PRECISION"] == "ieee"
+    if tune and not common.fixed_launch(device):
         grid = lambda META: (B * n_sb * triton.cdiv(L, META["BLOCK_L"]),)  # noqa: E731
         indexer_scores_tuned[grid](*args, **meta, TUNE_BUCKET=0 if S == 1 else 1)
+        return out
+    if common.fixed_launch(device):
+        bl, launch = 16, {}
+    else:
+        bl, warps, stages = config or choose_config(BLOCK_S, BLOCK_HI, fp32_dots)
+        launch = dict(num_warps=warps, num_stages=stages)
+    bl = block_l or bl
+    common.launch(indexer_scores_kernel)[(B * n_sb * triton.cdiv(L, bl),)](
+        *args, **meta, BLOCK_L=bl, TUNE_BUCKET=0, **launch)
     return out

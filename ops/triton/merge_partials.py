@@ -32,7 +32,7 @@ def merge_partials_into(o_part, lse_part, out, lse_out):
     block_h = min(16, triton.next_power_of_2(H))
     block_v = min(128, triton.next_power_of_2(V))
     grid = (T * triton.cdiv(H, block_h), triton.cdiv(V, block_v))
-    merge_partials_kernel[grid](
+    common.launch(merge_partials_kernel)[grid](
         o_part, lse_part, out, lse_out,
         T, H, P,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),

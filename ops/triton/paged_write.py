@@ -15,5 +15,5 @@ def paged_write(pool: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     rows = common.unit_stride(rows)
     width = pool.shape[1]
     block = min(1024, triton.next_power_of_2(width))
-    paged_write_kernel[(rows.shape[0],)](pool, rows, slots.contiguous(), width, pool.stride(0), rows.stride(0),
-                                         BLOCK=block)
+    common.launch(paged_write_kernel)[(rows.shape[0],)](pool, rows, slots.contiguous(), width, pool.stride(0),
+                                                       rows.stride(0), BLOCK=block)

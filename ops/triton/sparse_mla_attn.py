@@ -5,7 +5,9 @@ Tiles: heads are blocked, never padded to 64: BLOCK_H = the head count rounded u
 least 16 (``tl.dot``'s minimum), at most 32 (``choose_block_h``). When T × head blocks cannot fill the GPU,
 the rows of each query are split over NSPLIT programs (``choose_num_splits``) and the partial results
 combined by their log-sum-exp (:mod:`merge_partials`). Block shapes / warps / stages come from a fixed table
-(``choose_config``: deterministic results, no autotuning at run time); ``config=`` overrides it.
+(``choose_config``: deterministic results, no autotuning at run time, nothing to tune in a new process);
+``config=`` overrides it. Every choice depends on shapes, dtype and device only, so torch.compile traces this
+wrapper into the graph (``dcp::sparse_mla_attn`` is a ``triton_op``).
 The measurements behind these choices: benchmarks/RESULTS.md (runs 4–6 and "Notes moved from kernel
 docstrings").
 """
@@ -133,7 +135,7 @@ def sparse_mla_attn(q, kv, slots, counts, scale: float, v_dim: int, *, num_split
     else:
         bn, warps, stages = config or choose_config(BLOCK_H, BLOCK_V, BLOCK_R, q.element_size())
         launch = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    sparse_mla_fwd_kernel[grid](
+    common.launch(sparse_mla_fwd_kernel)[grid](
         q, kv, slots, counts, o_dst, l_dst, float(scale) * _LOG2E, H, nsplit,
         q.stride(0), q.stride(1), kv.stride(0), slots.stride(0), *so, *sl,
         V_DIM=v_dim, R_DIM=R, BLOCK_H=BLOCK_H, BLOCK_V=BLOCK_V, BLOCK_R=BLOCK_R,

@@ -9,6 +9,7 @@ sees them and can schedule around them. The ownership arithmetic (``DCPLayout``,
     dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
     dcp::paged_write(pool!, rows, slots) -> ()
     dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
+    dcp::local_topk(scores, k) -> (values, columns)
     dcp::topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
         -> (slots, counts)
     dcp::lse_combine(out, lse, lse_all) -> out_scaled
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from . import inference_only, reference  # noqa: E402
-from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, lse_merge  # noqa: E402,F401
+from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, local_topk_padded, lse_merge  # noqa: E402,F401
 from .layout import DCPLayout  # noqa: E402,F401
 
 LIB = "dcp"
@@ -113,6 +114,31 @@ def _(q, w, k_pool, key_slots, allowed, scale):
     return kernel(q, w, k_pool, key_slots, allowed, scale)
 
 
+# --- local_topk --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::local_topk", mutates_args=())
+def local_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """scores [T, L] (-inf = not a candidate, no NaN), k >= 1 -> values [T, k], columns [T, k] int64: the k
+    highest of each row padded with k -inf columns (so L may be < k: columns >= L are that padding), equal
+    scores to the lower column. Order within a row is unspecified: score order on CPU / float64 (one stable
+    sort), column order from the CUDA kernel (ops/triton/local_topk.py); the set is the same."""
+    return local_topk_padded(scores, k)
+
+
+@local_topk.register_fake
+def _(scores, k):
+    T = scores.shape[0]
+    return scores.new_empty(T, k), scores.new_empty(T, k, dtype=torch.int64)
+
+
+@local_topk.register_kernel("cuda")
+def _(scores, k):
+    if scores.dtype == torch.float64:  # no float64 kernel: the stable sort is exact
+        return local_topk_padded(scores, k)
+    from .triton.local_topk import local_topk as kernel
+
+    return kernel(scores, k)
+
+
 # --- topk_select -------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())
 def topk_select(
@@ -120,7 +146,9 @@ def topk_select(
     k: int, rank: int, world: int, interleave: int, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Global top-k of gathered (score, position) candidates [T, C] -> this rank's compacted slots [T, k]
-    int32 and counts [T] int32. Sort-based and fixed-width: no host sync, no data-dependent shape."""
+    int32 and counts [T] int32. Fixed-width: no host sync, no data-dependent shape. The order of the slots
+    within a query is unspecified (the set and the count are exact): score order on CPU (the sort-based
+    reference), candidate order from the CUDA kernel (ops/triton/topk_select.py)."""
     return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
 
 
@@ -128,6 +156,15 @@ def topk_select(
 def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
     T = cand_scores.shape[0]
     return cand_scores.new_empty(T, k, dtype=torch.int32), cand_scores.new_empty(T, dtype=torch.int32)
+
+
+@topk_select.register_kernel("cuda")
+def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
+    if cand_scores.dtype == torch.float64:
+        return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
+    from .triton.topk_select import topk_select as kernel
+
+    return kernel(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
 
 
 # --- lse_combine -------------------------------------------------------------------------------------------
@@ -146,11 +183,11 @@ def _(out, lse, lse_all):
 
 # Inference only: a backward through any functional dcp op raises a clear error (paged_write mutates its pool,
 # and torch allows no autograd formula there; see ops/inference_only.py).
-for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
+for _op in (sparse_mla_attn, indexer_scores, local_topk, topk_select, lse_combine):
     inference_only.register(_op)
 
 __all__ = [
-    "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
+    "sparse_mla_attn", "paged_write", "indexer_scores", "local_topk", "topk_select", "lse_combine",
     "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
     "ATTENTION_KERNELS", "use_attention_kernel",
 ]

@@ -76,8 +76,10 @@ def local_topk_sorted(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def local_topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``dcp::local_topk`` by the stable sort: the top k of each row padded with k -inf columns (any L >= 0)."""
-    return local_topk_sorted(F.pad(scores, (0, k), value=float("-inf")), k)
+    """``dcp::local_topk`` by the stable sort: the top k of each row padded with k -inf columns (any L >= 0).
+    Contiguous outputs, as the op's fake promises (the sort's columns are a slice of a wider tensor)."""
+    values, idx = local_topk_sorted(F.pad(scores, (0, k), value=float("-inf")), k)
+    return values.contiguous(), idx.contiguous()
 
 
 def distributed_topk(

@@ -78,11 +78,12 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     num_warps = 4 if common.fixed_launch(device) else NUM_WARPS
     for level in range(LEVELS):
         local_topk_histogram_kernel[grid](
-            x, hist, chunk_suffix, L, k, x.stride(0), chunk_len, num_chunks,
+            x, hist, chunk_suffix, L, min(k, L), x.stride(0), chunk_len, num_chunks,
             LEVEL=level, BLOCK=block, num_warps=num_warps,
         )
     local_topk_compact_kernel[grid](
-        x, hist, chunk_suffix, values, idx, L, k, x.stride(0), values.stride(0), idx.stride(0), chunk_len, num_chunks,
+        x, hist, chunk_suffix, values, idx, L, k, min(k, L), x.stride(0), values.stride(0), idx.stride(0),
+        chunk_len, num_chunks,
         BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
     )
     return values.to(scores.dtype), idx

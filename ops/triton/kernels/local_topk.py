@@ -22,14 +22,14 @@ LEVELS = tl.constexpr(4)  # 32-bit key, 8-bit digits
 @triton.jit
 def local_topk_histogram_kernel(
     SCORES, HIST, CHUNK_SUFFIX,
-    L, k, stride_t, chunk_len, num_chunks,
+    L, take, stride_t, chunk_len, num_chunks,          # take = min(k, L): the real columns to select
     LEVEL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     row = SCORES + t * stride_t
     hist_row = HIST + t * (LEVELS * RADIX)
-    prefix, _ = threshold_prefix(hist_row, tl.minimum(k, L), LEVEL)
+    prefix, _ = threshold_prefix(hist_row, take, LEVEL)
     SHIFT: tl.constexpr = 24 - 8 * LEVEL
 
     hist = tl.zeros([RADIX], tl.int32)
@@ -63,13 +63,13 @@ def local_topk_histogram_kernel(
 @triton.jit
 def local_topk_compact_kernel(
     SCORES, HIST, CHUNK_SUFFIX, VALUES, IDX,
-    L, k, stride_t, stride_vt, stride_it, chunk_len, num_chunks,
+    L, k, take, stride_t, stride_vt, stride_it, chunk_len, num_chunks,
     BLOCK: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     row = SCORES + t * stride_t
-    threshold, ties_to_take = threshold_prefix(HIST + t * (LEVELS * RADIX), tl.minimum(k, L), LEVELS)
+    threshold, ties_to_take = threshold_prefix(HIST + t * (LEVELS * RADIX), take, LEVELS)
     last_digit = (threshold & 255).to(tl.int32)
 
     # Selected elements of the earlier chunks: all of their elements above the threshold, and of their

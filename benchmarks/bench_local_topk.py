@@ -1,16 +1,30 @@
-"""The indexer's local top-k with ties to the lower position: stable full sort vs topk + tie fill.
+"""The indexer's local top-k with ties to the lower position: stable full sort vs topk + tie fill vs the
+radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + topk_select).
 
-    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints a table, writes local_topk.json to $OUT
+    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints two tables, writes local_topk.json to $OUT
 
-Both give the same columns (checked on data with many exact ties, as relu makes them). Decode shapes: T
-queries (batch) x L local keys (+ k padding columns), k = 2048.
+All three local versions give the same columns (checked on data with many exact ties, as relu makes them).
+Decode shapes: T queries (batch) x L local keys, k = 2048; the sort versions see the row padded with k -inf
+columns (as distributed_topk padded it before the kernel), the kernel pads virtually.
+
+Selection table (world 1): local top-k + dcp::topk_select at T x L, old = stable sort + the sort-based
+reference topk_select, new = the two kernels. Floor = bytes the new path must move / HBM bandwidth: the
+scores read once (4·T·L) + candidates written and read back (T·k·(4 + 8) each way) + slots and counts
+written (4·T·(k + 1)); the kernel reads the scores 5 times (4 histogram passes + compaction), so expect
+at best ~20 % of that floor where the passes miss L2.
 """
 import json
 import os
 
 import torch
+import torch.nn.functional as F
 
+from dcp_compile.ops import reference
 from dcp_compile.ops.distributed import local_topk_sorted
+from dcp_compile.ops.triton.local_topk import local_topk as local_topk_kernel
+from dcp_compile.ops.triton.topk_select import topk_select as topk_select_kernel
+
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet peaks; the first name in the device name wins
 
 
 def local_topk_tie_fill(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,29 +47,91 @@ def local_topk_tie_fill(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return torch.gather(scores, -1, idx), idx
 
 
-def main():
-    dev = "cuda"
+def bandwidth(name: str) -> float:
+    for key, value in HBM_BYTES_PER_S.items():
+        if key in name:
+            return value
+    return 4.8e12
+
+
+def bench(fn):
     from triton.testing import do_bench
 
-    k, rows = 2048, []
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # µs
+
+
+def local_table(dev, k):
+    rows = []
     for T in (1, 8, 64):
         for L in (8192, 65536, 131072):
-            x = torch.randn(T, L + k, device=dev)
+            x = torch.randn(T, L, device=dev)
             x = torch.where(torch.rand_like(x) < 0.3, torch.zeros_like(x), x)  # exact ties at 0
-            x[:, L:] = float("-inf")
-            a = local_topk_tie_fill(x, k)[1].sort(-1).values
-            b = local_topk_sorted(x, k)[1].sort(-1).values
-            assert torch.equal(a, b), (T, L)
-            t_sort = do_bench(lambda: local_topk_sorted(x, k), warmup=25, rep=200, return_mode="median")
-            t_topk = do_bench(lambda: local_topk_tie_fill(x, k), warmup=25, rep=200, return_mode="median")
-            rows.append(dict(T=T, L=L, sort_us=t_sort * 1e3, topk_us=t_topk * 1e3))
-    print(f"{torch.cuda.get_device_name()}\n| T | L | stable sort µs | topk + tie fill µs | speed-up |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['T']} | {r['L']} | {r['sort_us']:.1f} | {r['topk_us']:.1f} | {r['sort_us'] / r['topk_us']:.2f} |")
+            padded = F.pad(x, (0, k), value=float("-inf"))
+            a = local_topk_tie_fill(padded, k)[1].sort(-1).values
+            b = local_topk_sorted(padded, k)[1].sort(-1).values
+            c = local_topk_kernel(x, k)[1]  # column order
+            assert torch.equal(a, b) and torch.equal(b, c), (T, L)
+            rows.append(dict(
+                T=T, L=L,
+                sort_us=bench(lambda: local_topk_sorted(F.pad(x, (0, k), value=float("-inf")), k)),
+                topk_us=bench(lambda: local_topk_tie_fill(F.pad(x, (0, k), value=float("-inf")), k)),
+                kernel_us=bench(lambda: local_topk_kernel(x, k)),
+            ))
+    return rows
+
+
+def selection_table(dev, k, hbm):
+    rows = []
+    for T in (1, 8, 64):
+        for L in (8192, 32768, 131072):
+            x = torch.randn(T, L, device=dev)
+            x = torch.where(torch.rand_like(x) < 0.3, torch.zeros_like(x), x)
+            positions = F.pad(torch.arange(L, device=dev), (0, k), value=torch.iinfo(torch.int32).max)
+            seq_index = torch.arange(T, device=dev)
+            block_table = torch.arange(T * triton_cdiv(L, 64), device=dev, dtype=torch.int32).view(T, -1)
+
+            def old():
+                v, i = local_topk_sorted(F.pad(x, (0, k), value=float("-inf")), k)
+                return reference.topk_select(v, positions[i], seq_index, block_table, k, 0, 1, 1, 64)
+
+            def new():
+                v, i = local_topk_kernel(x, k)
+                return topk_select_kernel(v, positions[i], seq_index, block_table, k, 0, 1, 1, 64)
+
+            (so, co), (sn, cn) = old(), new()
+            assert torch.equal(co, cn) and torch.equal(so.sort(-1).values, sn.sort(-1).values), (T, L)
+            floor_bytes = 4 * T * L + 2 * T * k * 12 + 4 * T * (k + 1)
+            floor_us = floor_bytes / hbm * 1e6
+            t_old, t_new = bench(old), bench(new)
+            rows.append(dict(T=T, L=L, old_us=t_old, new_us=t_new, floor_us=floor_us,
+                             pct_of_floor=100 * floor_us / t_new))
+    return rows
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def main():
+    dev, k = "cuda", 2048
+    name = torch.cuda.get_device_name()
+    hbm = bandwidth(name)
+    local_rows = local_table(dev, k)
+    select_rows = selection_table(dev, k, hbm)
+    print(f"{name} (HBM {hbm / 1e12:.1f} TB/s), k = {k}\n")
+    print("| T | L | stable sort µs | topk + tie fill µs | radix kernel µs | sort / kernel |\n|---|---|---|---|---|---|")
+    for r in local_rows:
+        print(f"| {r['T']} | {r['L']} | {r['sort_us']:.1f} | {r['topk_us']:.1f} | {r['kernel_us']:.1f} | "
+              f"{r['sort_us'] / r['kernel_us']:.1f}x |")
+    print("\nselection (local top-k + topk_select, world 1)\n"
+          "| T | L | sort + reference µs | kernels µs | floor µs | % of floor |\n|---|---|---|---|---|---|")
+    for r in select_rows:
+        print(f"| {r['T']} | {r['L']} | {r['old_us']:.1f} | {r['new_us']:.1f} | {r['floor_us']:.1f} | "
+              f"{r['pct_of_floor']:.0f} % |")
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "local_topk.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(dict(device=name, local=local_rows, selection=select_rows), f, indent=1)
 
 
 if __name__ == "__main__":

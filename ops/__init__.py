@@ -11,6 +11,7 @@ sees them and can schedule around them. The ownership arithmetic (``DCPLayout``,
     dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
     dcp::paged_write(pool!, rows, slots) -> ()
     dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
+    dcp::local_topk(scores, k) -> (values, columns)
     dcp::topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
         -> (slots, counts)
     dcp::lse_combine(out, lse, lse_all) -> out_scaled
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from . import inference_only, reference  # noqa: E402
-from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, lse_merge  # noqa: E402,F401
+from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, local_topk_padded, lse_merge  # noqa: E402,F401
 from .layout import DCPLayout  # noqa: E402,F401
 
 LIB = "dcp"
@@ -196,23 +197,49 @@ def _(q, w, k_pool, key_slots, allowed, scale):
     return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
 
 
+# --- local_topk --------------------------------------------------------------------------------------------
+def _local_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """scores [T, L] (-inf = not a candidate, no NaN), k >= 1 -> values [T, k], columns [T, k] int64: the k
+    highest of each row padded with k -inf columns (so L may be < k: columns >= L are that padding), equal
+    scores to the lower column. Order within a row is unspecified: score order on CPU / float64 (one stable
+    sort), column order from the Triton kernel (ops/triton/local_topk.py); the set is the same."""
+    if _on_triton(scores):
+        from .triton.local_topk import local_topk as kernel
+
+        return kernel(scores, k)
+    return local_topk_padded(scores, k)
+
+
+local_topk = torch.library.triton_op(f"{LIB}::local_topk", mutates_args=())(_local_topk)
+local_topk.register_kernel("cpu")(local_topk_padded)
+_trace_under_compile(local_topk, _local_topk, when=_always)  # kernel launches, or the sort's aten ops
+
+
+@local_topk.register_fake
+def _(scores, k):
+    T = scores.shape[0]
+    return scores.new_empty(T, k), scores.new_empty(T, k, dtype=torch.int64)
+
+
 # --- topk_select -------------------------------------------------------------------------------------------
-# No Triton kernel yet: the reference (sorts, gathers, elementwise; no host sync) is traced into the graph
-# on every device. With a kernel (a host function of the op's signature in ops/triton/topk_select.py), make
-# this a triton op like indexer_scores: call the kernel under ``if _on_triton(cand_scores):`` in
-# _topk_select, define the op with torch.library.triton_op, register_kernel("cpu") the reference; the
-# _trace_under_compile line stays as it is.
 def _topk_select(
     cand_scores: Tensor, cand_pos: Tensor, seq_index: Tensor, block_table: Tensor,
     k: int, rank: int, world: int, interleave: int, page_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Global top-k of gathered (score, position) candidates [T, C] -> this rank's compacted slots [T, k]
-    int32 and counts [T] int32. Sort-based and fixed-width: no host sync, no data-dependent shape."""
+    int32 and counts [T] int32. Fixed-width: no host sync, no data-dependent shape. The order of the slots
+    within a query is unspecified (the set and the count are exact): score order on CPU (the sort-based
+    reference), candidate order from the Triton kernel (ops/triton/topk_select.py)."""
+    if _on_triton(cand_scores):
+        from .triton.topk_select import topk_select as kernel
+
+        return kernel(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
     return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
 
 
-topk_select = torch.library.custom_op(f"{LIB}::topk_select", mutates_args=())(_topk_select)
-_trace_under_compile(topk_select, _topk_select, when=_always)
+topk_select = torch.library.triton_op(f"{LIB}::topk_select", mutates_args=())(_topk_select)
+topk_select.register_kernel("cpu")(reference.topk_select)
+_trace_under_compile(topk_select, _topk_select, when=_always)  # kernel launches, or the reference's aten ops
 
 
 @topk_select.register_fake
@@ -242,11 +269,11 @@ def _(out, lse, lse_all):
 
 # Inference only: a backward through any functional dcp op raises a clear error (paged_write mutates its pool,
 # and torch allows no autograd formula there; see ops/inference_only.py).
-for _op in (sparse_mla_attn, indexer_scores, topk_select, lse_combine):
+for _op in (sparse_mla_attn, indexer_scores, local_topk, topk_select, lse_combine):
     inference_only.register(_op)
 
 __all__ = [
-    "sparse_mla_attn", "paged_write", "indexer_scores", "topk_select", "lse_combine",
+    "sparse_mla_attn", "paged_write", "indexer_scores", "local_topk", "topk_select", "lse_combine",
     "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
     "ATTENTION_KERNELS", "TRACED_ATTENTION_KERNELS", "use_attention_kernel",
 ]

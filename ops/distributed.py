@@ -69,9 +69,17 @@ def all_gather_heads(q: Tensor, group_name: str | None, world: int) -> Tensor:
 def local_topk_sorted(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row ([T, L], L >= k), ties to the lower column: one stable full sort. (torch.topk does not
     promise the tie rule; a topk + tie-fill version is slower on an H100 at k = 2048:
-    benchmarks/bench_local_topk.py.)"""
+    benchmarks/bench_local_topk.py.) The CPU / float64 path of ``dcp::local_topk``; CUDA runs a radix
+    select (ops/triton/local_topk.py)."""
     idx = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
     return torch.gather(scores, -1, idx), idx
+
+
+def local_topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``dcp::local_topk`` by the stable sort: the top k of each row padded with k -inf columns (any L >= 0).
+    Contiguous outputs, as the op's fake promises (the sort's columns are a slice of a wider tensor)."""
+    values, idx = local_topk_sorted(F.pad(scores, (0, k), value=float("-inf")), k)
+    return values.contiguous(), idx.contiguous()
 
 
 def distributed_topk(
@@ -84,17 +92,14 @@ def distributed_topk(
     [T, L] their global positions. Local top-k, all-gather (score, position), global top-k, keep the ones
     this rank owns as compacted local slots [T, k] and counts [T].
     """
-    num_queries = scores.shape[0]
-    positions = positions.expand(num_queries, -1) if positions.dim() == 1 else positions
-    # Always k extra -inf columns: the local top-k is then fixed-width k whatever this rank holds, with no
-    # branch on the (growing) local length, so a decode graph compiles once.
-    scores = F.pad(scores, (0, k), value=float("-inf"))
-    positions = F.pad(positions, (0, k), value=torch.iinfo(torch.int32).max)
-    # Ties must go to the lower position (local order is position order) so that the selection is the
-    # same whatever the number of ranks: plain torch.topk does not promise that. The stable sort is also
-    # the faster of the two deterministic versions on an H100 (benchmarks/RESULTS.md, "local top-k").
-    top_scores, top_idx = local_topk_sorted(scores, k)
-    top_pos = torch.gather(positions, -1, top_idx)
+    # dcp::local_topk pads each row with k -inf columns: the local top-k is then fixed-width k whatever this
+    # rank holds, with no branch on the (growing) local length, so a decode graph compiles once. Their
+    # positions are int32 max (never selected: -inf). Ties must go to the lower position (local order is
+    # position order) so that the selection is the same whatever the number of ranks: plain torch.topk does
+    # not promise that. CUDA: a radix select (ops/triton/local_topk.py); CPU / float64: a stable sort.
+    positions = F.pad(positions, (0, k), value=torch.iinfo(torch.int32).max)  # [L + k] or [T, L + k]
+    top_scores, top_idx = torch.ops.dcp.local_topk(scores, k)
+    top_pos = positions[top_idx] if positions.dim() == 1 else torch.gather(positions, -1, top_idx)
     if world > 1:
         # One collective for both, 8 bytes per candidate: the fp32 score's bits and the int32 position side
         # by side (a bit view, so the exchange is exact; positions are < 2**31, the padding is int32 max).

@@ -1,0 +1,50 @@
+"""Radix-select helpers shared by the top-k kernels (``local_topk.py``, ``topk_select.py``); no kernel here.
+
+A top-k by value is a threshold search over an integer image of the value whose unsigned order is the
+value's order: one 8-bit digit per level, most significant first. At each level the histogram of the digit
+over the elements that still match the prefix found so far says which bin holds the k-th element
+(``pick_bin``); everything in a higher bin is in, the bin itself becomes the next prefix.
+"""
+import triton
+import triton.language as tl
+
+RADIX_BITS = tl.constexpr(8)
+RADIX = tl.constexpr(256)  # bins per level (1 << RADIX_BITS)
+
+
+@triton.jit
+def float_key(x):
+    """fp32 -> uint32 whose unsigned order is the float order (no NaN). -0.0 and +0.0 get the same key: a
+    full sort sees them as equal, so they must tie here too (``w · relu(·)`` with w < 0 makes -0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x == 0.0, 0, bits)
+    # negative floats: flip every bit (larger magnitude = smaller); non-negative: set the sign bit
+    key = tl.where(bits < 0, ~bits, bits | -2147483648)
+    return key.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def pick_bin(hist, rem):
+    """hist [RADIX] int32 counts of one digit over the still-matching elements, rem >= 0 of them still to
+    take (rem <= sum(hist) when rem > 0). Returns (d, rem', in_bin): the bin d that holds the rem-th largest
+    element, how many of bin d are still to take once every higher bin is taken, and bin d's count."""
+    bins = tl.arange(0, RADIX)
+    total = tl.sum(hist, 0)
+    at_or_above = total - tl.cumsum(hist, 0) + hist  # elements with digit >= bins (non-increasing)
+    d = tl.sum((at_or_above >= rem).to(tl.int32), 0) - 1
+    above = tl.sum(tl.where(bins > d, hist, 0), 0)
+    in_bin = tl.sum(tl.where(bins == d, hist, 0), 0)
+    return d, rem - above, in_bin
+
+
+@triton.jit
+def threshold_prefix(HIST_ROW, rem, LEVELS: tl.constexpr):
+    """Replay the first LEVELS levels of a row's search from its total histograms (HIST_ROW [LEVELS, RADIX]
+    int32): the uint32 prefix (LEVELS·8 top bits of the threshold key) and how many elements equal to that
+    prefix are still to take."""
+    prefix = tl.zeros([], tl.uint32)
+    for level in tl.static_range(LEVELS):
+        hist = tl.load(HIST_ROW + level * RADIX + tl.arange(0, RADIX))
+        d, rem, _ = pick_bin(hist, rem)
+        prefix = (prefix << 8) | d.to(tl.uint32)
+    return prefix, rem

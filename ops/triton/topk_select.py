@@ -1,0 +1,54 @@
+"""``dcp::topk_select`` on CUDA (Triton host wrapper; kernel and algorithm in ``kernels/topk_select.py``).
+
+Same selection as ``ops/reference.py: topk_select`` (the top k of the candidates by score desc, position asc,
+-inf never selected; of those the ones this rank owns, as physical slots through the query's block table),
+without its two full sorts and the sort that compacts. Order of the slots within a query: candidate order
+(rank 0's block of k first, ...; within this rank's block, the order the local top-k left: column order,
+which is position order, with ``ops/triton/local_topk.py``); the reference gives score order. The set and
+the count are the same. Fixed config: one program per query row, BLOCK = 2048 candidates per tile (world·k
+= 2048 .. 16384 at k = 2048: 1..8 tiles per pass; 8 per thread at 8 warps, 64-bit keys in registers).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import common
+from .kernels.topk_select import topk_select_kernel
+
+BLOCK = 2048
+NUM_WARPS = 8
+INTERPRET_BLOCK = 64  # several tiles per row under the interpreter
+
+
+def topk_select(cand_scores: torch.Tensor, cand_pos: torch.Tensor, seq_index: torch.Tensor, block_table: torch.Tensor,
+                k: int, rank: int, world: int, interleave: int, page_size: int, *, block: int | None = None):
+    """cand_scores [T, C] fp32 (fp16/bf16 widened exactly; -inf = never selected), cand_pos [T, C] int
+    (global positions < 2**31 - 1, unique per row except the padding sentinel with -inf), seq_index [T],
+    block_table [B, pages] -> slots [T, k] int32 (owned first, -1 after), counts [T] int32."""
+    if cand_scores.dim() != 2 or cand_pos.shape != cand_scores.shape:
+        raise ValueError(f"topk_select: cand_scores and cand_pos must be the same [T, C], got "
+                         f"{tuple(cand_scores.shape)} and {tuple(cand_pos.shape)}")
+    if k < 1:
+        raise ValueError(f"topk_select: k must be >= 1, got {k}")
+    if not 0 <= rank < world:
+        raise ValueError(f"topk_select: rank {rank} must be in [0, world = {world})")
+    if interleave < 1 or page_size < 1:
+        raise ValueError(f"topk_select: interleave ({interleave}) and page_size ({page_size}) must be >= 1")
+    T, C = cand_scores.shape
+    device = cand_scores.device
+    slots = common.empty((T, k), torch.int32, device)
+    counts = common.empty((T,), torch.int32, device)
+    if T == 0:
+        return slots, counts
+    scores = common.unit_stride(cand_scores.float())
+    pos = common.unit_stride(cand_pos)
+    table = common.unit_stride(block_table)
+    if block is None:
+        block = INTERPRET_BLOCK if common.fixed_launch(device) else BLOCK
+    common.launch(topk_select_kernel)[(T,)](
+        scores, pos, seq_index.contiguous(), table, slots, counts,
+        C, k, rank, world, interleave, page_size,
+        scores.stride(0), pos.stride(0), table.stride(0), slots.stride(0),
+        BLOCK=block, num_warps=4 if common.fixed_launch(device) else NUM_WARPS,
+    )
+    return slots, counts

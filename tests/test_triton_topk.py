@@ -1,0 +1,339 @@
+"""The radix-select top-k kernels (ops/triton/local_topk.py, ops/triton/topk_select.py) against the sort-based
+code they replace: ``local_topk_padded`` (one stable sort) and ``reference.topk_select`` / the pure-Python
+oracle of tests/op_oracles.py. The selection must be exactly the same set (ties: higher score first, equal
+scores to the lower column / position).
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU at small shapes with
+small tiles (several tiles and chunks per row); with CUDA the same tests run compiled, plus the real decode
+shapes (k = 2048, L up to 128K, T up to 64). Outputs are poisoned before each run (NaN floats, a sentinel
+for integers), inputs are fresh and full of exact ties (quantized scores, relu zeros of both signs).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: Triton reads it then
+
+triton = pytest.importorskip("triton")
+
+import op_oracles as oracle  # noqa: E402
+
+from dcp_compile.ops import reference  # noqa: E402
+from dcp_compile.ops.distributed import local_topk_padded  # noqa: E402
+from dcp_compile.ops.layout import DCPLayout  # noqa: E402
+from dcp_compile.ops.triton import common  # noqa: E402
+from dcp_compile.ops.triton import local_topk as ltk  # noqa: E402
+from dcp_compile.ops.triton import topk_select as tks  # noqa: E402
+
+if not HAS_CUDA and not common.INTERPRET:
+    raise RuntimeError("dcp_compile.ops.triton was imported before TRITON_INTERPRET=1 was set: without CUDA, "
+                       "set it before anything imports the Triton kernels")
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+INT_POISON = -123456789
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output buffer the wrappers allocate starts as NaN (floats) or INT_POISON (integers)."""
+    def poisoned_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if t.is_floating_point() else INT_POISON)
+    monkeypatch.setattr(common, "empty", poisoned_empty)
+    yield
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def tied_scores(T, L, gen, levels=5, neg_inf_frac=0.2):
+    """[T, L] fp32 with many exact ties: relu of a few quantized levels times a per-row weight that may be
+    negative, zeros as +0.0 and -0.0 mixed in a row (w·relu(·) with w < 0 makes -0.0; the sort sees them
+    equal), some -inf (masked keys)."""
+    raw = torch.randint(-levels, levels + 1, (T, L), generator=gen).float()
+    weight = torch.where(torch.rand(T, 1, generator=gen) < 0.5, -1.0, 1.0) * (0.5 + torch.rand(T, 1, generator=gen))
+    x = torch.relu(raw) * weight
+    x = torch.where(x == 0, torch.where(torch.rand(T, L, generator=gen) < 0.5, -0.0, 0.0), x)
+    x = torch.where(torch.rand(T, L, generator=gen) < neg_inf_frac, NEG_INF, x)
+    return x
+
+
+def wide_scores(T, L, gen):
+    """[T, L] fp32 spread over the whole exponent range (subnormals to 1e38, both signs): every digit of the
+    uint32 key matters, ties are rare."""
+    mant = torch.randn(T, L, generator=gen)
+    expo = torch.randint(-149, 127, (T, L), generator=gen).float()
+    return (mant * torch.exp2(expo)).float()
+
+
+# ---------------------------------------------------------------------------------------- local_topk
+
+def check_local_topk(x, k, **kw):
+    """The kernel's columns are the stable sort's set, its values the scores at them, in column order."""
+    values, idx = ltk.local_topk(x.to(DEV), k, **kw)
+    T, L = x.shape
+    assert values.shape == (T, k) and idx.shape == (T, k)
+    assert values.dtype == x.dtype and idx.dtype == torch.int64
+    values, idx = values.cpu(), idx.cpu()
+    assert not torch.isnan(values).any(), "unwritten value"
+    assert not (idx == INT_POISON).any(), "unwritten column"
+    ref_values, ref_idx = local_topk_padded(x.cpu(), k)
+    assert torch.equal(idx, ref_idx.sort(-1).values), "not the stable sort's columns (in column order)"
+    padded = torch.nn.functional.pad(x.cpu(), (0, k), value=NEG_INF)
+    assert torch.equal(values, torch.gather(padded, -1, idx))
+    return values, idx
+
+
+@pytest.mark.parametrize("T,L,k,chunks", [
+    (3, 300, 17, None),   # L not a multiple of the 64 tile; default split (one tile per chunk)
+    (2, 300, 40, 2),      # two chunks of 3 tiles, the last partly masked
+    (4, 129, 1, 3),       # k = 1
+    (2, 200, 200, 1),     # k = L: everything, no padding
+])
+def test_local_topk_ties(T, L, k, chunks):
+    gen = torch.Generator().manual_seed(T * 1000 + L + k)
+    x = tied_scores(T, L, gen)
+    x[0] = NEG_INF                         # a row with no candidate: the first k columns
+    check_local_topk(x, k, chunks=chunks)
+
+
+def test_local_topk_fewer_columns_than_k():
+    """L < k: every column, then the padding columns L .. k-1 with -inf (as the padded sort)."""
+    gen = torch.Generator().manual_seed(5)
+    x = tied_scores(3, 70, gen)
+    x[1] = NEG_INF
+    values, idx = check_local_topk(x, 150, chunks=2)
+    assert torch.equal(idx[:, 70:], torch.arange(70, 150).expand(3, -1))
+    assert torch.isneginf(values[:, 70:]).all()
+    check_local_topk(x[:, :5], 8)          # one partial tile
+    check_local_topk(x[:, :0], 3)          # no column at all: only padding
+
+
+def test_local_topk_wide_range_and_signs():
+    gen = torch.Generator().manual_seed(9)
+    x = wide_scores(3, 250, gen)
+    x[1:] = -x[1:].abs()                   # all negative: the flipped half of the key
+    x[2, ::7] = 0.0
+    x[2, 3::7] = -0.0                      # the top 72 are +0.0 and -0.0: a tie, lower columns first
+    check_local_topk(x, 33, chunks=3)
+
+
+def test_local_topk_all_equal_row():
+    """One value everywhere: the threshold bin is the whole row; the quota of ties spans chunks."""
+    x = torch.full((2, 260), 0.75)
+    x[1, :100] = -0.0                      # -0.0 ties with +0.0: columns 0 .. 129, not +0.0's first
+    x[1, 100:] = 0.0
+    _, idx = check_local_topk(x, 130, chunks=4)
+    assert torch.equal(idx, torch.arange(130).expand(2, -1))
+
+
+def test_local_topk_half_precision_scores():
+    gen = torch.Generator().manual_seed(3)
+    x = tied_scores(2, 150, gen).to(torch.bfloat16)
+    check_local_topk(x, 20, chunks=2)
+
+
+def test_local_topk_rejects_bad_arguments():
+    x = torch.zeros(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        ltk.local_topk(x, 0)
+    with pytest.raises(ValueError, match="float64"):
+        ltk.local_topk(x.double(), 2)
+    with pytest.raises(ValueError, match=r"\[T, L\]"):
+        ltk.local_topk(x[0], 2)
+
+
+def test_plan_splits_rows_into_whole_tiles():
+    assert ltk.plan(64, 131072, 4096) == (16384, 8)              # 32 tiles, ~9 programs per row wanted
+    assert ltk.plan(64, 131072 + 123, 4096) == (16384, 9)        # 33 tiles: the last chunk has one
+    assert ltk.plan(1, 131072, 4096) == (4096, 32)               # one row: one tile per program
+    assert ltk.plan(64, 100, 4096) == (4096, 1)
+    assert ltk.plan(2, 0, 64) == (64, 1)                         # L = 0 still launches one (padding) chunk
+
+
+# --------------------------------------------------------------------------------------- topk_select
+
+def candidates_like_distributed_topk(T, L_per_rank, k, world, interleave, gen, levels=3):
+    """What distributed_topk hands dcp::topk_select: each rank's local top-k of its tied scores (k columns
+    of the row padded with k -inf ones; padding position int32 max), gathered rank by rank: [T, world·k]."""
+    scores, positions = [], []
+    layout = DCPLayout(world, interleave)
+    for r in range(world):
+        x = tied_scores(T, L_per_rank, gen, levels=levels)
+        pos = layout.global_position(torch.arange(L_per_rank), r)
+        pos = torch.nn.functional.pad(pos, (0, k), value=torch.iinfo(torch.int32).max)
+        v, i = local_topk_padded(x, k)
+        scores.append(v)
+        positions.append(pos[i])
+    return torch.cat(scores, -1), torch.cat(positions, -1)
+
+
+def shuffled_candidates(T, C, max_pos, gen, levels=3):
+    """Candidates in any order (positions unique per row, some padding sentinels with -inf)."""
+    pos = torch.stack([torch.randperm(max_pos, generator=gen)[:C] for _ in range(T)])
+    s = tied_scores(T, C, gen, levels=levels, neg_inf_frac=0.3)
+    pad = torch.rand(T, C, generator=gen) < 0.1
+    s = torch.where(pad, NEG_INF, s)
+    pos = torch.where(pad, torch.iinfo(torch.int32).max, pos)
+    return s, pos
+
+
+def block_tables(num_seqs, pages, gen):
+    return torch.stack([torch.randperm(4 * pages, generator=gen)[:pages] for _ in range(num_seqs)]).int()
+
+
+def check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, **kw):
+    args = (k, rank, world, interleave, page_size)
+    slots, counts = tks.topk_select(s.to(DEV), pos.to(DEV), seq.to(DEV), bt.to(DEV), *args, **kw)
+    slots, counts = slots.cpu(), counts.cpu()
+    T = s.shape[0]
+    assert slots.shape == (T, k) and slots.dtype == torch.int32
+    assert counts.shape == (T,) and counts.dtype == torch.int32
+    assert not (slots == INT_POISON).any() and not (counts == INT_POISON).any(), "unwritten output"
+    ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, *args)
+    assert torch.equal(counts, ref_counts)
+    expected = oracle.topk_select(s, pos, seq, bt, *args)
+    for t in range(T):
+        c = int(counts[t])
+        assert sorted(slots[t, :c].tolist()) == sorted(expected[t]), f"query {t}: not the same slot set"
+        assert (slots[t, c:] == -1).all(), f"query {t}: -1 after the count"
+    return slots, counts
+
+
+@pytest.mark.parametrize("world,rank,interleave,page_size", [
+    (1, 0, 1, 4), (2, 1, 1, 3), (3, 2, 2, 5), (4, 0, 4, 4),
+])
+def test_topk_select_from_distributed_candidates(world, rank, interleave, page_size):
+    gen = torch.Generator().manual_seed(100 * world + rank)
+    T, L, k = 5, 90, 24
+    s, pos = candidates_like_distributed_topk(T, L, k, world, interleave, gen)
+    s[0] = NEG_INF                                      # a query with no candidate
+    seq = torch.tensor([0, 1, 1, 0, 1])
+    bt = block_tables(2, 200 // page_size + 2, gen)
+    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+
+
+@pytest.mark.parametrize("world,rank,interleave,page_size,C,k", [
+    (2, 0, 1, 4, 150, 40),     # ties decided by position (few score levels)
+    (3, 1, 3, 2, 100, 100),    # k = C
+    (2, 1, 2, 7, 30, 64),      # C < k: everything live is selected
+    (4, 3, 1, 1, 129, 1),      # k = 1
+])
+def test_topk_select_ties_by_position(world, rank, interleave, page_size, C, k):
+    gen = torch.Generator().manual_seed(C + k + world)
+    T = 4
+    s, pos = shuffled_candidates(T, C, 400, gen, levels=1)
+    seq = torch.tensor([1, 0, 2, 1])
+    bt = block_tables(3, 400 // page_size + 1, gen)
+    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+
+
+def test_topk_select_wide_scores_and_all_equal():
+    gen = torch.Generator().manual_seed(17)
+    s, pos = shuffled_candidates(3, 120, 300, gen)
+    live = torch.isfinite(s)
+    s = torch.where(live, wide_scores(3, 120, gen), s)
+    s[1] = torch.where(live[1], torch.tensor(0.5), s[1])     # one value: only positions decide
+    s[2] = torch.where(live[2], torch.tensor(-0.0), s[2])
+    s[2, ::2] = torch.where(live[2, ::2], torch.tensor(0.0), s[2, ::2])  # +0.0 / -0.0 tie
+    check_topk_select(s, pos, torch.zeros(3, dtype=torch.long), block_tables(1, 80, gen), 37, 1, 2, 2, 4)
+
+
+def test_topk_select_rejects_bad_arguments():
+    s = torch.zeros(2, 8, device=DEV)
+    pos = torch.zeros(2, 8, dtype=torch.long, device=DEV)
+    seq = torch.zeros(2, dtype=torch.long, device=DEV)
+    bt = torch.zeros(1, 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="rank 2 must be in"):
+        tks.topk_select(s, pos, seq, bt, 4, 2, 2, 1, 4)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        tks.topk_select(s, pos, seq, bt, 0, 0, 1, 1, 4)
+
+
+# ------------------------------------------------------------------------ GPU: real decode shapes
+
+@gpu
+@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("L", [8192, 32768 + 123, 131072])
+def test_local_topk_gpu_decode_shapes(T, L):
+    """k = 2048 at decode shapes: the same set as the stable sort (on the GPU), ties from relu zeros and
+    quantized scores, a -inf tail (keys beyond the sequence)."""
+    k = 2048
+    gen = torch.Generator(device="cuda").manual_seed(T + L)
+    x = torch.randn(T, L, device="cuda", generator=gen)
+    x = torch.where(torch.rand(T, L, device="cuda", generator=gen) < 0.3, 0.0, x)
+    x = torch.round(x * 64) / 64                        # ~600 levels: many exact ties at the threshold
+    x[:, L - L // 5:] = NEG_INF
+    x[0, : L // 2] = NEG_INF
+    values, idx = ltk.local_topk(x, k)
+    ref_values, ref_idx = local_topk_padded(x, k)
+    assert torch.equal(idx, ref_idx.sort(-1).values)
+    assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
+
+
+@gpu
+def test_local_topk_gpu_short_rows():
+    """Prefill-like: a few keys per row (L < k), many rows."""
+    x = tied_scores(300, 1000, torch.Generator().manual_seed(4)).cuda()
+    values, idx = ltk.local_topk(x, 2048)
+    ref_values, ref_idx = local_topk_padded(x, 2048)
+    assert torch.equal(idx, ref_idx.sort(-1).values)
+
+
+@gpu
+@pytest.mark.parametrize("world,interleave", [(1, 1), (4, 1), (8, 64)])
+def test_topk_select_gpu_decode_shapes(world, interleave):
+    """k = 2048, C = world·k candidates from simulated ranks; every rank's selection is its share of one
+    global selection (the same as the sort-based reference)."""
+    k, T, page_size = 2048, 64, 64
+    gen = torch.Generator().manual_seed(world)
+    layout = DCPLayout(world, interleave, page_size)
+    L = 8192
+    scores, positions = [], []
+    for r in range(world):
+        x = tied_scores(T, L, gen, levels=50).cuda()
+        pos = layout.global_position(torch.arange(L, device="cuda"), r)
+        pos = torch.nn.functional.pad(pos, (0, k), value=torch.iinfo(torch.int32).max)
+        _, i = ltk.local_topk(x, k)
+        v = torch.gather(torch.nn.functional.pad(x, (0, k), value=NEG_INF), -1, i)
+        scores.append(v)
+        positions.append(pos[i])
+    s, pos = torch.cat(scores, -1), torch.cat(positions, -1)
+    seq = torch.arange(T, device="cuda") % 3
+    bt = block_tables(3, L // page_size + 1, gen).cuda()
+    total = torch.zeros(T, dtype=torch.int32)
+    for rank in range(world):
+        slots, counts = tks.topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+        ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+        assert torch.equal(counts, ref_counts)
+        n = counts.long()[:, None]
+        cols = torch.arange(k, device="cuda")[None, :]
+        assert torch.equal(torch.where(cols < n, slots, -1).sort(-1).values, ref_slots.sort(-1).values)
+        assert (slots[cols >= n] == -1).all()
+        total += counts.cpu()
+    assert (total == torch.isfinite(s).sum(-1).clamp(max=k).int().cpu()).all()
+
+
+@gpu
+def test_registered_topk_ops_on_cuda():
+    """torch.ops.dcp.local_topk / topk_select on CUDA tensors run these kernels; float64 keeps the sort."""
+    gen = torch.Generator().manual_seed(8)
+    x = tied_scores(4, 5000, gen).cuda()
+    v, i = torch.ops.dcp.local_topk(x, 300)
+    assert torch.equal(i, i.sort(-1).values), "the kernel returns column order (the sort: score order)"
+    assert torch.equal(i, local_topk_padded(x, 300)[1].sort(-1).values)
+    v64, i64 = torch.ops.dcp.local_topk(x.double(), 300)
+    assert torch.equal(i64, local_topk_padded(x.double(), 300)[1])
+    s, pos = shuffled_candidates(4, 600, 2000, gen)
+    seq, bt = torch.tensor([0, 1, 0, 1]), block_tables(2, 600, gen)
+    slots, counts = torch.ops.dcp.topk_select(s.cuda(), pos.cuda(), seq.cuda(), bt.cuda(), 100, 1, 2, 1, 4)
+    ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, 100, 1, 2, 1, 4)
+    assert torch.equal(counts.cpu(), ref_counts)
+    assert torch.equal(slots.cpu().sort(-1).values, ref_slots.sort(-1).values)

@@ -41,7 +41,8 @@ def step(pool, rows, write_slots, q, kv, slots, counts, iq, iw, ik_pool, ikey_sl
     scores = dcp.indexer_scores(iq, iw, ik_pool, ikey_slots, allowed, 0.125)
     top_slots, top_counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 5, 1, 3, 2, 4)
     combined = dcp.lse_combine(out, lse, lse_all)
-    return attn_out * 2, attn_lse, scores + 1, top_slots, top_counts, combined * 3
+    best, best_cols = dcp.local_topk(scores.flatten(0, 1), 3)
+    return attn_out * 2, attn_lse, scores + 1, top_slots, top_counts, combined * 3, best, best_cols
 
 
 def cpu_step_inputs():
@@ -148,7 +149,8 @@ def test_triton_path_traces_to_kernel_launches():
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for mode, found in result.items():
         assert found["kernels"] == {"paged_write_kernel": 1, "sparse_mla_fwd_kernel": 1, "merge_partials_kernel": 1,
-                                    "indexer_scores_kernel": 1}, (mode, found["kernels"])
+                                    "indexer_scores_kernel": 1, "topk_select_kernel": 1,
+                                    "local_topk_histogram_kernel": 4, "local_topk_compact_kernel": 1}, (mode, found["kernels"])
         left = {t: n for t, n in found["targets"].items() if t.startswith("dcp.") or "_local_scalar_dense" in t}
         assert not left, (mode, left)
 

@@ -37,7 +37,8 @@ measured cache bytes per token per rank. ``--profile``: per (mode, compile), tor
 ``--profile-steps`` decode steps at one (batch, context), writing the top CUDA and CPU ops tables, and the sum of
 CUDA kernel time per step next to the step time (GPU-bound when step <= 1.3 x kernel sum).
 
-Writes to ``--out`` (default ``$OUT``, else benchmarks/out/e2e): results.json (every row, raw), step_time.png
+Writes to ``--out`` (default ``$OUT``, else benchmarks/out/e2e): results.json (every row, raw; while running,
+results.partial.json holds rank 0's rows so far), step_time.png
 and capacity.png (if matplotlib is there), profile_*.txt, and prints progress lines and a table (rank 0).
 """
 from __future__ import annotations
@@ -98,7 +99,9 @@ def parse_args(argv=None):
                    help="the (batch, context) to profile (default: the largest batch, the smallest context)")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--record", metavar="FILE", help="record the dcp op calls of one prefill chunk and one decode "
-                   "step of the first dcp (else tp) config (rank 0) to FILE (see record_op_calls.py)")
+                   "step of one dcp (else tp) config (rank 0's calls) to FILE (see record_op_calls.py)")
+    p.add_argument("--record-at", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
+                   help="the (batch, context) to record (default: --profile-at's)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory per device for the capacity projection (default: the GPU's; CPU: 1)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "out" / "e2e"))
@@ -414,6 +417,7 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
                 prefill_s=prefill_s, prefill_tokens_per_s=batch * context / prefill_s, prefill_forwards=forwards,
                 prefill_positions_per_forward=runner.prefill_chunk_positions(batch, context),
                 prefill_peak_bytes=prefill_peak, cache_bytes=cache_bytes,
+                prefill_recorded=recorder is not None,  # the recorder's copies are in this prefill_s
                 cache_bytes_per_token=cache_bytes / (batch * reserved_tokens), weight_bytes=runner.weight_bytes)
     env.log(f"  {runner.mode} B={batch} T={context}: prefill {prefill_s:.2f} s ({forwards} forwards, eager), "
             f"cache {cache_bytes / 2**20:.1f} MiB/rank")
@@ -575,6 +579,9 @@ def main(argv=None):
         modes = [m for m in modes if m != "hf"] + ["hf"]
     profile_at = tuple(args.profile_at) if args.profile_at else (max(args.batch), min(args.context))
     record_mode = next((m for m in ("dcp", "tp") if m in modes), None) if args.record else None
+    record_at = tuple(args.record_at) if args.record_at else profile_at
+    if args.record and record_at not in {(b, c) for b in args.batch for c in args.context}:
+        sys.exit(f"--record-at {record_at} is not one of the configs run (batch {args.batch} x context {args.context})")
     rank_rows = []
     for mode in modes:
         if mode == "hf":
@@ -600,7 +607,7 @@ def main(argv=None):
                     env.log(f"  hf B={batch} T={context}: skipped ({why})")
                     continue
                 recorder = None
-                if mode == record_mode:  # every rank runs the recorded forwards (collectives); rank 0 saves
+                if mode == record_mode and (batch, context) == record_at:  # every rank runs them; rank 0 saves
                     from record_op_calls import OpCallRecorder
 
                     recorder, record_mode = OpCallRecorder(), None
@@ -611,6 +618,9 @@ def main(argv=None):
                     tb = traceback.format_exc()
                     results["errors"].append(dict(mode=mode, batch=batch, context=context, rank=env.rank, tb=tb))
                     env.log(f"  {mode} B={batch} T={context}: FAILED\n{tb}")
+                if env.rank == 0:  # rank 0's rows so far: what a run cut short by a time limit leaves
+                    partial = dict(results, rows=rank_rows, partial=True)
+                    (out_dir / "results.partial.json").write_text(json.dumps(partial, indent=1, default=str))
                 if recorder is not None and recorder.calls and env.rank == 0:
                     from record_op_calls import summarise
 

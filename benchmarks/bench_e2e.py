@@ -44,7 +44,6 @@ and capacity.png (if matplotlib is there), profile_*.txt, and prints progress li
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -308,6 +307,8 @@ class Runner:
         return per_seq
 
     def forward(self, ids, cache, positions, mask=None):
+        if self.model.forward is self.compiled.get("cudagraphs"):
+            torch.compiler.cudagraph_mark_step_begin()  # each step a new generation: the last outputs are dropped
         return self.model(input_ids=ids, cache=cache, position_ids=positions, attention_mask=mask,
                           use_cache=True, logits_to_keep=1)
 
@@ -434,6 +435,9 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
             rows.append(dict(row, status="skipped: HF's DynamicCache grows every step (a CUDA graph per step)"))
             continue
         try:
+            from torch._dynamo.utils import counters
+
+            skips_before = counters["inductor"]["cudagraph_skips"]
             runner.use(compile_mode)
             inputs = decode_inputs(runner, batch, context, extra, gen)
             t0 = time.perf_counter()
@@ -455,7 +459,9 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
             row.update(status="ok", step_ms_median=statistics.median(ms), step_ms_p90=percentile(ms, 0.9),
                        step_ms_all=ms, tokens_per_s=batch / (statistics.median(ms) / 1e3), warmup_s=warm_s,
                        decode_peak_bytes=peak,
-                       decode_transient_bytes=(peak - before) if peak is not None else None)
+                       decode_transient_bytes=(peak - before) if peak is not None else None,
+                       # > 0: Inductor ran a graph of this config without CUDA graphs (why: TORCH_LOGS=perf_hints)
+                       cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before)
             if want_profile:
                 kernel_ms, cpu_ms = profile_decode(runner, cache, inputs[args.warmup + args.steps:], out_dir,
                                                    f"{runner.mode}_{compile_mode}_b{batch}_t{context}")
@@ -464,7 +470,8 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
             env.log(f"  {runner.mode} {compile_mode} B={batch} T={context}: step {row['step_ms_median']:.3f} ms "
                     f"(p90 {row['step_ms_p90']:.3f}), {row['tokens_per_s']:.0f} tok/s"
                     + (f", kernels {row['profile_kernel_ms_per_step']:.3f} ms/step"
-                       if row.get("profile_kernel_ms_per_step") else "") + f" (warm-up {warm_s:.1f} s)")
+                       if row.get("profile_kernel_ms_per_step") else "") + f" (warm-up {warm_s:.1f} s)"
+                    + (f", CUDA graphs SKIPPED {row['cudagraph_skips']}x" if row["cudagraph_skips"] else ""))
         except torch.OutOfMemoryError as exc:
             row.update(status=f"oom: {str(exc).splitlines()[0][:200]}")
             env.log(f"  {runner.mode} {compile_mode} B={batch} T={context}: OOM")

@@ -5,6 +5,8 @@
     python benchmarks/bench_kernels.py --quick    # smoke run: few shapes
     python benchmarks/bench_kernels.py --focus    # ceilings + FOCUS_VARIANTS on the H >= 32 shapes only
     ncu ... python benchmarks/bench_kernels.py --profile-one 64,128,32,64,4,2   # one variant, for ncu
+    python benchmarks/bench_kernels.py --recorded calls.pt   # exactly the dcp op calls a real model made
+                                                             # (bench_e2e.py --record calls.pt)
 
 (The pre-table autotuned path and the value split that runs 2–6 of RESULTS.md compared were removed from
 ops/ after run 6; RESULTS.md says where they last lived.)
@@ -392,6 +394,143 @@ def compiled_info(kernels):
     return rows
 
 
+# ----------------------------------------------------------------------------------- recorded op calls
+
+def _nbytes(spec):
+    return math.prod(spec["shape"]) * torch.empty(0, dtype=getattr(torch, spec["dtype"])).element_size()
+
+
+def _strided(spec, device):
+    """An uninitialised tensor with the recorded dtype, shape, strides and storage offset."""
+    dtype = getattr(torch, spec["dtype"])
+    shape, stride, offset = spec["shape"], spec["stride"], spec["storage_offset"]
+    extent = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+    return torch.empty(max(extent, 1), dtype=dtype, device=device).as_strided(shape, stride, offset)
+
+
+def _fill(t, values):
+    try:
+        t.copy_(values)
+        return t
+    except RuntimeError:  # overlapping strides (an expanded tensor): keep the values, dense
+        return values.clone()
+
+
+def materialise_call(call, device, gen):
+    """The arguments of one recorded call on ``device``: recorded values where kept (slots, counts, positions,
+    block tables, masks, small score tensors), else made to look like the model's: float tensors N(mean, std)
+    of the recorded summary, attention slots valid first (``counts`` of them, rows of the pool) then -1,
+    write slots distinct rows (the recorded fraction skipped), other integers uniform in the recorded range,
+    bools at the recorded fraction true. Strides and storage offsets as recorded."""
+    specs = {a["name"]: a for a in call["args"]}
+    out = {}
+    for name, spec in specs.items():
+        if spec["kind"] != "tensor":
+            out[name] = spec.get("value")
+            continue
+        t = _strided(spec, device)
+        summ = spec.get("summary", {})
+        if "values" in spec:
+            out[name] = _fill(t, spec["values"].to(device))
+        elif t.is_floating_point():
+            vals = torch.randn(t.shape, device=device, generator=gen) * (summ.get("std") or 1.0) + summ.get("mean", 0.0)
+            out[name] = _fill(t, vals.to(t.dtype))
+        elif t.dtype == torch.bool:
+            out[name] = _fill(t, torch.rand(t.shape, device=device, generator=gen) < summ.get("frac_true", 1.0))
+        else:
+            out[name] = None  # integers: below, once the tensors they index exist
+    op = call["op"]
+    for name, spec in specs.items():
+        if spec["kind"] != "tensor" or out[name] is not None:
+            continue
+        summ, t = spec.get("summary", {}), _strided(spec, device)
+        if op == "dcp::sparse_mla_attn" and name == "slots":
+            rows = out["kv"].shape[0]
+            counts = out["counts"].long()
+            vals = torch.randint(0, max(rows, 1), t.shape, device=device, generator=gen)
+            vals[torch.arange(t.shape[1], device=device)[None, :] >= counts[:, None]] = -1
+        elif op == "dcp::paged_write" and name == "slots":
+            rows = out["pool"].shape[0]
+            vals = torch.randperm(rows, device=device, generator=gen)[: t.numel()].view(t.shape)
+            vals[torch.rand(t.shape, device=device, generator=gen) < summ.get("frac_negative", 0.0)] = -1
+        else:
+            lo, hi = int(summ.get("min", 0)), int(summ.get("max", 0))
+            vals = torch.randint(lo, hi + 1, t.shape, device=device, generator=gen)
+        out[name] = _fill(t, vals.to(t.dtype))
+    return out
+
+
+def recorded_cost(call, a):
+    """(bytes, flops, how) of one call: the fewest bytes it must move and the arithmetic it must do."""
+    op = call["op"]
+    tensors = {k: v for k, v in a.items() if isinstance(v, torch.Tensor)}
+    size = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    if op == "dcp::sparse_mla_attn":
+        q, kv = a["q"], a["kv"]
+        T, H, Dk = q.shape
+        rows = int(a["counts"].long().sum())
+        bytes_ = rows * Dk * kv.element_size() + size["q"] + T * H * a["v_dim"] * q.element_size() + T * H * 4 \
+            + size["slots"] + size["counts"]
+        return bytes_, 2 * H * rows * (Dk + a["v_dim"]), "selected rows once + q + out + lse"
+    if op == "dcp::paged_write":
+        valid = int((a["slots"] >= 0).sum())
+        return 2 * valid * a["rows"].shape[1] * a["rows"].element_size() + size["slots"], 0, "owned rows read + written"
+    if op == "dcp::indexer_scores":
+        q = a["q"]
+        B, S, Hi, Di = q.shape
+        valid = int((a["key_slots"] >= 0).sum())
+        L = a["key_slots"].shape[1]
+        bytes_ = valid * Di * a["k_pool"].element_size() + size["key_slots"] + size["allowed"] + B * S * L * 4 \
+            + size["q"] + size["w"]
+        return bytes_, 2 * S * Hi * Di * valid, "valid keys once + slots + mask + fp32 scores out"
+    if op == "dcp::topk_select":
+        T = a["cand_scores"].shape[0]
+        return sum(size.values()) + T * a["k"] * 4 + T * 4, 0, "inputs + outputs (a sort: loose floor)"
+    if op == "dcp::lse_combine":
+        return sum(size.values()) + a["out"].numel() * 4, 0, "inputs + fp32 output"
+    return sum(size.values()), 0, "inputs only (no model for this op)"
+
+
+def bench_recorded(path, bw, rate, max_set_bytes=8 << 30):
+    """Time each recorded dcp call (the collectives are listed, not timed): warmed up, CUDA-graph replays
+    rotating among enough independently made input sets that one replay's data exceeds the L2 (as between
+    layers of the model, where other weights flush it)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from record_op_calls import load_calls, summarise
+
+    record = load_calls(path)
+    info = record.get("info", {})
+    print(f"recorded calls from {path}: mode {info.get('mode')}, batch {info.get('batch')}, context "
+          f"{info.get('context')}, world {info.get('world')}, rank {info.get('rank')}", flush=True)
+    for line in summarise(record["calls"]):
+        print("  " + line)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for i, call in enumerate(record["calls"]):
+        if not call["op"].startswith("dcp::"):
+            continue
+        op = getattr(torch.ops.dcp, call["op"].split("::")[1])
+        footprint = sum(_nbytes(a) for a in call["args"] if a["kind"] == "tensor")
+        n_sets = max(1, min(16, math.ceil(3 * L2_BYTES / max(footprint, 1)), max_set_bytes // max(footprint, 1)))
+        sets = [materialise_call(call, "cuda", gen) for _ in range(n_sets)]
+        names = [a["name"] for a in call["args"]]
+        fns = [lambda s=s: op(*[s[n] for n in names]) for s in sets]
+        us = time_us(fns)
+        bytes_, flops, how = recorded_cost(call, sets[0])
+        floor = max(bytes_ / bw, flops / rate) * 1e6
+        shapes = ", ".join(f"{a['name']}={a['dtype']}{a['shape']}" for a in call["args"] if a["kind"] == "tensor")
+        row = dict(kind="recorded", index=i, op=call["op"], phase=call["phase"], count=call["count"], us=us,
+                   us_per_phase=us * call["count"], bytes=bytes_, flops=flops, floor_us=floor,
+                   pct_floor=100 * floor / us, floor_model=how, input_sets=n_sets, args=shapes,
+                   bound="memory" if bytes_ / bw >= flops / rate else "math")
+        rows.append(row)
+        print(f"{row['phase']:8s} x{row['count']:<3d} {row['op']:22s} {us:9.1f} us  floor {floor:8.1f} us "
+              f"{row['pct_floor']:5.1f}% ({row['bound']})  | {shapes}", flush=True)
+        del sets, fns
+        torch.cuda.empty_cache()
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- plot
 
 def plot(results, path):
@@ -453,6 +592,8 @@ def main():
     ap.add_argument("--profile-one", metavar="SPEC", help="launch one variant 3x and exit (for ncu); "
                     "SPEC = 'T,H,block_h,BLOCK_N,warps,stages'")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch references")
+    ap.add_argument("--recorded", metavar="FILE", help="only the ceilings and the dcp op calls recorded in FILE "
+                    "(bench_e2e.py --record FILE; record_op_calls.py)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
@@ -468,11 +609,18 @@ def main():
     info = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=props.name, sms=props.multi_processor_count,
                 torch=torch.__version__, triton=triton.__version__, quick=args.quick, argv=sys.argv)
     print(info, flush=True)
-    results = dict(info=info, decode=[], prefill=[], indexer=[], merge_partials=[], sweep=[], errors=[])
+    results = dict(info=info, decode=[], prefill=[], indexer=[], merge_partials=[], sweep=[], recorded=[],
+                   errors=[])
 
     bw, rate = measure_ceilings()
     results["ceilings"] = dict(copy_GBps=bw / 1e9, bf16_matmul_TFLOPs=rate / 1e12)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+
+    if args.recorded:
+        results["recorded"] = bench_recorded(args.recorded, bw, rate)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        print_recorded_summary(results["recorded"], props.name, bw, rate)
+        return
 
     pool = torch.randn(128 * 1024, DK, device="cuda", dtype=torch.bfloat16)
     with_ref = not args.no_ref
@@ -536,6 +684,19 @@ def main():
     if results["errors"]:
         print(f"ERRORS in: {[e['section'] for e in results['errors']]}")
         sys.exit(1)
+
+
+def print_recorded_summary(rows, device_name, bw, rate):
+    print(f"\n==== recorded dcp op calls: {device_name}, copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s ====")
+    print("| phase | calls | op | µs per call | µs per phase | floor µs | % of floor | bound | arguments |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['count']} | {r['op']} | {r['us']:.1f} | {r['us_per_phase']:.1f} | "
+              f"{r['floor_us']:.1f} | {r['pct_floor']:.0f} % | {r['bound']} | {r['args']} |")
+    for phase in sorted({r['phase'] for r in rows}, key=str):
+        total = sum(r['us_per_phase'] for r in rows if r['phase'] == phase)
+        floor = sum(r['floor_us'] * r['count'] for r in rows if r['phase'] == phase)
+        print(f"{phase}: dcp ops {total:.1f} µs per {phase} forward (floor {floor:.1f} µs, {100 * floor / total:.0f} %)")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-                                                "float8_e8m0fnu") if hasattr(torch, n))
+FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # what dequantize reads (not FP4 packed in int8)
 
 
 def _hf():
@@ -48,8 +47,13 @@ def _hf():
 
 
 def is_fp8_linear(module: nn.Module) -> bool:
-    """Exactly HF's ``FP8Linear`` holding an FP8 weight (not a subclass with another forward)."""
-    return type(module) is _hf().FP8Linear and module.weight.element_size() == 1
+    """Exactly HF's ``FP8Linear`` (not a subclass with another forward) holding a float8 weight."""
+    return type(module) is _hf().FP8Linear and module.weight.dtype in FP8_WEIGHT_DTYPES
+
+
+def _runs_unquantized(module: nn.Module) -> bool:
+    """An ``FP8Linear`` whose weight was left in high precision: its forward is a plain ``F.linear``."""
+    return type(module) is _hf().FP8Linear and module.weight.element_size() > 1
 
 
 def hf_fp8_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -190,10 +194,12 @@ def check_fp8_layer(module: nn.Module, match, plan, tp_size: int, wrapped: tuple
     layer = match.layer
     fp8 = dict(hf_fp8_modules(module))
     for name, sub in fp8.items():
+        if _runs_unquantized(sub):
+            continue
         if not is_fp8_linear(sub):
             raise UnsupportedModelError(
                 f"layer {layer}: `{name}` is a {type(sub).__name__} holding {sub.weight.dtype} weights; dcp_compile runs "
-                f"FP8 attention weights only as transformers' FP8Linear (block-FP8 linears)")
+                f"quantized attention weights only as transformers' FP8Linear with float8 weights (block-FP8 linears)")
         if name in wrapped or any(is_dtensor(p) for p in sub.parameters(recurse=False)):
             raise UnsupportedModelError(
                 f"layer {layer}: the FP8 linear `{name}` is sharded by Hugging Face tensor parallelism; dcp_compile does "

@@ -150,6 +150,11 @@ def test_heads_not_covering_whole_scale_blocks_are_rejected_naming_the_numbers()
                              r"ranks: each rank's 1 heads x 24 rows = 24 rows are not a multiple of the block's 16"):
         check_fp8_layer(layer.module, match, plan, 4)
     check_fp8_layer(layer.module, match, plan, 1)  # one rank: nothing is split
+    # An FP8Linear with FP4 weights (two e2m1 values packed per int8): not block-FP8, which is all apply reads.
+    q_a = layer.module.q_a_proj
+    q_a.weight = nn.Parameter(torch.zeros(q_a.out_features, q_a.in_features // 2, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(dcp_compile.UnsupportedModelError, match=r"`q_a_proj` is a FP8Linear holding torch.int8 weights"):
+        check_fp8_layer(layer.module, match, plan, 1)
 
 
 def test_apply_rejects_fp8_misaligned_blocks_before_any_collective():
@@ -210,19 +215,21 @@ GPU_TOKENS = 16
 
 
 def save_random_fp8_checkpoint(path, seed=0):
-    """A random tiny DeepSeek-V3.2 (all layers dense, dims multiples of 128 where the FP8 blocks need them) saved as
-    a block-FP8 checkpoint the way DeepSeek ships V3.2: every linear but lm_head and the indexer's weights_proj as
-    float8_e4m3fn + ``weight_scale_inv`` in 128 x 128 blocks, ``quantization_config`` in config.json."""
+    """A random tiny DeepSeek-V3.2 saved as a block-FP8 checkpoint the way DeepSeek ships V3.2: every linear but
+    ``NOT_FP8`` as float8_e4m3fn + ``weight_scale_inv`` in 128 x 128 blocks, ``quantization_config`` in config.json.
+    All layers dense (no FP8 experts), and every quantized weight whole blocks, which HF's dequantizing load needs:
+    rotary 128 so that kv_a_proj_with_mqa's latent + rotary rows (128 + 128) are whole blocks."""
     from safetensors.torch import load_file, save_file
 
     model = tiny_deepseek_v32(
         seed=seed, dtype=torch.bfloat16, attn_implementation="sdpa", hidden_size=256, intermediate_size=512,
         num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=256,
-        kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, index_n_heads=4,
-        index_head_dim=128, index_topk=16, vocab_size=512)
+        kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=128, v_head_dim=128, index_n_heads=4,
+        index_head_dim=256, index_topk=16, vocab_size=512)
     skip = NOT_FP8
     quantized = {f"{name}.weight" for name, m in model.named_modules()
                  if type(m) is nn.Linear and not name.endswith(skip)}
+    count = len(quantized)
     model.save_pretrained(path)
     files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     for file in files:
@@ -230,17 +237,20 @@ def save_random_fp8_checkpoint(path, seed=0):
         out = {}
         for key, value in tensors.items():
             if key in quantized:
+                assert value.shape[0] % GPU_BLOCK[0] == 0 and value.shape[1] % GPU_BLOCK[1] == 0, (key, value.shape)
                 out[key], out[key[: -len("weight")] + "weight_scale_inv"] = quantize(value, GPU_BLOCK)
+                quantized.discard(key)
             else:
                 out[key] = value
         save_file(out, os.path.join(path, file), metadata={"format": "pt"})
+    assert not quantized, f"linears not found under their module names in the checkpoint: {sorted(quantized)}"
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                      "weight_block_size": GPU_BLOCK, "modules_to_not_convert": list(skip)}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    return len(quantized)
+    return count
 
 
 def _hf_fp8_kernels_load() -> str | None:
@@ -283,21 +293,26 @@ def test_fp8_checkpoint_on_cuda_matches_unmodified(tmp_path):
                                  output_logits=True, return_dict_in_generate=True)
         return out.sequences, torch.stack(out.logits).float()
 
+    made_group = not dist.is_initialized()
     with patch:
         ref = load()
         fp8_linears = [n for n, m in ref.named_modules() if type(m) is FP8Linear]
         assert len(fp8_linears) == n_quantized and ref.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
         want_tokens, want_logits = run(ref)
         del ref
-        if not dist.is_initialized():
+        if made_group:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             dist.init_process_group("nccl", rank=0, world_size=1)
-        model = dcp_compile.apply(load(), init_device_mesh("cuda", (1,)))
-        attn = model.model.layers[0].self_attn
-        assert type(attn.kv_b_proj) is nn.Linear and attn.kv_b_proj.weight.dtype == torch.bfloat16
-        assert type(attn.q_b_proj) is FP8Linear and attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
-        got_tokens, got_logits = run(model)
+        try:
+            model = dcp_compile.apply(load(), init_device_mesh("cuda", (1,)))
+            attn = model.model.layers[0].self_attn
+            assert type(attn.kv_b_proj) is nn.Linear and attn.kv_b_proj.weight.dtype == torch.bfloat16
+            assert type(attn.q_b_proj) is FP8Linear and attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+            got_tokens, got_logits = run(model)
+        finally:
+            if made_group:
+                dist.destroy_process_group()
     first = (got_logits[0] - want_logits[0]).norm() / want_logits[0].norm()
     same = (got_tokens == want_tokens).float().mean().item()
     print(f"first-step logits relative L2 {first.item():.3e}; tokens equal to the unmodified FP8 model: {same:.1%}")

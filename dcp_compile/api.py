@@ -27,6 +27,7 @@ from .agreement import RankGroup, weight_fingerprint
 from .attention import AttentionConfig
 from .cache import CacheFormat
 from .capture import CapturedLayer, LayerCall, capture_layer, layer_signature, per_layer_config, probe_layers
+from .fp8 import check_fp8_layer, dequantize_kv_expansion, hf_fp8_parameters
 from .hf_integration import install_hooks
 from .hf_parallel import tensor_parallel_mesh, tp_wrapped_submodules
 from .install import DCPLayerForward, install
@@ -34,7 +35,7 @@ from .layout import DCPLayout
 from .match import MatchError, MLASparseAttentionMatch, match_layer  # noqa: F401  (MatchError: re-export)
 from .passes import dcp_passes
 from .runtime import DCPRuntime
-from .shard import check_head_shards, shard_heads
+from .shard import check_head_shards, head_shard_plan, shard_heads
 from .support import UnsupportedModelError, check_layers, check_model  # noqa: F401  (UnsupportedModelError: re-export)
 
 logger = logging.getLogger("dcp_compile")
@@ -72,9 +73,12 @@ def _validate(model: nn.Module, mesh, dcp_size: int | None, page_size: int, inte
         raise ValueError(f"dcp_size={dcp_size} must divide the mesh size {world}")
     if page_size < 1 or interleave < 1:
         raise ValueError(f"page_size ({page_size}) and interleave ({interleave}) must be >= 1")
-    bad = {p.dtype for p in model.parameters() if p.dtype not in SUPPORTED_DTYPES and p.is_floating_point()}
+    fp8 = hf_fp8_parameters(model)  # a block-FP8 checkpoint's weights and scales, in HF's FP8 modules (fp8.py)
+    bad = {p.dtype for p in model.parameters()
+           if p.dtype not in SUPPORTED_DTYPES and p.is_floating_point() and id(p) not in fp8}
     if bad or not any(True for _ in model.parameters()):
-        raise TypeError(f"unsupported parameter dtype(s) {sorted(map(str, bad))}; supported: {[str(d) for d in SUPPORTED_DTYPES]}")
+        raise TypeError(f"unsupported parameter dtype(s) {sorted(map(str, bad))}; supported: {[str(d) for d in SUPPORTED_DTYPES]}"
+                        f" (and float8 weights in transformers' fine-grained FP8 modules)")
     return dcp_size
 
 
@@ -209,6 +213,8 @@ def apply(model: nn.Module, mesh=None, dcp_size: int | None = None, page_size: i
                              f"the mesh size {tp_size}")
         for layer in group.layers:  # HF tensor parallelism's head shards, if any, are the ones apply would cut
             check_head_shards(layer.module, replace(group.match, layer=layer.name), mesh)
+            check_fp8_layer(layer.module, replace(group.match, layer=layer.name), head_shard_plan(group.match), tp_size,
+                            layer.wrapped)  # FP8 linears: whole scale blocks per rank, no HF TP shards of them
     fingerprint = weight_fingerprint(model)  # before apply shards heads: replicated weights are whole everywhere
     progress("fingerprint", "fingerprinted the weights")
 
@@ -217,9 +223,11 @@ def apply(model: nn.Module, mesh=None, dcp_size: int | None = None, page_size: i
     layout = DCPLayout(dcp_size, interleave, page_size)
     for group in groups:
         captured, match = group.captured, group.match
+        dequantized = False
         for layer in group.layers:
+            dequantized |= dequantize_kv_expansion(layer.module, match)  # FP8 kv_b_proj -> compute dtype (fp8.py)
             shard_heads(layer.module, match, tp_rank, tp_size)
-        if tp_size > 1:  # the weights changed shape: trace the group's layer again
+        if tp_size > 1 or dequantized:  # the weights changed shape or kind: trace the group's layer again
             captured, match = capture_and_match(group.first, captured.past_len)
             stats["traces"] += captured.traces
         rewrite = dcp_passes(match, attention_config(match, layout, tp_rank % dcp_size, dcp_group), tp_group)

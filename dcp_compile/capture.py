@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache
 
 from .contract import InputKind, label, placeholders
+from .fp8 import traced_fp8_linears
 from .hf_parallel import is_dtensor
 
 # --- the cache-boundary ops seen in captured graphs ---------------------------------------------------------------
@@ -382,7 +383,7 @@ def trace_layer(layer: LayerCall, past_len: int):
         flat, out_holder["tree"] = pytree.tree_flatten(out)
         return flat
 
-    with mode, _own_forwards(module, layer.wrapped):
+    with mode, _own_forwards(module, layer.wrapped), traced_fp8_linears(module):  # FP8Linear: one op (fp8.py)
         gm = make_fx(run, tracing_mode="symbolic", pre_dispatch=True)(params, inputs, *pasts)
     return gm, out_holder["tree"]
 

@@ -28,8 +28,13 @@ from torch.fx import GraphModule, Node
 
 from .capture import CapturedLayer
 from .contract import InputKind, placeholders
+from .fp8 import FP8_LINEAR
 
 aten = torch.ops.aten
+
+# The projections: ``aten.linear`` and HF's block-FP8 linear as captured (``fp8.FP8_LINEAR``), whose arguments
+# begin like aten.linear's: (input, weight, bias, ...).
+LINEARS = {aten.linear.default, FP8_LINEAR}
 
 # Ops that move, cast or re-view a tensor without changing which values it holds.
 TRANSPARENT = {
@@ -88,7 +93,7 @@ class AttentionMatch:
     scale: float
     output: Node  # the attention output as the next op (the output projection, or the gate) receives it:
     #               [B, S, H·v] (or [B, S, H, v] for a gate per head)
-    out_proj: Node  # the output projection (aten.linear)
+    out_proj: Node  # the output projection (one of LINEARS)
     mask: Node | None = None  # the mask the core applies to the scores (None: none)
     gate: GateMatch | None = None  # an elementwise gate between the attention output and the output projection
     sinks: Node | None = None  # a per-head sink logit parameter [H] in the softmax (HY-V4)
@@ -211,7 +216,7 @@ def match_latent_cache(gm: GraphModule, layer: str) -> LatentCacheMatch:
 
 
 def match_kv_expansion(latent: LatentCacheMatch, params: set[Node], layer: str) -> KVExpansionMatch:
-    linears = [u for u in consumers(latent.latent_all) if u.target is aten.linear.default and u.args[0] is not None]
+    linears = [u for u in consumers(latent.latent_all) if u.target in LINEARS and u.args[0] is not None]
     if not linears or source(linears[0].args[1]) not in params:
         raise MatchError(
             f"layer {layer}: the cached latent is not expanded per head by a linear projection (kv_b_proj) — "
@@ -315,11 +320,11 @@ def match_attention(kv: KVExpansionMatch, layer: str, params: set[Node] = frozen
         raise MatchError(f"layer {layer}: the attention query is not the concatenation of non-rotary and rotary parts")
     q_nope, q_rope = query.args[0]
     users = consumers(core)
-    projections = [u for u in users if u.target is aten.linear.default]
+    projections = [u for u in users if u.target in LINEARS]
     gate = None
     if not projections and len(users) == 1 and users[0].target is aten.mul.Tensor:
         gate = match_output_gate(users[0], core, params, layer)
-        projections = [u for u in consumers(gate.mul) if u.target is aten.linear.default]
+        projections = [u for u in consumers(gate.mul) if u.target in LINEARS]
     if not projections:
         raise MatchError(f"layer {layer}: the attention output does not go into an output projection")
     out_proj = projections[0]
@@ -372,7 +377,7 @@ def match_output_gate(mul: Node, core: Node, params: set[Node], layer: str) -> G
     while True:
         node = source(node)
         seen.append(str(node.target))
-        if node.target is aten.linear.default and source(node.args[1]) in params:
+        if node.target in LINEARS and source(node.args[1]) in params:
             break
         if node.target in GATE_ACTIVATIONS or node.target in (operator.getitem, aten.split_with_sizes.default,
                                                               aten.split.Tensor):
@@ -499,7 +504,7 @@ def match_query_projection(att: AttentionMatch, params: set[Node], layer: str) -
                                                 and view.args[0].target is aten.split_with_sizes.default):
         view = view.args[0] if view.target is aten.transpose.int else view.args[0].args[0]
     linear = source(view)
-    if view.target is not aten.view.default or linear.target is not aten.linear.default or source(linear.args[1]) not in params:
+    if view.target is not aten.view.default or linear.target not in LINEARS or source(linear.args[1]) not in params:
         raise MatchError(f"layer {layer}: the query heads do not come from one linear projection")
     return QueryProjectionMatch(linear, source(linear.args[1]), int(view.args[1][-1]))
 

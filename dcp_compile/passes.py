@@ -98,8 +98,10 @@ class RowParallelOutputProjection(GraphPass):
     def __call__(self, gm: GraphModule) -> None:
         proj, g = self.match.attention.out_proj, gm.graph
         x, weight, bias = (list(proj.args) + [None])[:3]
+        # aten.linear, or an FP8 linear (match.LINEARS: (input, weight, bias, its scales...)) without its bias
+        args = (x, weight) if proj.target is aten.linear.default else (x, weight, None, *proj.args[3:])
         with g.inserting_after(proj):
-            partial = g.call_function(aten.linear.default, (x, weight))
+            partial = g.call_function(proj.target, args)
             with g.inserting_after(partial):
                 summed = g.call_function(tp_all_reduce, (partial, self.group_name))
             result = summed

@@ -3,7 +3,8 @@
 The plan is a small table read off the match (gpt-fast's colwise / rowwise linears): the query projection
 and the per-head latent expansion (``kv_b_proj``) are *colwise* (their output rows are per head: keep this
 rank's rows, and the bias's), the output projection is *rowwise* (its input columns are per head: keep this
-rank's columns; its partial products are all-reduced by the rewrite). Everything else stays replicated.
+rank's columns; its partial products are all-reduced by the rewrite). Everything else stays replicated. An FP8
+linear (a block-FP8 checkpoint) keeps the block scales of its kept rows / columns (``fp8.shard_fp8_scales``).
 
 A model loaded with Hugging Face tensor parallelism (``from_pretrained(distributed_config=...)``) may hold these
 linears as DTensor shards already: HF's DeepSeek plan shards them exactly so (``colwise`` = ``Shard(0)``,
@@ -18,6 +19,7 @@ from typing import Literal
 from torch import nn
 
 from .contract import graph_input
+from .fp8 import shard_fp8_scales
 from .hf_parallel import is_dtensor
 from .match import MatchError, MLASparseAttentionMatch, source
 from .support import UnsupportedModelError
@@ -146,6 +148,9 @@ def shard_heads(module: nn.Module, match: MLASparseAttentionMatch, tp_rank: int,
             else:
                 whole = param.to_local() if is_dtensor(param) else param
                 _set_param(module, name, whole[block] if sliced == 0 else whole[:, block])
+        # An FP8 linear keeps the block scales of the rows / columns it kept (fp8.py; blocks checked before apply's
+        # collectives by fp8.check_fp8_layer).
+        shard_fp8_scales(module, linear.weight, dim, block.start, block.stop)
     for name, param in list(module.named_parameters()):
         if is_dtensor(param):  # replicated (check_head_shards): this rank holds all of it
             _set_param(module, name, param.to_local(), copy=False)

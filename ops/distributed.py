@@ -165,16 +165,21 @@ def selection_bytes(queries_per_seq: int, total: int, world: int, k: int, index_
     return candidates, key_gather
 
 
+# Below this many queries per rank (and sequence) the key gather is not considered: the exchange is then small
+# either way and latency-bound, where one collective beats two; decode (S = 1) is far below it.
+MIN_KEY_GATHER_QUERIES_PER_RANK = 128
+
+
 def choose_selection_scheme(queries_per_seq: int, total: int, world: int, k: int, index_dim: int,
                             index_elt_bytes: int, interleave: int = 1) -> str:
     """The cost model (ints in, a scheme out): ``"key_gather"`` when it moves fewer bytes than ``"candidates"``
     (``selection_bytes``), else ``"candidates"``. Always ``"candidates"`` for one rank (no exchange at all) and
-    for fewer queries per sequence than ranks (decode, S = 1: some ranks would score only padding, and one
-    collective beats two; at any real context the keys outweigh N·K·8 there anyway). E.g. N = 4, K = 2048,
+    below ``MIN_KEY_GATHER_QUERIES_PER_RANK`` queries per rank (decode, S = 1, short chunks: a few MiB either
+    way, and one collective beats two; at any real context the keys outweigh N·K·8 there anyway). E.g. N = 4, K = 2048,
     Di = 128, bf16: a decode step (S = 1) -> candidates; a 4096-query chunk at total 32K ->
     key_gather (64 MiB + 256 MiB vs 2 GiB for 8 sequences). Key gather wins while total / S < K·(8N-4) / (Di·elt)
     (224 there)."""
-    if world == 1 or queries_per_seq < world:
+    if world == 1 or queries_per_seq < MIN_KEY_GATHER_QUERIES_PER_RANK * world:
         return CANDIDATES
     candidates, key_gather = selection_bytes(queries_per_seq, total, world, k, index_dim, index_elt_bytes, interleave)
     return KEY_GATHER if key_gather < candidates else CANDIDATES

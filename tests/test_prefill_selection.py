@@ -20,7 +20,7 @@ import torch
 
 from dcp_compile.ops import distributed as dist_ops
 from dcp_compile.ops.distributed import (
-    CANDIDATES, KEY_GATHER, choose_selection_scheme, force_selection_scheme, selection_bytes, selection_scheme,
+    CANDIDATES, KEY_GATHER, MIN_KEY_GATHER_QUERIES_PER_RANK, choose_selection_scheme, force_selection_scheme, selection_bytes, selection_scheme,
 )
 from dcp_compile.ops.layout import DCPLayout
 from dcp_compile.testing import TopkGapRecorder, left_padded_prompts, run_ranks, tiny_deepseek_v32
@@ -48,8 +48,12 @@ def test_cost_model_choices(world):
     assert choose_selection_scheme(4096, 32768, 1, k, di, elt) == CANDIDATES  # one rank: no exchange at all
     # The break-even: key gather while total / S < K·(8N-4) / (Di·elt).
     ratio = k * (8 * world - 4) // (di * elt)
-    assert choose_selection_scheme(64, 64 * ratio // 2, world, k, di, elt) == KEY_GATHER
-    assert choose_selection_scheme(64, 64 * ratio * 2, world, k, di, elt) == CANDIDATES
+    assert choose_selection_scheme(4096, 4096 * ratio * 9 // 10, world, k, di, elt) == KEY_GATHER
+    assert choose_selection_scheme(4096, 4096 * ratio * 11 // 10, world, k, di, elt) == CANDIDATES
+    # Short chunks stay with the one-collective scheme, even where the key gather would move fewer bytes.
+    few = MIN_KEY_GATHER_QUERIES_PER_RANK * world
+    assert choose_selection_scheme(few - 1, few, world, k, di, elt) == CANDIDATES
+    assert choose_selection_scheme(few, few, world, k, di, elt) == KEY_GATHER
 
 
 def _symbolic(shape_env, value: int, name: str):

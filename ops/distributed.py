@@ -186,13 +186,10 @@ def choose_selection_scheme(queries_per_seq: int, total: int, world: int, k: int
 
 
 def _static_int(x) -> int | None:
-    """``x`` as a Python int when it is one without a guard (an int, or a SymInt that is a constant); None for
-    a symbolic size or a tensor. Never adds a guard: deciding on a symbolic size would specialise the graph."""
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
-        return None
-    return int(x) if is_concrete_int(x) else None
+    """``x`` when it is a plain Python int (a static size); None for a SymInt, a tensor or anything else. A plain
+    type test: it never adds a guard (deciding on a symbolic size would specialise the graph), and Dynamo traces
+    it without a graph break (reading a SymInt's sympy expression, as ``is_concrete_int`` does, would break)."""
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 def selection_scheme(queries_per_seq, total, pages_per_seq, k: int, index_pool: Tensor, layout: DCPLayout) -> str:

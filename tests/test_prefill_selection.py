@@ -83,6 +83,28 @@ def test_selection_scheme_adds_no_guard_on_symbolic_sizes():
     assert not env.guards, f"the choice added guards: {env.guards}"
 
 
+def test_selection_scheme_under_dynamo_neither_breaks_nor_recompiles():
+    """Traced by Dynamo as IndexerTopK.select traces it: a dynamic total (past) and a static S give one graph,
+    no graph break (fullgraph), no recompile as the total grows; the choice is the one of the static bound."""
+    from torch._dynamo.testing import CompileCounter
+
+    layout = DCPLayout(4, 1, 64)
+    pool = torch.empty(0, 128, dtype=torch.bfloat16)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(scores, pool):  # scores [S, total]
+        scheme = selection_scheme(scores.shape[0], scores.shape[1], 16, 2048, pool, layout)
+        return scores + (1.0 if scheme == KEY_GATHER else 2.0)
+
+    for total in (600, 700, 900):
+        scores = torch.zeros(512, total)
+        torch._dynamo.mark_dynamic(scores, 1)
+        assert torch.equal(step(scores, pool), scores + 1.0), "expected the key gather (4 · 16 pages · 64 = 4K bound)"
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for a growing total"
+    torch._dynamo.reset()
+
+
 def test_force_selection_scheme():
     assert dist_ops.forced_selection_scheme() is None, "DCP_SELECTION_SCHEME is set in the test environment"
     layout = DCPLayout(2, 1, 4)

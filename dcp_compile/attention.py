@@ -27,7 +27,7 @@ from .cache import StepPositions
 from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
-from .ops.distributed import all_reduce_sum
+from .ops.distributed import KEY_GATHER, all_reduce_sum, key_gather_topk, query_share, selection_scheme
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,31 @@ class IndexerTopK:
                index_w: Tensor) -> tuple[Tensor, Tensor]:
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
+        # Two exact schemes, the same rows (§4.2): ship N·K candidates per query (decode), or gather the keys
+        # and ship K positions per query (prefill chunks). Chosen on static sizes only: no guard, no recompile.
+        if selection_scheme(steps, at.total, state.block_table.shape[1], c.topk, state.index_pool, layout) == KEY_GATHER:
+            return self._select_by_key_gather(mask, state, at, index_q, index_w)
         allowed = allowed_keys(mask, at.keys, at.new, batch)
         scores = torch.ops.dcp.indexer_scores(index_q, index_w, state.index_pool, at.key_slots, allowed, c.index_scale)
         seq_index = torch.arange(batch, device=scores.device).repeat_interleave(steps)
         return distributed_topk(
             scores.reshape(batch * steps, -1), at.keys, seq_index, state.block_table, c.topk,
+            c.rank, layout.world, layout.interleave, layout.page_size, c.group_name,
+        )
+
+    def _select_by_key_gather(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions,
+                              index_q: Tensor, index_w: Tensor) -> tuple[Tensor, Tensor]:
+        """§4.2, key-gather scheme: this rank scores its share of the queries (``query_share``) against every
+        key of the sequence, columns = global positions 0 .. N·L-1 (past the sequence: never causal)."""
+        c, layout = self.config, self.config.layout
+        batch, steps = index_q.shape[:2]
+        share = query_share(steps, c.rank, layout.world, index_q.device)
+        rows = share.clamp(max=steps - 1)
+        key_pos = torch.arange(layout.world * at.key_slots.shape[1], device=index_q.device)
+        share_mask = None if mask is None else mask.index_select(2, rows)
+        allowed = allowed_keys(share_mask, key_pos, at.new.index_select(0, rows), batch) & (share < steps)[None, :, None]
+        return key_gather_topk(
+            index_q, index_w, state.index_pool, at.key_slots, allowed, state.block_table, c.topk, c.index_scale,
             c.rank, layout.world, layout.interleave, layout.page_size, c.group_name,
         )
 

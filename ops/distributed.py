@@ -13,11 +13,14 @@ one rank needs its name (``ValueError`` otherwise).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .inference_only import collective
+from .layout import DCPLayout
 
 c10d = torch.ops._c10d_functional  # the traceable collectives (the same ops in torch 2.11 and 2.13)
 
@@ -109,6 +112,194 @@ def distributed_topk(
     return torch.ops.dcp.topk_select(
         top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
     )
+
+
+# --- Prefill selection by key gather (docs/design.md §4.2, "two schemes") ----------------------------------
+# ``distributed_topk`` above ships every query's N·K local candidates (8 bytes each): right for decode, where a
+# step has one query per sequence, but a prefill chunk of S queries per sequence ships N·K·8 bytes per query
+# while its index keys are only Di·elt bytes per token. The key-gather scheme instead gathers every index key
+# of the sequence to every rank, splits the queries N ways, and exchanges only the K selected positions (int32).
+# Both are exact and select the same rows; ``choose_selection_scheme`` picks the cheaper exchange.
+
+CANDIDATES, KEY_GATHER = "candidates", "key_gather"
+SELECTION_SCHEMES = (CANDIDATES, KEY_GATHER)
+SELECTION_SCHEME_ENV = "DCP_SELECTION_SCHEME"  # "auto" (default), "candidates" or "key_gather"
+
+
+def _scheme_from_env() -> str | None:
+    name = os.environ.get(SELECTION_SCHEME_ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in SELECTION_SCHEMES:
+        raise ValueError(f"{SELECTION_SCHEME_ENV}={name!r}: expected 'auto' or one of {SELECTION_SCHEMES}")
+    return None if name == "auto" else name
+
+
+# The forced scheme of this process (None: the cost model chooses). Read when a layer is traced or run: under
+# torch.compile it is baked into the graph, so set it before the first compile.
+_forced_scheme: dict[str, str | None] = {"name": _scheme_from_env()}
+
+
+def force_selection_scheme(name: str | None) -> None:
+    """Force the DSA selection scheme of every indexer layer in this process: ``"candidates"``,
+    ``"key_gather"`` (for any step, decode included), or ``None`` / ``"auto"`` to let the cost model choose.
+    The environment variable ``DCP_SELECTION_SCHEME`` sets the same at import. For tests and benchmarks: both
+    schemes are exact, the choice only moves cost."""
+    if name == "auto":
+        name = None
+    if name is not None and name not in SELECTION_SCHEMES:
+        raise ValueError(f"unknown selection scheme {name!r}; expected None, 'auto' or one of {SELECTION_SCHEMES}")
+    _forced_scheme["name"] = name
+
+
+def forced_selection_scheme() -> str | None:
+    return _forced_scheme["name"]
+
+
+def selection_bytes(queries_per_seq: int, total: int, world: int, k: int, index_dim: int, index_elt_bytes: int,
+                    interleave: int = 1) -> tuple[int, int]:
+    """Bytes each rank ends up holding from the selection's all-gathers, per sequence, for each scheme:
+    ``(candidates, key_gather)``. (What crosses the links is (N-1)/N of it for both: the ratio is the same.)
+
+        candidates = S · N · K · 8                          (fp32 score + int32 position per candidate)
+        key_gather = N · L · Di · elt  +  ⌈S/N⌉ · N · K · 4  (every index key; then the int32 positions)
+
+    with S queries per sequence, N ranks, L = local_bound(total) keys per rank (N·L ≈ total), Di the index-key
+    width, elt its bytes. The batch B multiplies both, so it does not enter the choice."""
+    layout = DCPLayout(world, interleave, 1)
+    candidates = queries_per_seq * world * k * 8
+    key_gather = world * layout.local_bound(total) * index_dim * index_elt_bytes + -(-queries_per_seq // world) * world * k * 4
+    return candidates, key_gather
+
+
+# Below this many queries per rank (and sequence) the key gather is not considered: the exchange is then small
+# either way and latency-bound, where one collective beats two; decode (S = 1) is far below it.
+MIN_KEY_GATHER_QUERIES_PER_RANK = 128
+
+
+def choose_selection_scheme(queries_per_seq: int, total: int, world: int, k: int, index_dim: int,
+                            index_elt_bytes: int, interleave: int = 1) -> str:
+    """The cost model (ints in, a scheme out): ``"key_gather"`` when it moves fewer bytes than ``"candidates"``
+    (``selection_bytes``), else ``"candidates"``. Always ``"candidates"`` for one rank (no exchange at all) and
+    below ``MIN_KEY_GATHER_QUERIES_PER_RANK`` queries per rank (decode, S = 1, short chunks: a few MiB either
+    way, and one collective beats two; at any real context the keys outweigh N·K·8 there anyway). E.g. N = 4, K = 2048,
+    Di = 128, bf16: a decode step (S = 1) -> candidates; a 4096-query chunk at total 32K ->
+    key_gather (64 MiB + 256 MiB vs 2 GiB for 8 sequences). Key gather wins while total / S < K·(8N-4) / (Di·elt)
+    (224 there)."""
+    if world == 1 or queries_per_seq < MIN_KEY_GATHER_QUERIES_PER_RANK * world:
+        return CANDIDATES
+    candidates, key_gather = selection_bytes(queries_per_seq, total, world, k, index_dim, index_elt_bytes, interleave)
+    return KEY_GATHER if key_gather < candidates else CANDIDATES
+
+
+def _static_int(x) -> int | None:
+    """``x`` when it is a plain Python int (a static size); None for a SymInt, a tensor or anything else. A plain
+    type test: it never adds a guard (deciding on a symbolic size would specialise the graph), and Dynamo traces
+    it without a graph break (reading a SymInt's sympy expression, as ``is_concrete_int`` does, would break)."""
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def selection_scheme(queries_per_seq, total, pages_per_seq, k: int, index_pool: Tensor, layout: DCPLayout) -> str:
+    """The scheme a DSA layer uses for this step: the forced one (``force_selection_scheme``) or the cost model's,
+    decided on static facts only, so a compiled graph neither guards nor recompiles on it.
+
+    ``queries_per_seq`` (S), ``total`` (past + S) and ``pages_per_seq`` (the block table's width) may be ints,
+    SymInts or (``total``) a tensor. A symbolic ``total`` (a compiled graph whose past length is dynamic) is
+    replaced by an upper bound that is static, every page of the block table: N · pages · P. The choice is then
+    the one that is right up to that bound, and if S or the bound is symbolic too, ``"candidates"`` (the
+    decode-safe scheme). Decode (S = 1, which Dynamo specialises) always gets ``"candidates"``."""
+    forced = forced_selection_scheme()
+    if forced is not None:
+        return forced
+    steps, total, pages = _static_int(queries_per_seq), _static_int(total), _static_int(pages_per_seq)
+    if total is None and pages is not None:
+        total = layout.world * pages * layout.page_size
+    if steps is None or total is None:
+        return CANDIDATES
+    return choose_selection_scheme(steps, total, layout.world, k, index_pool.shape[1], index_pool.element_size(),
+                                   layout.interleave)
+
+
+def query_share(steps: int, rank: int, world: int, device=None) -> Tensor:
+    """[⌈S/N⌉] the query indices (within each sequence) that ``rank`` scores in the key-gather scheme:
+    rank, rank + N, rank + 2N, ... Strided, so every rank gets the same number of queries of every sequence and
+    the same causal work (a contiguous split would give the last rank the longest rows). Entries >= S are
+    padding (S not divisible by N): their rows must allow nothing."""
+    return torch.arange(-(-steps // world), device=device) * world + rank
+
+
+def gather_keys_by_position(index_pool: Tensor, key_slots: Tensor, interleave: int, group_name: str | None,
+                            world: int) -> Tensor:
+    """Every rank's index-key rows, in global position order: [B, N·L, Di], row p = the key of position p.
+
+    key_slots [B, L] are this rank's physical rows of its local keys 0 .. L-1 (-1 past the sequence: those rows
+    are filler that causality never allows). One all-gather of [B, L, Di] (an exact copy, whatever the dtype),
+    then a reshape: local row l of rank r is position (l // I)·N·I + r·I + l % I, so the gathered
+    [r, b, l // I, l % I] is [b, l // I, r, l % I] in position order (a permutation, no gather)."""
+    batch, local = key_slots.shape
+    if local % interleave:
+        raise ValueError(f"key_slots width {local} is not a multiple of the interleave {interleave}: "
+                         "the local key range must be whole rounds of ownership (DCPLayout.local_bound)")
+    pool = index_pool if index_pool.shape[0] else index_pool.new_zeros(1, index_pool.shape[1])  # owns no row yet
+    mine = pool[key_slots.clamp(min=0).long()]  # [B, L, Di]
+    every = all_gather(mine.unsqueeze(0), 0, group_name, world)  # [N, B, L, Di]
+    width = mine.shape[-1]
+    return (every.view(world, batch, local // interleave, interleave, width).permute(1, 2, 0, 3, 4)
+            .reshape(batch, world * local, width))
+
+
+def owned_slots(positions: Tensor, seq_index: Tensor, block_table: Tensor, rank: int, world: int,
+                interleave: int, page_size: int) -> tuple[Tensor, Tensor]:
+    """The selected global positions of each query ([T, K], best first, -1 = none) -> the ones ``rank`` owns as
+    compacted physical slots [T, K] int32 (owned first, order kept, -1 after) and counts [T] int32: the
+    output of ``dcp::topk_select``. The page lookup indexes the flat block table, so no [T, pages] copy is made."""
+    layout = DCPLayout(world, interleave, page_size)
+    pos = positions.long()
+    owned = (pos >= 0) & (layout.owner(pos) == rank)
+    local = torch.where(owned, layout.local_index(pos), torch.zeros_like(pos))
+    pages = block_table.shape[1]
+    page = block_table.reshape(-1)[seq_index.long()[:, None] * pages + local // page_size].long()
+    slot = torch.where(owned, page * page_size + local % page_size, torch.full_like(pos, -1))
+    to_front = torch.argsort((~owned).to(torch.int8), dim=-1, stable=True)
+    return torch.gather(slot, -1, to_front).to(torch.int32), owned.sum(-1).to(torch.int32)
+
+
+def key_gather_topk(
+    index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor, block_table: Tensor,
+    k: int, scale: float, rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the whole DCP group by gathering the keys (docs/design.md §4.2): the same rows as
+    ``distributed_topk`` over the scores of every rank, in the same order.
+
+    index_q [B, S, Hi, Di], index_w [B, S, Hi] every query of the step (the same on every rank); key_slots
+    [B, L] this rank's local key rows; allowed [B, ⌈S/N⌉, N·L] bool: may query ``query_share(S, rank, N)[j]``
+    see global position p (causality and the mask; False on padding rows). -> this rank's compacted slots
+    [B·S, K] int32 and counts [B·S] int32, as ``dcp::topk_select`` returns them.
+
+    1. all-gather the index keys, in position order (``gather_keys_by_position``);
+    2. score this rank's share of the queries against every key with ``dcp::indexer_scores`` (the op, dtypes
+       and fp32 accumulation of the candidate scheme: each (query, key) pair is scored once over the group);
+    3. exact top-k per query, ties to the lower column = the lower position (the rule of ``topk_select``);
+    4. all-gather the selected positions (int32, -1 = none) and keep the ones this rank owns (``owned_slots``).
+    """
+    batch, steps = index_q.shape[:2]
+    share = query_share(steps, rank, world, index_q.device)
+    rows = share.clamp(max=steps - 1)  # padding rows score a real query; ``allowed`` masks them out
+    keys = gather_keys_by_position(index_pool, key_slots, interleave, group_name, world)  # [B, N·L, Di]
+    width = keys.shape[1]
+    key_rows = (torch.arange(batch, device=keys.device)[:, None] * width
+                + torch.arange(width, device=keys.device)[None, :]).to(torch.int32)  # [B, N·L]
+    scores = torch.ops.dcp.indexer_scores(
+        index_q.index_select(1, rows), index_w.index_select(1, rows), keys.reshape(batch * width, -1), key_rows,
+        allowed, scale,
+    )  # [B, ⌈S/N⌉, N·L]
+    # k extra -inf columns, as in distributed_topk: a fixed-width top-k however few keys the sequence has.
+    scores = F.pad(scores.reshape(batch * share.shape[0], width), (0, k), value=float("-inf"))
+    top_scores, top_idx = local_topk_sorted(scores, k)
+    positions = torch.where(top_scores > float("-inf"), top_idx, torch.full_like(top_idx, -1)).to(torch.int32)
+    every = all_gather(positions.view(1, batch, -1, k), 0, group_name, world)  # [N, B, ⌈S/N⌉, K]
+    # Query j·N + r of a sequence is rank r's share row j: [N, B, j, K] -> [B, j, N, K], then drop the padding.
+    positions = every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
+    seq_index = torch.arange(batch, device=positions.device).repeat_interleave(steps)
+    return owned_slots(positions, seq_index, block_table, rank, world, interleave, page_size)
 
 
 def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,

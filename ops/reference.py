@@ -45,17 +45,31 @@ def paged_write(pool, rows, slots) -> None:
 
 def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, query_block: int = 256):
     """DSA indexer: ``Σ_h w_h · relu(scale · q_h·k_l)`` in float32 (as the HF indexer does), ``-inf`` where
-    the key is not allowed for the query or does not exist (slot < 0)."""
+    the key is not allowed for the query or does not exist (slot < 0).
+
+    Every score is the same float32 function of its own (query, key) pair whatever else the call holds: the
+    dot and the head sum are elementwise float32 ops in a fixed order (d = 0, 1, ...; then h = 0, 1, ...), each
+    rounded once. A batched matmul would not do: on the CPU its rounding depends on the shapes (how many keys
+    share the call), and the two selection schemes of docs/design.md §4.2 score a pair in calls of different
+    shapes (this rank's keys for every query; every key for this rank's queries) and must agree to the bit."""
     if k_pool.shape[0] == 0:  # an empty pool (a rank that owns no token yet): every slot is -1
         k_pool = k_pool.new_zeros(1, k_pool.shape[1])
     keys = k_pool[key_slots.clamp(min=0).long()].float()  # [B, L, Di]
     valid = allowed & (key_slots >= 0)[:, None, :]
+    keys_by_dim = keys.permute(2, 0, 1)[:, :, None, None, :]  # [Di, B, 1, 1, L]
     blocks = []
     # Bound the [B, S, H, L] intermediate on long prefills.
     for start in range(0, q.shape[1], query_block):
-        qb = q[:, start : start + query_block].float()
-        dots = torch.relu(torch.einsum("bshd,bld->bshl", qb, keys) * scale)
-        blocks.append(torch.einsum("bsh,bshl->bsl", w[:, start : start + query_block].float(), dots))
+        qb = q[:, start : start + query_block].float().unsqueeze(-1)  # [B, s, H, Di, 1]
+        dots = qb[:, :, :, 0] * keys_by_dim[0]
+        for d in range(1, qb.shape[3]):
+            dots = dots + qb[:, :, :, d] * keys_by_dim[d]  # [B, s, H, L]
+        heads = torch.relu(dots * scale)
+        wb = w[:, start : start + query_block].float().unsqueeze(-1)  # [B, s, H, 1]
+        total = wb[:, :, 0] * heads[:, :, 0]
+        for h in range(1, heads.shape[2]):
+            total = total + wb[:, :, h] * heads[:, :, h]  # [B, s, L]
+        blocks.append(total)
     scores = torch.cat(blocks, dim=1) if blocks else q.new_empty(q.shape[0], 0, key_slots.shape[1], dtype=torch.float32)
     return scores.masked_fill(~valid, float("-inf"))
 

@@ -76,7 +76,9 @@ class IndexerTopK:
         batch, steps = index_q.shape[:2]
         # Two exact schemes, the same rows (§4.2): ship N·K candidates per query (decode), or gather the keys
         # and ship K positions per query (prefill chunks). Chosen on static sizes only: no guard, no recompile.
-        if selection_scheme(steps, at.total, state.block_table.shape[1], c.topk, state.index_pool, layout) == KEY_GATHER:
+        # The step's key width bounds the sequence: N·L >= past + S (exact-width prefill: L = local_bound(total)).
+        bound = layout.world * at.key_slots.shape[1]
+        if selection_scheme(steps, bound, state.block_table.shape[1], c.topk, state.index_pool, layout) == KEY_GATHER:
             return self._select_by_key_gather(mask, state, at, index_q, index_w)
         allowed = allowed_keys(mask, at.keys, at.new, batch)
         scores = torch.ops.dcp.indexer_scores(index_q, index_w, state.index_pool, at.key_slots, allowed, c.index_scale)

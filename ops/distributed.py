@@ -291,9 +291,8 @@ def key_gather_topk(
         index_q.index_select(1, rows), index_w.index_select(1, rows), keys.reshape(batch * width, -1), key_rows,
         allowed, scale,
     )  # [B, ⌈S/N⌉, N·L]
-    # k extra -inf columns, as in distributed_topk: a fixed-width top-k however few keys the sequence has.
-    scores = F.pad(scores.reshape(batch * share.shape[0], width), (0, k), value=float("-inf"))
-    top_scores, top_idx = local_topk_sorted(scores, k)
+    # dcp::local_topk pads k -inf columns, as in distributed_topk: fixed-width k however few keys there are.
+    top_scores, top_idx = torch.ops.dcp.local_topk(scores.reshape(batch * share.shape[0], width), k)
     positions = torch.where(top_scores > float("-inf"), top_idx, torch.full_like(top_idx, -1)).to(torch.int32)
     every = all_gather(positions.view(1, batch, -1, k), 0, group_name, world)  # [N, B, ⌈S/N⌉, K]
     # Query j·N + r of a sequence is rank r's share row j: [N, B, j, K] -> [B, j, N, K], then drop the padding.

@@ -201,8 +201,8 @@ def _op_level_rank(rank, world):
         pool, block_table = _sharded_pool(x["keys"], layout, rank, seed=len(name))
         config = AttentionConfig(heads=1, nope_dim=1, rope_dim=1, latent_dim=1, v_dim=1, topk=k, attn_scale=1.0,
                                  index_scale=SCALE, layout=layout, rank=rank, group_name=group)
-        state = LayerCacheState(torch.empty(0, 2), pool, block_table, past)
         at = StepPositions.of(layout, rank, block_table, past, steps, batch)
+        state = LayerCacheState(torch.empty(0, 2), pool, block_table, at.new, at.keys, at.key_slots)
         selected = {}
         for scheme in (CANDIDATES, KEY_GATHER):
             force_selection_scheme(scheme)

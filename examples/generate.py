@@ -4,6 +4,7 @@
     python examples/generate.py --nproc 4 --dtype bfloat16            # 4 CPU ranks, bfloat16
     torchrun --nproc-per-node 2 examples/generate.py                  # torchrun starts the ranks
     torchrun --nproc-per-node 2 examples/generate.py --compile        # with torch.compile(inductor)
+    torchrun --nproc-per-node 2 examples/generate.py --cudagraphs     # decode steps replayed as CUDA graphs
     torchrun --nproc-per-node 2 examples/generate.py --model PATH     # a model saved with save_pretrained
 
 Started without torchrun (no RANK / WORLD_SIZE in the environment) it spawns ``--nproc`` CPU processes joined
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--compile", action="store_true", help="torch.compile(model.forward, backend='inductor')")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="dcp_compile.compile_decode(model): decode steps compiled once (static shapes) and replayed "
+                        "as CUDA graphs (mode='reduce-overhead'; on CPU, compiled without graphs)")
     return p.parse_args(argv)
 
 
@@ -94,7 +98,9 @@ def demo(rank: int, world: int, args, device: torch.device) -> tuple[list[str], 
     del reference
 
     dcp_compile.apply(model, mesh, dcp_size=args.dcp_size, page_size=args.page_size, interleave=args.interleave)
-    if args.compile:
+    if args.cudagraphs:
+        dcp_compile.compile_decode(model, mode="reduce-overhead" if model.dcp.device.type == "cuda" else None)
+    elif args.compile:
         model.forward = torch.compile(model.forward, backend="inductor")
     got = model.generate(ids, **gen)
 
@@ -115,7 +121,7 @@ def demo(rank: int, world: int, args, device: torch.device) -> tuple[list[str], 
     if rank != 0:
         return [], ok
     lines = [f"world {world}, dcp_size {model.dcp.dcp_size}, device {device.type}, dtype {args.dtype}, "
-             f"page {args.page_size}, interleave {args.interleave}, compile {args.compile}"]
+             f"page {args.page_size}, interleave {args.interleave}, compile {'cudagraphs' if args.cudagraphs else args.compile}"]
     for row, length in enumerate(args.prompt_lengths):
         lines.append(f"prompt {row} ({length} tokens) -> {got.sequences[row, new].tolist()}")
     lines.append(agree_line)

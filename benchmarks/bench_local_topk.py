@@ -21,8 +21,11 @@ import torch.nn.functional as F
 
 from dcp_compile.ops import reference
 from dcp_compile.ops.distributed import local_topk_sorted
-from dcp_compile.ops.triton.local_topk import local_topk as local_topk_kernel
-from dcp_compile.ops.triton.topk_select import topk_select as topk_select_kernel
+
+# Through the ops, as the model calls them: in eager a triton op launches its kernels directly, where a direct
+# call of a host wrapper (ops/triton/*.py) goes through torch's traceable-launch dispatch (~0.1 ms a launch).
+local_topk_kernel = torch.ops.dcp.local_topk
+topk_select_kernel = torch.ops.dcp.topk_select
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet peaks; the first name in the device name wins
 

@@ -178,10 +178,12 @@ class ShardedPagedCache(Cache):
     def _set_batch(self, batch_size: int) -> None:
         self.num_sequences = batch_size
         self._pages: list[list[int]] = [[] for _ in range(batch_size)]
-        self.block_table = torch.full(
-            (batch_size, max(1, self.allocator.num_pages)), -1, dtype=torch.int32, device=self.device
-        )
-        _static_address(self.block_table)
+        shape = (batch_size, max(1, self.allocator.num_pages))
+        if getattr(self, "block_table", None) is not None and self.block_table.shape == shape:
+            self.block_table.fill_(-1)  # the same address: a recorded CUDA graph replays instead of re-recording
+        else:
+            self.block_table = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+            _static_address(self.block_table)
 
     def start_request(self, batch_size: int, num_tokens: int) -> None:
         """Free everything, then reserve ``num_tokens`` positions for each of ``batch_size`` sequences.

@@ -174,6 +174,11 @@ class DecodeStep(torch.nn.Module):
         dcp.paged_write(self.latent_pool, latent_new, write_slots)
         dcp.paged_write(self.index_pool, index_new, write_slots)
         scores = dcp.indexer_scores(iq, iw, self.index_pool, key_slots, allowed, 128 ** -0.5)
+        # As in the model: the candidates are the step's own tensors (gathered from the local top-k), not graph
+        # inputs. Triton's mutation analysis reports topk_select's arguments as written (H200, triton 3.6), so
+        # a graph input there would be a mutated input and skip the CUDA graph; the model's block table is a
+        # static address (allowed), its candidates intermediates. (A precise analysis is an open item.)
+        cand_scores, cand_pos, seq_index = cand_scores + 0, cand_pos + 0, seq_index + 0
         top_slots, top_counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 2048, 0, 2, 1, 64)
         out, lse = dcp.sparse_mla_attn(q, self.latent_pool, slots, counts, 576 ** -0.5, 512)
         merged = dcp.lse_combine(out, lse, torch.stack([lse, lse_all]))
@@ -221,6 +226,7 @@ def test_decode_step_compiles_to_triton_launches_cuda():
     with torch.no_grad():
         for replay in range(3):
             args = decode_inputs(seed=replay)
+            torch._dynamo.mark_static_address(args[-2])  # the block table: a static address in the model's cache
             want = eager(*args)
             if replay == 0:
                 got, codes = run_and_get_code(step_fn, *args)

@@ -92,7 +92,9 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     q, k_pool = common.unit_stride(q), common.unit_stride(k_pool)
     w = common.unit_stride(w.to(torch.float32))
     key_slots = common.int32_rows(key_slots)
-    allowed_u8 = common.unit_stride(allowed.to(torch.bool)).view(torch.uint8)
+    # A conversion, not a bool->uint8 bit view: Inductor cannot lower a view of a bool tensor as another dtype
+    # (torch 2.11), and under compile the conversion fuses into the kernel that computes ``allowed``.
+    allowed_u8 = common.unit_stride(allowed.to(torch.uint8))
 
     cast_f32 = q.dtype != k_pool.dtype
     BLOCK_HI = max(16, triton.next_power_of_2(Hi))

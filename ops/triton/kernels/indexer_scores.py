@@ -27,6 +27,9 @@ def indexer_scores_kernel(
     DOT_PRECISION: tl.constexpr,       # "ieee" for fp32 operands, else None (Triton's default)
     TUNE_BUCKET: tl.constexpr,         # autotune key only (the host wrapper's decode / prefill bucket)
 ):
+    # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64,
+    # which would widen the scores to fp64)
+    scale32 = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     n_lb = tl.cdiv(L, BLOCK_L)
     lb = pid % n_lb
@@ -60,7 +63,7 @@ def indexer_scores_kernel(
             q = q.to(tl.float32)
             k = k.to(tl.float32)
         sc = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        sc = tl.maximum(sc * scale, 0.0)
+        sc = tl.maximum(sc * scale32, 0.0)
         w = tl.load(W + b * stride_wb + offs_s[:, None] * stride_ws + offs_h[None, :],
                     mask=mask_s[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
         sc = sc * tl.reshape(w, (BLOCK_S * BLOCK_HI,))[:, None]

@@ -30,6 +30,9 @@ def sparse_mla_fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,   # "ieee" for fp32 operands, else None (Triton's default)
 ):
+    # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64,
+    # which would widen the softmax state to fp64)
+    qk_scale32 = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     # program order: head block fastest, then row split, then query
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -71,7 +74,7 @@ def sparse_mla_fwd_kernel(
             kr = tl.load(row_ptr[:, None] + V_DIM + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
                          other=0.0)
             s = tl.dot(q_r, tl.trans(kr), acc=s, input_precision=DOT_PRECISION)
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        s = tl.where(mask_n[None, :], s * qk_scale32, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])

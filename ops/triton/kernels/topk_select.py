@@ -49,16 +49,16 @@ def topk_select_kernel(
     done = (in_bin == rem).to(tl.int32)
 
     for level in tl.static_range(1, 8):
-        SHIFT: tl.constexpr = 56 - 8 * level
+        shift = 56 - 8 * level  # a constexpr (level is): one unrolled copy per level
         if done == 0:
             hist = tl.zeros([RADIX], tl.int32)
             for start in range(0, C, BLOCK):
                 key, _, live = _candidate_keys(scores_row, pos_row, start + tl.arange(0, BLOCK), C)
-                match = live & ((key >> (SHIFT + 8)) == prefix)
-                hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), RADIX, mask=match)
+                match = live & ((key >> (shift + 8)) == prefix)
+                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), RADIX, mask=match)
             d, rem, in_bin = pick_bin(hist, rem)
             prefix = (prefix << 8) | d.to(tl.uint64)
-            stop_shift = tl.full([], SHIFT, tl.uint64)
+            stop_shift = tl.full([], shift, tl.uint64)
             done = (in_bin == rem).to(tl.int32)
 
     # selected: live, and the key's bits above stop_shift at or above the prefix (the prefix's bin is

@@ -113,7 +113,8 @@ def check_head_shards(module: nn.Module, match: MLASparseAttentionMatch, mesh) -
         missing = [w for w in plan if w not in sharded]
         raise UnsupportedModelError(
             f"layer {layer}: Hugging Face tensor parallelism shards {', '.join(adopted)} by head but not "
-            f"{', '.join(missing)}: the heads of all three must be sharded alike (HF's plan 'auto' does), or none"
+            f"{', '.join(missing)}: the heads of all {len(plan)} head-sharded weights ({', '.join(plan)}) must be "
+            f"sharded alike (HF's plan 'auto' does), or none"
         )
 
 

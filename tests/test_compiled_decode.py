@@ -69,3 +69,26 @@ def test_decode_compiles_once_per_batch_and_bucket_with_static_shapes_and_matche
 def test_compile_decode_needs_apply():
     with pytest.raises(TypeError, match="dcp_compile.apply"):
         dcp_compile.compile_decode(torch.nn.Linear(2, 2))
+
+
+def long_decode_run(rank, world, steps):
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
+    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
+    graphs: list = []
+    dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    counters.clear()
+    out = model.generate(prompt(19), max_new_tokens=steps + 1, do_sample=False)
+    return out, counters["stats"]["unique_graphs"], graphs, dict(counters["recompiles"])
+
+
+def test_512_decode_steps_one_static_graph():
+    """The issue's bar: no recompilation across 512 decode steps of growing length (2 ranks)."""
+    results = run_ranks(long_decode_run, 2, 512)
+    (tokens0, *_), (tokens1, *_) = results
+    assert tokens0.shape[1] == 19 + 513 and torch.equal(tokens0, tokens1)
+    for rank, (_, unique, graphs, recompiles) in enumerate(results):
+        assert unique == 1 and graphs == [[]], f"rank {rank}: {unique} graphs, symbolic inputs {graphs}"
+        assert not recompiles, f"rank {rank}: recompiles {recompiles}"

@@ -132,6 +132,9 @@ def demo(rank: int, world: int, args, device: torch.device) -> tuple[list[str], 
     lines.append(f"single-device HF cache: {single_device_bytes} bytes")
     for r, (b, _) in enumerate(per_rank):
         lines.append(f"rank {r} DCP cache: {b} bytes ({b / single_device_bytes:.3f} of single-device)")
+    if args.cudagraphs:  # compile_decode sizes per-request pools by capacity bucket (>= 256 positions)
+        lines.append("(--cudagraphs: pools sized by capacity bucket, at least 256 positions: large next to these "
+                     "tiny prompts)")
     return lines, ok
 
 

@@ -213,8 +213,8 @@ def apply(model: nn.Module, mesh=None, dcp_size: int | None = None, page_size: i
                              f"the mesh size {tp_size}")
         for layer in group.layers:  # HF tensor parallelism's head shards, if any, are the ones apply would cut
             check_head_shards(layer.module, replace(group.match, layer=layer.name), mesh)
-            check_fp8_layer(layer.module, replace(group.match, layer=layer.name), head_shard_plan(group.match), tp_size,
-                            layer.wrapped)  # FP8 linears: whole scale blocks per rank, no HF TP shards of them
+            check_fp8_layer(layer.module, replace(group.match, layer=layer.name), head_shard_plan(group.match),
+                            tp_size)  # FP8 linears: whole scale blocks per rank, HF's scale shards those of its weights
     fingerprint = weight_fingerprint(model)  # before apply shards heads: replicated weights are whole everywhere
     progress("fingerprint", "fingerprinted the weights")
 

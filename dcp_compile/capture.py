@@ -398,7 +398,8 @@ def _own_forwards(module: nn.Module, names: tuple[str, ...]):
     try:
         for name in names:
             sub = module.get_submodule(name)
-            saved.append((sub, sub.__dict__.pop("forward")))
+            if "forward" in vars(sub):  # not when apply replaced the module since (fp8: kv_b_proj dequantized)
+                saved.append((sub, sub.__dict__.pop("forward")))
         yield
     finally:
         for sub, forward in saved:

@@ -25,9 +25,25 @@ Its forward is ``fp8_linear`` (DeepGEMM or HF's Triton kernel on CUDA: the activ
   With whole blocks, the row-parallel ``o_proj`` also quantizes its activations in the same 1 × bk blocks as the
   unsharded one, so the all-reduced partial products are the unsharded product up to summation order.
 
+* **Hugging Face tensor parallelism** (``from_pretrained(..., tp_plan="auto")`` on the FP8 checkpoint, FP8Linear
+  kept). HF's FP8 quantizer gives each ``weight_scale_inv`` its linear's style, so ``q_b_proj`` / ``kv_b_proj``
+  hold ``Shard(0)`` DTensors of weight and scales, ``o_proj`` ``Shard(1)`` of both (torch's even chunks, rank
+  ``t`` holding chunk ``t``). ``apply`` adopts them as it adopts bf16 head shards (``shard.check_head_shards``,
+  ``shard.shard_heads``): each rank keeps its local weight and its local scales, which describe the same rows /
+  columns only when each rank's share of the weight is whole blocks — ``check_fp8_shards`` checks that for every
+  HF-sharded FP8 linear from the global shapes before the first forward (the same verdict on every rank), naming
+  the numbers otherwise.
+  ``kv_b_proj``'s local shard is dequantized with its local scales (``dequantize_kv_expansion``; it stays a
+  ``Shard(0)`` DTensor until ``shard_heads`` adopts it); ``o_proj``'s rowwise reduction is apply's all-reduce, as
+  for bf16. HF's forward wrappers (those of the sharded linears, and ``kv_a_proj_with_mqa``'s, which only adds a
+  backward all-reduce) are bypassed by the trace and not run by the installed graph.
+* **Partial edge blocks** (the release's ``kv_a_proj_with_mqa``: 576 rows, scale grid [5, 56]): ``FP8Linear`` holds a
+  ceil-sized scale grid and HF's kernels, ``dequantize`` and ``dequantizing_fp8_linear`` read it; only transformers'
+  dequantizing *load* (``FineGrainedFP8Config(dequantize=True)``, which derives the block from the grid) rejects it.
+  Load the checkpoint with its FP8 linears kept (no ``dequantize=True``).
+
 Not supported (``UnsupportedModelError`` from ``check_fp8_layer``): FP8 modules in an attention layer other than
-``FP8Linear`` (e.g. ``FP8GroupedLinear``), and FP8 attention linears sharded or wrapped by HF tensor
-parallelism (load the attention replicated: not yet adopted for FP8).
+``FP8Linear`` (e.g. ``FP8GroupedLinear``), and head shards (apply's or HF's) that do not cover whole scale blocks.
 """
 from __future__ import annotations
 
@@ -174,21 +190,55 @@ def dequantize_kv_expansion(module: nn.Module, match) -> bool:
     name, linear = _owner(module, graph_input(source(kv.weight)).what)
     dtype = match.latent_cache.latent_all.meta["val"].dtype
     plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    weight = dequantize(linear.weight.detach(), linear.weight_scale_inv.detach(), linear.block_size, dtype)
+    weight, scales = linear.weight.detach(), linear.weight_scale_inv.detach()
+    if _hf_sharded(weight):
+        # HF tensor parallelism's shard of this rank: its local rows with its local scales (check_fp8_layer: the
+        # same rows, whole blocks), kept a DTensor of the same placement so shard_heads adopts it as any HF shard.
+        from torch.distributed.tensor import DTensor
+
+        local = dequantize(weight.to_local(), scales.to_local(), linear.block_size, dtype)
+        weight = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                    shape=weight.shape, stride=weight.stride())
+    else:
+        weight = dequantize(_whole(weight), _whole(scales), linear.block_size, dtype)
     plain.weight = nn.Parameter(weight, requires_grad=False)
     if linear.bias is not None:
-        plain.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        bias = linear.bias.detach()
+        plain.bias = nn.Parameter(bias.to(dtype), requires_grad=False)  # a DTensor stays one (shard_heads adopts it)
     module.set_submodule(name, plain)
     return True
 
 
-# --- what apply checks before any collective -------------------------------------------------------------------------
-def check_fp8_layer(module: nn.Module, match, plan, tp_size: int, wrapped: tuple[str, ...] = ()) -> None:
-    """Raise ``UnsupportedModelError`` (naming the layer, module and numbers) for FP8 in an attention layer that
-    ``apply`` cannot run: an FP8 module other than ``FP8Linear``, an FP8 linear that HF tensor parallelism wraps
-    or shards, or a head-sharded FP8 linear whose per-rank rows (colwise) / columns (rowwise) are not whole
-    blocks. ``plan``: ``shard.head_shard_plan(match)``."""
+def _hf_sharded(t) -> bool:
+    """A DTensor that HF tensor parallelism shards (not replicated)."""
     from .hf_parallel import is_dtensor
+
+    return is_dtensor(t) and not all(p.is_replicate() for p in t.placements)
+
+
+def _whole(t):
+    """A plain tensor, or the local (whole) copy of a replicated DTensor."""
+    from .hf_parallel import is_dtensor
+
+    return t.to_local() if is_dtensor(t) else t
+
+
+def block_scales_name(module: nn.Module, weight_name: str) -> str | None:
+    """The qualified name of the block scales (``weight_scale_inv``, 2-D) of the FP8 linear owning ``weight_name``
+    in ``module``, or None (not an FP8 linear, or per-tensor scales)."""
+    owner, sub = _owner(module, weight_name)
+    if not is_fp8_linear(sub) or sub.block_size is None or sub.weight_scale_inv.dim() != 2:
+        return None
+    return f"{owner}.weight_scale_inv" if owner else "weight_scale_inv"
+
+
+# --- what apply checks before any collective -------------------------------------------------------------------------
+def check_fp8_layer(module: nn.Module, match, plan, tp_size: int) -> None:
+    """Raise ``UnsupportedModelError`` (naming the layer, module and numbers) for FP8 in an attention layer that
+    ``apply`` cannot run: an FP8 module other than ``FP8Linear``, or a head-sharded FP8 linear whose per-rank rows
+    (colwise) / columns (rowwise) are not whole blocks. ``plan``: ``shard.head_shard_plan(match)``. Shards that
+    Hugging Face tensor parallelism made were checked already: their scales against their weights before the
+    probe (``check_fp8_shards``), their placements by head (``shard.check_head_shards``)."""
     from .support import UnsupportedModelError
 
     layer = match.layer
@@ -200,44 +250,100 @@ def check_fp8_layer(module: nn.Module, match, plan, tp_size: int, wrapped: tuple
             raise UnsupportedModelError(
                 f"layer {layer}: `{name}` is a {type(sub).__name__} holding {sub.weight.dtype} weights; dcp_compile runs "
                 f"quantized attention weights only as transformers' FP8Linear with float8 weights (block-FP8 linears)")
-        if name in wrapped or any(is_dtensor(p) for p in sub.parameters(recurse=False)):
-            raise UnsupportedModelError(
-                f"layer {layer}: the FP8 linear `{name}` is sharded by Hugging Face tensor parallelism; dcp_compile does "
-                f"not adopt HF's shards of FP8 attention weights yet: load the model whole on every rank (apply shards "
-                f"the heads and their block scales itself)")
     if tp_size <= 1:
         return
     from .contract import graph_input
     from .match import source
 
-    heads, expansion = match.heads, graph_input(source(match.kv_expansion.weight)).what  # kv_b: dequantized whole
+    heads, expansion = match.heads, graph_input(source(match.kv_expansion.weight)).what
     for linear in plan:
         owner, sub = _owner(module, linear.weight)
-        if linear.weight == expansion or not is_fp8_linear(sub) or sub.block_size is None or linear.per_head == 1:
+        if not is_fp8_linear(sub) or sub.block_size is None or linear.per_head == 1:
             continue
+        hf_shards = _hf_sharded(sub.weight) or _hf_sharded(sub.weight_scale_inv)
+        if linear.weight == expansion and not hf_shards:
+            continue  # kv_b_proj held whole: dequantized whole, then cut like any plain weight
         block = sub.block_size[linear.dim]
         width = heads // tp_size * linear.per_head
-        if width % block:
-            what = "rows" if linear.dim == 0 else "columns"
+        what = "rows" if linear.dim == 0 else "columns"
+        blocks = f"{sub.block_size[0]} x {sub.block_size[1]} scale blocks"
+        if width % block:  # (HF's shards of such a split were rejected before the probe: check_fp8_shards)
             raise UnsupportedModelError(
-                f"layer {layer}: `{owner}` is an FP8 linear with {sub.block_size[0]} x {sub.block_size[1]} scale blocks, "
-                f"sharded {linear.style} by head over {tp_size} ranks: each rank's {heads // tp_size} heads x "
-                f"{linear.per_head} {what} = {width} {what} are not a multiple of the block's {block}, so the block "
-                f"scales cannot be split with them; use a tensor-parallel size for which "
-                f"heads/TP x {linear.per_head} is a multiple of {block}")
+                f"layer {layer}: `{owner}` is an FP8 linear with {blocks}, sharded {linear.style} by head over "
+                f"{tp_size} ranks: each rank's {heads // tp_size} heads x {linear.per_head} {what} = {width} "
+                f"{what} are not a multiple of the block's {block}, so the block scales cannot be split with them; use "
+                f"a tensor-parallel size for which heads/TP x {linear.per_head} is a multiple of {block}")
+
+
+def check_fp8_shards(model: nn.Module) -> None:
+    """Before any forward (``support.check_model``): every ``FP8Linear`` whose weight Hugging Face tensor
+    parallelism sharded holds, on every rank, the block scales of exactly its rows / columns — else HF's own
+    forward (the probe's) would scale them with another block's scales. Computed from the global shapes and
+    torch's chunking (``ceil(size / ranks)`` per rank), so every rank raises the same ``UnsupportedModelError``."""
+    from .support import UnsupportedModelError
+
+    for name, sub in hf_fp8_modules(model):
+        if not is_fp8_linear(sub) or not (_hf_sharded(sub.weight) or _hf_sharded(sub.weight_scale_inv)):
+            continue
+        weight, scales = sub.weight, sub.weight_scale_inv
+        dims = _shard_dims(weight)
+        if (sub.block_size is None or scales.dim() != 2 or len(dims) != 1 or dims != _shard_dims(scales)
+                or weight.device_mesh != getattr(scales, "device_mesh", None)):
+            raise UnsupportedModelError(
+                f"`{name}` is an FP8 linear whose weight ({_placement(weight)}, shape {tuple(weight.shape)}) and block "
+                f"scales ({_placement(scales)}, shape {tuple(scales.shape)}) Hugging Face tensor parallelism split "
+                f"differently; dcp_compile takes an FP8 linear sharded as one dim of weight and scales alike over one "
+                f"mesh (HF's plan 'auto' does), or replicated")
+        dim, ranks = dims[0], weight.device_mesh.size()
+        if dim is None:
+            continue
+        size, grid, block = weight.shape[dim], scales.shape[dim], sub.block_size[dim]
+        rows, blocks = -(-size // ranks), -(-grid // ranks)  # torch's chunks: the last ranks may hold fewer
+        for rank in range(ranks):
+            lo, hi = min(rank * rows, size), min((rank + 1) * rows, size)
+            mine = (min(rank * blocks, grid), min((rank + 1) * blocks, grid))
+            if hi > lo and mine != (lo // block, -(-hi // block)) or hi == lo and mine[1] > mine[0]:
+                what = "rows" if dim == 0 else "columns"
+                raise UnsupportedModelError(
+                    f"`{name}` is an FP8 linear with {sub.block_size[0]} x {sub.block_size[1]} scale blocks that Hugging "
+                    f"Face tensor parallelism splits over {ranks} ranks into {rows} {what} per rank ({size} in all): "
+                    f"rank {rank} holds {what} [{lo}, {hi}) but scale blocks [{mine[0]}, {mine[1]}) of {grid}, not "
+                    f"those of its {what} ([{lo // block}, {-(-hi // block)})), so its FP8 weights would be scaled "
+                    f"wrongly; use a tensor-parallel size that splits {size} {what} into whole blocks of {block}, or "
+                    f"keep this module replicated (DistributedConfig(tp_plan={{...: 'replicate'}}))")
+
+
+def _shard_dims(t) -> list[int | None]:
+    """Per mesh dim of a DTensor: the tensor dim it shards, or None ([None] for a plain tensor)."""
+    from .hf_parallel import is_dtensor
+
+    if not is_dtensor(t):
+        return [None]
+    return [p.dim % t.ndim if p.is_shard() else None for p in t.placements]
+
+
+def _placement(t) -> str:
+    from .hf_parallel import is_dtensor
+
+    return ", ".join(map(repr, t.placements)) if is_dtensor(t) else "a plain tensor"
 
 
 def shard_fp8_scales(module: nn.Module, weight_name: str, dim: int, lo: int, hi: int) -> None:
     """After ``shard.shard_heads`` kept rows (dim 0) or columns (dim 1) ``[lo, hi)`` of an FP8 linear's weight:
-    keep the block scales of those rows / columns and set the linear's features to its new shape. Per-tensor
-    scales (no blocks) stay whole. ``check_fp8_layer`` made sure ``lo`` and ``hi`` are block boundaries."""
+    keep the block scales of those rows / columns and set the linear's features to its new shape. Scales that HF
+    tensor parallelism sharded are those already (this rank's local shard, adopted); per-tensor scales (no blocks)
+    stay whole. ``check_fp8_layer`` made sure ``lo`` and ``hi`` are block boundaries, and HF's local scales the
+    blocks of its local weight."""
     _, sub = _owner(module, weight_name)
     if not is_fp8_linear(sub):
         return
-    if sub.block_size is not None and sub.weight_scale_inv.dim() == 2:
+    scales = sub.weight_scale_inv.detach()
+    if _hf_sharded(scales):
+        sub.weight_scale_inv = nn.Parameter(scales.to_local(), requires_grad=False)
+    elif sub.block_size is not None and scales.dim() == 2:
         block = sub.block_size[dim]
         keep = slice(lo // block, -(-hi // block))
-        scales = sub.weight_scale_inv.detach()
+        scales = _whole(scales)
         sub.weight_scale_inv = nn.Parameter((scales[keep] if dim == 0 else scales[:, keep]).contiguous().clone(),
                                             requires_grad=False)
     sub.out_features, sub.in_features = sub.weight.shape

@@ -8,8 +8,10 @@ linear (a block-FP8 checkpoint) keeps the block scales of its kept rows / column
 
 A model loaded with Hugging Face tensor parallelism (``from_pretrained(distributed_config=...)``) may hold these
 linears as DTensor shards already: HF's DeepSeek plan shards them exactly so (``colwise`` = ``Shard(0)``,
-``rowwise`` = ``Shard(1)``, rank ``t`` holding block ``t``). ``check_head_shards`` verifies that a layer's
-DTensors are that and nothing else, and ``shard_heads`` then adopts HF's local shards instead of slicing.
+``rowwise`` = ``Shard(1)``, rank ``t`` holding block ``t``), and an FP8 linear's block scales
+(``weight_scale_inv``) alike. ``check_head_shards`` verifies that a layer's DTensors are that and nothing else,
+and ``shard_heads`` then adopts HF's local shards instead of slicing (whether an FP8 linear's local scales are
+the blocks of its local weight: ``fp8.check_fp8_shards``, before the probe).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Literal
 from torch import nn
 
 from .contract import graph_input
-from .fp8 import shard_fp8_scales
+from .fp8 import block_scales_name, shard_fp8_scales
 from .hf_parallel import is_dtensor
 from .match import MatchError, MLASparseAttentionMatch, source
 from .support import UnsupportedModelError
@@ -77,11 +79,15 @@ def check_head_shards(module: nn.Module, match: MLASparseAttentionMatch, mesh) -
     if not dtensors:
         return
     layer = match.layer
-    expected = {}
+    expected, scales = {}, set()
     for linear in head_shard_plan(match):
         expected[linear.weight] = linear
         if linear.bias is not None:
             expected[linear.bias] = linear
+        scale = block_scales_name(module, linear.weight)  # an FP8 linear's block scales: split with its weight
+        if scale is not None:
+            expected[scale] = linear
+            scales.add(scale)
     sharded = {n: p for n, p in dtensors.items() if not _replicated(p)}
     ranks = mesh.mesh.flatten().tolist()
     for name, param in sharded.items():
@@ -93,13 +99,15 @@ def check_head_shards(module: nn.Module, match: MLASparseAttentionMatch, mesh) -
                 f"sharding of the attention heads only ({', '.join(sorted(expected))}): load the model with this "
                 f"module replicated (DistributedConfig(tp_plan={{...: 'replicate'}}))"
             )
-        dim = linear.dim if name == linear.weight else 0
+        dim = linear.dim if name == linear.weight or name in scales else 0
         if param.device_mesh.mesh.flatten().tolist() != ranks or _shard_dims(param) != [dim]:
             raise UnsupportedModelError(
                 f"layer {layer}: {name} is a DTensor ({placement}) over the ranks {param.device_mesh.mesh.flatten().tolist()}; "
                 f"dcp_compile adopts it only as Shard(dim={dim}) over the mesh apply runs on (ranks {ranks}): give apply "
                 f"the tensor-parallel mesh the model was loaded over (apply(model) takes it from the model)"
             )
+        if name in scales:
+            continue  # blocks, not heads: fp8.check_fp8_shards checked them against the weight
         total, local = param.shape[dim], param.to_local().shape[dim]
         if total % (len(ranks) * linear.per_head) or local * len(ranks) != total:
             raise UnsupportedModelError(

@@ -5,7 +5,8 @@ each is a deterministic function of the model and its weights, every rank raises
 
 * ``check_model(model)``, first thing, before any forward pass (the forward of a sharded model runs
   collectives): DTensor parameters that transformers' tensor/expert parallelism did not place, or a model
-  loaded with FSDP or pipeline stages. A model loaded with HF tensor (and expert) parallelism is accepted; its
+  loaded with FSDP or pipeline stages, or FP8 linears whose block scales HF split unlike their weights
+  (``fp8.check_fp8_shards``). A model loaded with HF tensor (and expert) parallelism is accepted; its
   attention layers are checked once matched (``shard.check_head_shards``).
 * ``check_layers(model, layers)``, after the probe found the layers that call ``cache.update``: one more
   probe step runs with a cache that records every other use of the cache. An attention layer may use the
@@ -55,6 +56,10 @@ def check_model(model: nn.Module) -> None:
             f"DistributedConfig(tp_plan='auto')) (apply then adopts HF's head shards); apply it before sharding the "
             f"model otherwise"
         )
+    if sharded:
+        from .fp8 import check_fp8_shards
+
+        check_fp8_shards(model)  # HF's FP8 shards: each rank's scales are those of its weight's blocks
 
 
 # --- what each module does with the cache, seen by one more probe step ------------------------------------------------

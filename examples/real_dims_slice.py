@@ -29,8 +29,10 @@ What it does (progress lines on rank 0, a table at the end, ``--out``/results.js
 2. **Load like a user.** ``dcp_compile.from_pretrained(dir, ep_size=N if --ep, dcp_size=...)``: HF tensor
    parallelism over all ranks (``tp_plan="auto"``, routed experts by expert with ``--ep``), then ``apply``. Twice,
    each a fresh load: DCP over the N ranks (``dcp_size=N``) and plain TP (``dcp_size=1``, the cache replicated).
-   FP8: loaded dequantized (``FineGrainedFP8Config(dequantize=True)``), as the README's recipe does: dcp_compile
-   does not yet adopt HF's tensor-parallel shards of FP8 attention weights.
+   FP8: loaded dequantized (``FineGrainedFP8Config(dequantize=True)``; ``kv_a_proj_with_mqa`` is saved in bf16
+   because that load rejects its partial edge block). ``apply`` also adopts HF's tensor-parallel shards of FP8
+   linears kept as FP8 (``tests/test_fp8_tp.py``, the README's recipe), but running them needs HF's FP8 kernels,
+   which transformers fetches from the Hub (the ``kernels`` package): not available offline, so not used here.
 3. **Generate.** Random prompt ids, ``--batch`` x ``--context`` tokens (default 1 x 32768), greedy
    ``model.generate`` for ``--new-tokens`` (default 8) into a cache made with ``model.dcp.new_cache``. DCP against
    TP: how many leading greedy tokens agree per sequence, and the first step's logits relative L2 error (must be

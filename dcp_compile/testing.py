@@ -270,3 +270,37 @@ def hf_cache_bytes(cache) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
+
+
+def write_block_fp8(path, block, quantize_key, modules_to_not_convert, device=None) -> list[str]:
+    """Rewrite the safetensors files that ``save_pretrained`` wrote to ``path`` as a block-FP8 checkpoint in the
+    format of DeepSeek's release: every weight whose key ``quantize_key(key, tensor)`` accepts becomes
+    float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block`` block (``dcp_compile.fp8.quantize``; edge
+    blocks may be partial), and config.json gets the ``quantization_config`` transformers reads (quant_method
+    "fp8", ``weight_block_size``, ``modules_to_not_convert``). ``device``: where to quantize (e.g. "cuda" for large
+    weights). Returns the quantized keys."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .fp8 import quantize
+
+    done = []
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        out = {}
+        for key, value in load_file(os.path.join(path, file)).items():
+            if quantize_key(key, value):
+                weight, scale = quantize(value if device is None else value.to(device), tuple(block))
+                out[key], out[key[: -len("weight")] + "weight_scale_inv"] = weight.cpu(), scale.cpu()
+                done.append(key)
+            else:
+                out[key] = value
+        save_file(out, os.path.join(path, file), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block),
+                                     "modules_to_not_convert": list(modules_to_not_convert)}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return done

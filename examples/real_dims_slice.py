@@ -228,33 +228,13 @@ def quantize_checkpoint(path, block) -> int:
     """Rewrite the saved safetensors files as a block-FP8 checkpoint: every 2-D ``.weight`` but ``FP8_KEEP_BF16``
     (the linears; routed experts are saved one linear per expert) as float8_e4m3fn + ``weight_scale_inv``, and the
     ``quantization_config`` in config.json. Returns the number of quantized weights."""
-    from safetensors.torch import load_file, save_file
+    from dcp_compile.testing import write_block_fp8
 
-    from dcp_compile.fp8 import quantize
-
-    count = 0
-    for file in sorted(os.listdir(path)):
-        if not file.endswith(".safetensors"):
-            continue
-        tensors = load_file(os.path.join(path, file))
-        out = {}
-        for key, value in tensors.items():
-            if key.endswith(".weight") and value.dim() == 2 and not key.endswith(FP8_KEEP_BF16):
-                on = value.to("cuda") if torch.cuda.is_available() else value
-                weight, scale = quantize(on, block)
-                out[key], out[key[: -len("weight")] + "weight_scale_inv"] = weight.cpu(), scale.cpu()
-                count += 1
-            else:
-                out[key] = value
-        save_file(out, os.path.join(path, file), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": list(block),
-                                     "modules_to_not_convert": ["lm_head", "weights_proj", "kv_a_proj_with_mqa"]}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return count
+    device = "cuda" if torch.cuda.is_available() else None
+    quantized = write_block_fp8(
+        path, block, lambda key, value: key.endswith(".weight") and value.dim() == 2 and not key.endswith(FP8_KEEP_BF16),
+        ["lm_head", "weights_proj", "kv_a_proj_with_mqa"], device=device)
+    return len(quantized)
 
 
 def save_slice(args, env, cfg) -> dict:

@@ -4,17 +4,9 @@
 # installed package, ops/ mapped in as dcp_compile.ops by pyproject.toml), CUDA op/kernel tests, then the
 # demo on NCCL (fp32, bf16, compiled, dcp_size=1).
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/transformers-*.whl
-export PYTHONPATH=/tmp/site
-python3 -c "import transformers" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-  --target /tmp/site .whl/huggingface_hub-*.whl .whl/tokenizers-*.whl .whl/safetensors-*.whl
-# Nothing can be fetched there: no dependency resolution, no build isolation (setuptools is in the image).
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+OUT=${OUT:-/tmp/gpu_check}
+. scripts/gpu_env.sh
 python3 -c "import torch, triton, transformers, dcp_compile; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())" || exit 1
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -m pytest tests/test_triton_kernels.py tests/test_ops.py -q 2>&1 | tail -n 5 | tee "$OUT/tests.log"
 run() { echo "== torchrun --nproc-per-node $ngpu examples/generate.py $*"; timeout 300 torchrun --nproc-per-node "$ngpu" examples/generate.py "$@" 2>&1 | grep -v -i warn | tail -n 9; }
 { run; run --dtype bfloat16; run --dcp-size 1; run --compile; } 2>&1 | tee "$OUT/demo.log"

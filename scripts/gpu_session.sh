@@ -4,13 +4,8 @@
 # Each part is bounded so that the call ends inside 10 minutes; full logs go to $OUT/<part>.log, a summary to
 # stdout.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/transformers-*.whl
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+OUT=${OUT:-/tmp/gpu_session}
+. scripts/gpu_env.sh
 PYTEST="python3 -m pytest -q -rs -p no:logging --tb=short"
 part() {  # part NAME SECONDS CMD...: full log to $OUT/NAME.log, its last lines here
   local name=$1 s=$2; shift 2; echo "== $name: $*"

@@ -10,7 +10,6 @@ GPU (``test_fp8_checkpoint_on_cuda_matches_unmodified``, skipped without CUDA): 
 loaded with ``from_pretrained(..., device_map="cuda")`` (HF's FP8Linear, HF's kernels when they load), apply on
 world 1, greedy generate against the unmodified FP8 model.
 """
-import json
 import os
 
 import pytest
@@ -22,7 +21,7 @@ from dcp_compile.capture import probe_layers
 from dcp_compile.fp8 import FP8_LINEAR, check_fp8_layer, dequantize, dequantize_kv_expansion, quantize, \
     use_dequantizing_fp8_linear
 from dcp_compile.shard import head_shard_plan, shard_heads
-from dcp_compile.testing import left_padded_prompts, run_ranks, tiny_deepseek_v32
+from dcp_compile.testing import left_padded_prompts, run_ranks, tiny_deepseek_v32, write_block_fp8
 
 BLOCK = (16, 16)
 # Kept unquantized, as in DeepSeek-V3.2's checkpoint: HF's indexer casts its input to weights_proj's weight dtype.
@@ -219,38 +218,24 @@ def save_random_fp8_checkpoint(path, seed=0):
     ``NOT_FP8`` as float8_e4m3fn + ``weight_scale_inv`` in 128 x 128 blocks, ``quantization_config`` in config.json.
     All layers dense (no FP8 experts), and every quantized weight whole blocks, which HF's dequantizing load needs:
     rotary 128 so that kv_a_proj_with_mqa's latent + rotary rows (128 + 128) are whole blocks."""
-    from safetensors.torch import load_file, save_file
-
     model = tiny_deepseek_v32(
         seed=seed, dtype=torch.bfloat16, attn_implementation="sdpa", hidden_size=256, intermediate_size=512,
         num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=256,
         kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=128, v_head_dim=128, index_n_heads=4,
         index_head_dim=256, index_topk=16, vocab_size=512)
-    skip = NOT_FP8
     quantized = {f"{name}.weight" for name, m in model.named_modules()
-                 if type(m) is nn.Linear and not name.endswith(skip)}
-    count = len(quantized)
+                 if type(m) is nn.Linear and not name.endswith(NOT_FP8)}
     model.save_pretrained(path)
-    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
-    for file in files:
-        tensors = load_file(os.path.join(path, file))
-        out = {}
-        for key, value in tensors.items():
-            if key in quantized:
-                assert value.shape[0] % GPU_BLOCK[0] == 0 and value.shape[1] % GPU_BLOCK[1] == 0, (key, value.shape)
-                out[key], out[key[: -len("weight")] + "weight_scale_inv"] = quantize(value, GPU_BLOCK)
-                quantized.discard(key)
-            else:
-                out[key] = value
-        save_file(out, os.path.join(path, file), metadata={"format": "pt"})
-    assert not quantized, f"linears not found under their module names in the checkpoint: {sorted(quantized)}"
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": GPU_BLOCK, "modules_to_not_convert": list(skip)}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return count
+
+    def whole_blocks(key, value):  # HF's dequantizing load needs whole blocks
+        if key not in quantized:
+            return False
+        assert value.shape[0] % GPU_BLOCK[0] == 0 and value.shape[1] % GPU_BLOCK[1] == 0, (key, value.shape)
+        return True
+
+    done = set(write_block_fp8(path, GPU_BLOCK, whole_blocks, NOT_FP8))
+    assert done == quantized, f"linears not found under their module names in the checkpoint: {sorted(quantized - done)}"
+    return len(done)
 
 
 def _hf_fp8_kernels_load() -> str | None:

@@ -13,7 +13,6 @@ CPU stand-ins: HF's FP8 kernels are CUDA-only, so every process runs ``fp8.dequa
 pre-quantized checkpoint to its dequantizing load when no GPU is present (which is also the load that rejects the
 partial edge block: ``test_hf_dequantizing_load_rejects_a_partial_edge_block``).
 """
-import json
 import os
 from contextlib import contextmanager
 
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 import dcp_compile
-from dcp_compile.fp8 import quantize, use_dequantizing_fp8_linear
-from dcp_compile.testing import hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32
+from dcp_compile.fp8 import use_dequantizing_fp8_linear
+from dcp_compile.testing import hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32, write_block_fp8
 
 NOT_FP8 = ("lm_head", "weights_proj")  # as in DeepSeek-V3.2's checkpoint
 PAGE = 4
@@ -36,28 +35,12 @@ HF_KWARGS = dict(dtype=torch.float64, attn_implementation="sdpa")
 def save_fp8_checkpoint(path, block, seed=0):
     """The tiny DeepSeek-V3.2, all layers dense (no FP8 experts: their CPU path is not the stand-in's), saved as a
     block-FP8 checkpoint in ``block`` blocks (edge blocks may be partial), float64 elsewhere."""
-    from safetensors.torch import load_file, save_file
-
     model = tiny_deepseek_v32(seed=seed, dtype=torch.float64, first_k_dense_replace=2)
     quantized = {f"{name}.weight" for name, m in model.named_modules()
                  if type(m) is nn.Linear and not name.endswith(NOT_FP8)}
     model.save_pretrained(path)
-    for file in [f for f in os.listdir(path) if f.endswith(".safetensors")]:
-        out = {}
-        for key, value in load_file(os.path.join(path, file)).items():
-            if key in quantized:
-                out[key], out[key[: -len("weight")] + "weight_scale_inv"] = quantize(value, block)
-                quantized.discard(key)
-            else:
-                out[key] = value
-        save_file(out, os.path.join(path, file), metadata={"format": "pt"})
-    assert not quantized, f"linears not found under their module names in the checkpoint: {sorted(quantized)}"
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block), "modules_to_not_convert": list(NOT_FP8)}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    done = set(write_block_fp8(path, block, lambda key, value: key in quantized, NOT_FP8))
+    assert done == quantized, f"linears not found under their module names in the checkpoint: {sorted(quantized - done)}"
 
 
 @contextmanager

@@ -294,7 +294,9 @@ class Runner:
             if compile_mode == "inductor":
                 self.compiled[compile_mode] = torch.compile(self.eager_forward, backend="inductor")
             else:
-                self.compiled[compile_mode] = torch.compile(self.eager_forward, mode="reduce-overhead")
+                # What dcp_compile.compile_decode compiles decode steps with (this benchmark times decode steps
+                # only; its prefill always runs the eager forward).
+                self.compiled[compile_mode] = torch.compile(self.eager_forward, mode="reduce-overhead", dynamic=False)
         self.model.forward = self.compiled[compile_mode]
 
     def prefill_chunk_positions(self, batch, context):

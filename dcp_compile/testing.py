@@ -304,3 +304,16 @@ def write_block_fp8(path, block, quantize_key, modules_to_not_convert, device=No
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return done
+
+
+def assert_parity_and_sharded_cache(where: str, tokens, logits, cache_bytes: int, one_page: int, want_tokens,
+                                    want_logits, reference_bytes: int, world: int, logit_tol: float) -> None:
+    """A DCP rank's generate against the reference's: the same tokens, logits within ``logit_tol``, and a cache of
+    at most 1/``world`` of the reference's plus one page per sequence per pool (and less than all of it)."""
+    import torch
+
+    assert torch.equal(tokens, want_tokens), f"{where}: tokens differ from the reference"
+    err = (logits - want_logits).abs().max().item()
+    assert err < logit_tol, f"{where}: logits differ by {err:.2e}"
+    assert cache_bytes <= reference_bytes / world + one_page, (where, cache_bytes, reference_bytes, one_page)
+    assert cache_bytes < reference_bytes, f"{where}: the cache is not sharded"

@@ -22,7 +22,9 @@ from torch import nn
 
 import dcp_compile
 from dcp_compile.fp8 import use_dequantizing_fp8_linear
-from dcp_compile.testing import hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32, write_block_fp8
+from dcp_compile.testing import (
+    assert_parity_and_sharded_cache, hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32, write_block_fp8,
+)
 
 NOT_FP8 = ("lm_head", "weights_proj")  # as in DeepSeek-V3.2's checkpoint
 PAGE = 4
@@ -115,11 +117,8 @@ def test_fp8_checkpoint_under_hf_tensor_parallelism_matches_unmodified_fp8_model
     for rank, results in enumerate(run_ranks(fp8_tp_on_rank, 2, str(tmp_path), timeout=900)):
         for name, (tokens, logits, cache_bytes, one_page, loaded, after) in results.items():
             where = f"rank {rank}, {name}"
-            assert torch.equal(tokens, want_tokens), f"{where}: tokens differ from the unmodified FP8 model"
-            err = (logits - want_logits).abs().max().item()
-            assert err < LOGIT_TOL, f"{where}: logits differ by {err:.2e}"
-            assert cache_bytes <= hf_bytes / 2 + one_page, (where, cache_bytes, hf_bytes, one_page)
-            assert cache_bytes < hf_bytes, f"{where}: the cache is not sharded"
+            assert_parity_and_sharded_cache(where, tokens, logits, cache_bytes, one_page, want_tokens, want_logits,
+                                            hf_bytes, 2, LOGIT_TOL)
             # After apply: HF's shards adopted as plain local tensors; FP8 kept but for kv_b_proj (dequantized).
             params, modules = after["params"], after["modules"]
             fp8, f32 = torch.float8_e4m3fn, torch.float32

@@ -13,7 +13,9 @@ import os
 import torch
 
 import dcp_compile
-from dcp_compile.testing import hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32
+from dcp_compile.testing import (
+    assert_parity_and_sharded_cache, hf_cache_bytes, left_padded_prompts, run_ranks, tiny_deepseek_v32,
+)
 
 PAGE = 4
 PROMPTS = (7, 19)
@@ -88,12 +90,8 @@ def test_hf_tensor_and_expert_parallel_models_match_single_device_hf(tmp_path):
     for rank, (results, mismatch) in enumerate(per_rank):
         for name, (tokens, logits, cache_bytes, one_page, loaded, after, mesh, stats) in results.items():
             where = f"rank {rank}, {name}"
-            assert torch.equal(tokens, want_tokens), f"{where}: tokens differ from single-device HF"
-            err = (logits - want_logits).abs().max().item()
-            assert err < LOGIT_TOL, f"{where}: logits differ by {err:.2e}"
-            # Per-rank storage: 1/N of HF's single-device cache, plus at most one page per sequence per pool.
-            assert cache_bytes <= hf_bytes / 2 + one_page, (where, cache_bytes, hf_bytes, one_page)
-            assert cache_bytes < hf_bytes, f"{where}: the cache is not sharded"
+            assert_parity_and_sharded_cache(where, tokens, logits, cache_bytes, one_page, want_tokens, want_logits,
+                                            hf_bytes, 2, LOGIT_TOL)
             # The attention heads: HF's shards, adopted as plain local tensors (half the heads on each rank).
             for proj, rows, cols in (("q_b_proj", 96 // 2, 32), ("kv_b_proj", 128 // 2, 32), ("o_proj", 64, 64 // 2)):
                 held = after[f"model.layers.1.self_attn.{proj}.weight"]

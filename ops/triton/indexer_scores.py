@@ -1,6 +1,6 @@
 """DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper; kernel and its
-design in ``kernels/indexer_scores.py``). The local top-k that follows is a stable argsort in
-``ops/distributed.py`` (``local_topk_sorted``: ties to the lower position).
+design in ``kernels/indexer_scores.py``). The local top-k that follows is ``dcp::local_topk`` (ties to the
+lower position: a radix select on CUDA, ``ops/triton/local_topk.py``; a stable sort elsewhere).
 
 Precision: products and sums in fp32. bf16/fp16 operands go to the tensor cores as they are (every such
 product is exact in fp32); fp32 operands (or mixed dtypes, cast to fp32) use IEEE fp32 dots, so no tf32

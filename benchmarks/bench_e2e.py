@@ -92,6 +92,10 @@ def parse_args(argv=None):
                    help="HF prefill: bound on its [B, S, 64, T] fp32 indexer scores per chunk")
     p.add_argument("--warmup", type=int, default=5, help="decode steps before timing (CUDA graphs record here)")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps")
+    p.add_argument("--fill", choices=["prefill", "random"], default="prefill",
+                   help="how the context gets into the cache: prefilled through the model (timed), or random latents "
+                   "and index keys written straight into the dcp/tp cache pools (decode timing at contexts whose "
+                   "prefill would take minutes, e.g. 64 x 128K; hf always prefills)")
     p.add_argument("--mask", action="store_true", help="pass the growing 2-D attention mask (a padded batch)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over decode steps, per mode x compile")
     p.add_argument("--profile-at", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
@@ -328,6 +332,16 @@ class Runner:
             forwards += 1
         return forwards
 
+    def fill_random(self, cache, context, gen):
+        """--fill random: the cache as if ``context`` positions per sequence were prefilled, holding random
+        latents and index keys (N(0, 1), the model's dtype) in every pool row. A decode step's work does not
+        depend on the values (the indexer scans every key, the top-k selects k of them, attention reads k rows),
+        so its time is the prefilled cache's; not its tokens (random weights make those meaningless anyway)."""
+        for pool in (*cache.latent.values(), *cache.index_keys.values()):
+            for rows in pool.split(1 << 20):  # bounded fp32 temporaries (a 64 x 128K pool is 8M rows)
+                rows.copy_(torch.randn(rows.shape, generator=gen, device=pool.device, dtype=torch.float32))
+        cache.seq_length = context
+
     def close(self):
         self.model.forward = self.eager_forward
         self.compiled.clear()
@@ -401,7 +415,10 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
     cache = runner.new_cache(batch, context + extra)
     env.synchronize()
     t0 = time.perf_counter()
-    if recorder is not None:  # one recorded chunk first, the rest of the prefill as usual
+    random_fill = args.fill == "random" and runner.mode != "hf"
+    if random_fill:
+        runner.fill_random(cache, context, gen)
+    elif recorder is not None:  # one recorded chunk first, the rest of the prefill as usual
         per_seq = runner.prefill_chunk_positions(batch, context)
         recorder.phase = "prefill"
         with recorder:
@@ -410,19 +427,21 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
     else:
         runner.prefill(cache, batch, context, gen)
     env.synchronize()
-    prefill_s = time.perf_counter() - t0
-    forwards = math.ceil(context / runner.prefill_chunk_positions(batch, context))
+    prefill_s = None if random_fill else time.perf_counter() - t0
+    forwards = 0 if random_fill else math.ceil(context / runner.prefill_chunk_positions(batch, context))
     prefill_peak = peak_bytes(env)
     cache_bytes = runner.cache_bytes(cache)
     reserved_tokens = context + extra if runner.mode != "hf" else context
     base = dict(mode=runner.mode, batch=batch, context=context, world=env.world,
                 dcp_size=runner.model.dcp.dcp_size if runner.mode != "hf" else 1,
-                prefill_s=prefill_s, prefill_tokens_per_s=batch * context / prefill_s, prefill_forwards=forwards,
+                prefill_s=prefill_s, prefill_tokens_per_s=batch * context / prefill_s if prefill_s else None,
+                prefill_forwards=forwards, fill="random" if random_fill else "prefill",
                 prefill_positions_per_forward=runner.prefill_chunk_positions(batch, context),
                 prefill_peak_bytes=prefill_peak, cache_bytes=cache_bytes,
                 prefill_recorded=recorder is not None,  # the recorder's copies are in this prefill_s
                 cache_bytes_per_token=cache_bytes / (batch * reserved_tokens), weight_bytes=runner.weight_bytes)
-    env.log(f"  {runner.mode} B={batch} T={context}: prefill {prefill_s:.2f} s ({forwards} forwards, eager), "
+    filled = "random fill (no prefill)" if random_fill else f"prefill {prefill_s:.2f} s ({forwards} forwards, eager)"
+    env.log(f"  {runner.mode} B={batch} T={context}: {filled}, "
             f"cache {cache_bytes / 2**20:.1f} MiB/rank")
     if recorder is not None:
         ids, pos, mask = decode_inputs(runner, batch, context, 1, gen)[0]
@@ -605,9 +624,21 @@ def main(argv=None):
         gen = torch.Generator(device=env.device).manual_seed(args.seed + 1)
         # Warm the kernels (Triton JIT / autotune, cuBLAS handles) with a small throw-away prefill and step.
         warm_ctx = min(min(args.context), max(16, runner.prefill_chunk_positions(max(args.batch), 64) * 2))
-        warm = runner.new_cache(max(args.batch), warm_ctx + 1)
-        runner.prefill(warm, max(args.batch), warm_ctx, gen)
-        del warm
+        # Timed twice: the first use's extra cost (kernel compilation, or loading it from Triton's and
+        # Inductor's disk caches in a process after the first; cuBLAS and NCCL set-up) is the difference.
+        first_use = []
+        for _ in range(2):
+            warm = runner.new_cache(max(args.batch), warm_ctx + 1)
+            env.synchronize()
+            t0 = time.perf_counter()
+            runner.prefill(warm, max(args.batch), warm_ctx, gen)
+            env.synchronize()
+            first_use.append(time.perf_counter() - t0)
+            del warm
+        results.setdefault("first_use", {})[mode] = dict(first_prefill_s=first_use[0], again_s=first_use[1],
+                                                         extra_s=first_use[0] - first_use[1])
+        env.log(f"mode {mode}: first prefill in this process {first_use[0]:.2f} s, the same again "
+                f"{first_use[1]:.2f} s: first use costs {first_use[0] - first_use[1]:.2f} s extra")
         for batch in args.batch:
             for context in args.context:
                 if mode == "hf" and (why := hf_fits(runner, batch, context)):
@@ -685,11 +716,15 @@ def print_table(results):
         peak = r.get("decode_peak_bytes_max_rank")
         print(f"| {r['mode']} | {r['compile']} | {r['batch']} | {r['context']} | {r['step_ms_median']:.3f} / "
               f"{r['step_ms_p90']:.3f} | {r['tokens_per_s']:.0f} | {f'{kern:.3f}' if kern else '-'} | "
-              f"{r['prefill_s']:.2f} | {r['cache_bytes_max_rank'] / 2**20:.1f} | "
+              f"{'random fill' if r['prefill_s'] is None else format(r['prefill_s'], '.2f')} | "
+              f"{r['cache_bytes_max_rank'] / 2**20:.1f} | "
               f"{f'{peak / 2**30:.2f}' if peak else '-'} |")
     for mode, c in sorted(results["capacity"].items()):
         print(f"capacity {mode} (PROJECTED): {c['cache_bytes_per_token_per_rank']:.0f} B/token/rank, "
               f"{c['tokens_per_rank']} tokens/rank; longest context per batch {c['longest_context']}")
+    for mode, f in results.get("first_use", {}).items():
+        print(f"first use {mode}: first prefill {f['first_prefill_s']:.2f} s, again {f['again_s']:.2f} s "
+              f"({f['extra_s']:.2f} s extra; only the process's first mode compiles or loads the kernels)")
     for n in results["notes"]:
         print("note:", n)
     if results["errors"]:

@@ -39,7 +39,8 @@ def _time_ms(fn, repeats: int, device: torch.device) -> float:
 
 
 def measure(rank, world, args, device_type="cpu"):
-    from dcp_compile.attention import AttentionConfig, IndexerTopK, StepPositions
+    from dcp_compile.attention import AttentionConfig, IndexerTopK
+    from dcp_compile.cache import StepPositions
     from dcp_compile.contract import LayerCacheState
     from dcp_compile.ops.distributed import (
         CANDIDATES, KEY_GATHER, choose_selection_scheme, force_selection_scheme, selection_bytes,
@@ -66,8 +67,8 @@ def measure(rank, world, args, device_type="cpu"):
     group = dist.group.WORLD.group_name if world > 1 else None
     config = AttentionConfig(heads=1, nope_dim=1, rope_dim=1, latent_dim=1, v_dim=1, topk=K, attn_scale=1.0,
                              index_scale=Di ** -0.5, layout=layout, rank=rank, group_name=group)
-    state = LayerCacheState(pool.new_empty(0, 1), pool, block_table, past)
     at = StepPositions.of(layout, rank, block_table, past, S, B)
+    state = LayerCacheState(pool.new_empty(0, 1), pool, block_table, at.new, at.keys, at.key_slots)
     selection = IndexerTopK(config)
 
     results, selected = {}, {}

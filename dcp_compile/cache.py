@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from .contract import LayerCacheState
 from .layout import DCPLayout
+from .ops.distributed import MAX_POSITIONS
 
 # Steps of at most this many tokens per sequence run at the static widths: decode (1) and speculative
 # verification (a few draft tokens). Longer steps are prefill chunks: exact widths, not worth a CUDA graph.
@@ -197,6 +198,11 @@ class ShardedPagedCache(Cache):
         """Make room for positions ``0 .. num_tokens-1`` in every sequence (all-or-nothing)."""
         if num_tokens <= self.capacity:
             return
+        if num_tokens > MAX_POSITIONS:
+            raise ValueError(
+                f"a sequence of {num_tokens} positions is longer than the {MAX_POSITIONS} the DCP cache takes: "
+                f"positions cross the top-k exchange as float32 numbers, exact below 2**24"
+            )
         # Every rank has a pool of the same size and runs the same check for the rank that needs the most
         # (rank 0), so either all ranks raise here, before any collective, or none does.
         P, worst = self.layout.page_size, 0

@@ -85,6 +85,12 @@ def local_topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.contiguous(), idx.contiguous()
 
 
+# Positions cross the top-k exchange as float32 numbers (``distributed_topk``), exact below 2**24: the longest
+# sequence the cache takes (ShardedPagedCache.reserve), far above any model's context (DeepSeek-V3.2: 163840).
+MAX_POSITIONS = 2**24 - 1
+PAD_POSITION = MAX_POSITIONS  # the position of local top-k padding columns (score -inf: never selected)
+
+
 def distributed_topk(
     scores: Tensor, positions: Tensor, seq_index: Tensor, block_table: Tensor, k: int,
     rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
@@ -97,18 +103,19 @@ def distributed_topk(
     """
     # dcp::local_topk pads each row with k -inf columns: the local top-k is then fixed-width k whatever this
     # rank holds, with no branch on the (growing) local length, so a decode graph compiles once. Their
-    # positions are int32 max (never selected: -inf). Ties must go to the lower position (local order is
+    # positions are PAD_POSITION (never selected: -inf). Ties must go to the lower position (local order is
     # position order) so that the selection is the same whatever the number of ranks: plain torch.topk does
     # not promise that. CUDA: a radix select (ops/triton/local_topk.py); CPU / float64: a stable sort.
-    positions = F.pad(positions, (0, k), value=torch.iinfo(torch.int32).max)  # [L + k] or [T, L + k]
+    positions = F.pad(positions, (0, k), value=PAD_POSITION)  # [L + k] or [T, L + k]
     top_scores, top_idx = torch.ops.dcp.local_topk(scores, k)
     top_pos = positions[top_idx] if positions.dim() == 1 else torch.gather(positions, -1, top_idx)
     if world > 1:
-        # One collective for both, 8 bytes per candidate: the fp32 score's bits and the int32 position side
-        # by side (a bit view, so the exchange is exact; positions are < 2**31, the padding is int32 max).
-        packed = torch.stack([top_scores.float().view(torch.int32), top_pos.to(torch.int32)], dim=0)  # [2, T, k]
+        # One collective for both, 8 bytes per candidate: the fp32 score and the position as an fp32 number,
+        # exact below 2**24 (the cache refuses longer sequences: MAX_POSITIONS). Plain values, no bit view: a
+        # dtype view of the gathered buffer is a view Inductor cannot always lower (torch 2.11, CUDA).
+        packed = torch.stack([top_scores.float(), top_pos.float()], dim=0)  # [2, T, k]
         packed = all_gather(packed, 2, group_name, world)  # [2, T, world·k]
-        top_scores, top_pos = packed[0].view(torch.float32), packed[1]
+        top_scores, top_pos = packed[0], packed[1]
     return torch.ops.dcp.topk_select(
         top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
     )

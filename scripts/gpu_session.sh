@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
-# One device call (one GPU is enough): install (carry .whl, the pinned transformers wheel), the CUDA tests
-# (kernels, op lowering, CUDA graphs, FP8), the demo with CUDA graphs on NCCL, and the top-k kernel benchmark.
-# Each part is bounded so that the call ends inside 10 minutes; full logs go to $OUT/<part>.log, a summary to
-# stdout.
+# One device call: install (carry .whl, the pinned transformers wheel), then the parts named in PARTS, each
+# bounded so that the call ends inside 10 minutes. Every part's full log and outputs go to $W/<part>(.log); a
+# summary (each log's last lines) to stdout; at the end everything is packed into $OUT/gpu_session.tgz (the
+# device tool brings back at most 8 files). Unpack with: tar xzf gpu_session.tgz -C benchmarks/runs/<date-card>/
+#   PARTS="graphs topk lowering kernels fp8 demo bench_topk" bash scripts/gpu_session.sh        # one GPU
+#   PARTS="e2e_x e2e_long prefill_sel" bash scripts/gpu_session.sh                            # every GPU (4)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 . scripts/gpu_env.sh
+W=${W:-/tmp/gpu_work}
+mkdir -p "$W"
 PYTEST="python3 -m pytest -q -rs -p no:logging --tb=short"
-part() {  # part NAME SECONDS CMD...: full log to $OUT/NAME.log, its last lines here
-  local name=$1 s=$2; shift 2; echo "== $name: $*"
-  timeout "$s" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; grep -v -i "warn" "$OUT/$name.log" | tail -n "${TAIL:-15}"
+RUN="torchrun --standalone --nproc-per-node $ngpu"
+part() {  # part NAME SECONDS CMD...: full log to $W/NAME.log, its last lines here
+  local name=$1 s=$2; shift 2; echo "== $name: $*"; local t0=$SECONDS
+  timeout "$s" "$@" > "$W/$name.log" 2>&1; echo "rc=$? ($((SECONDS - t0)) s)"
+  grep -v -i "warn" "$W/$name.log" | tail -n "${TAIL:-15}"
 }
 PARTS=${PARTS:-"graphs topk lowering kernels fp8 demo bench_topk"}
 for p in $PARTS; do case $p in
   graphs) TAIL=40 part graphs 150 $PYTEST -x tests/test_cuda_graphs.py ;;
-  e2e) TAIL=45 part e2e 280 torchrun --standalone --nproc-per-node "$ngpu" benchmarks/bench_e2e.py --out "$OUT" \
+  e2e) TAIL=45 part e2e 280 $RUN benchmarks/bench_e2e.py --out "$W/e2e" \
          --modes dcp hf --compile eager inductor cudagraphs --batch 8 --context 32768 --layers 2 --profile ;;
+  # issue 9/10 on every GPU: DCP N vs TP N at 32K, prefilled through the model (prefill time, first use,
+  # recorded op calls, profiles), then the recorded calls against their floors
+  e2e_x) TAIL=30 part e2e_x 300 $RUN benchmarks/bench_e2e.py --out "$W/e2e_x" --modes dcp tp \
+           --compile eager cudagraphs --batch 1 8 --context 32768 --layers 2 --profile --record "$W/e2e_x/calls.pt"
+         TAIL=25 part recorded 100 python3 benchmarks/bench_kernels.py --recorded "$W/e2e_x/calls.pt" \
+           --out "$W/recorded" ;;
+  # decode at long context and large batch, the cache filled in place (a 64 x 128K prefill takes minutes)
+  e2e_long) TAIL=30 part e2e_long 300 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long" --modes dcp tp \
+              --compile cudagraphs --batch 8 64 --context 32768 131072 --layers 2 --fill random \
+              --profile --profile-at 64 131072 ;;
+  prefill_sel) TAIL=12 part prefill_sel 120 $RUN benchmarks/bench_prefill_selection.py --cuda ;;
+  tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
+  slice) TAIL=40 part slice 300 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;
   kernels) TAIL=6 part kernels 150 $PYTEST tests/test_triton_kernels.py tests/test_ops.py ;;
   fp8) TAIL=30 part fp8 120 $PYTEST -s tests/test_fp8.py -k cuda ;;
-  demo) TAIL=14 part demo 90 torchrun --nproc-per-node "$ngpu" examples/generate.py --cudagraphs --max-new-tokens 64 ;;
+  demo) TAIL=14 part demo 90 $RUN examples/generate.py --cudagraphs --max-new-tokens 64 ;;
   bench_topk) TAIL=30 part bench_topk 120 python3 benchmarks/bench_local_topk.py ;;
+  *) echo "unknown part $p" ;;
 esac; done
+rm -f "$W"/*/calls.pt.tmp
+tar czf "$OUT/gpu_session.tgz" --exclude="*.pt" -C "$W" . && ls -la "$OUT"

@@ -133,3 +133,21 @@ def test_recorder_sees_the_dtypes_and_shapes_the_model_passes(smoke_run):
             assert torch.isfinite(out[0]).all()
         nbytes, flops, _ = bench_kernels.recorded_cost(call, args)
         assert nbytes > 0
+
+
+def test_smoke_random_fill(tmp_path):
+    """--fill random (decode timing at contexts too long to prefill in a benchmark): the dcp/tp caches are
+    filled in place, nothing is prefilled, the decode steps run at the requested context; hf still prefills."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(BENCH / "bench_e2e.py"), "--smoke", "--batch", "2", "--context", "72", "--fill", "random",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench_e2e --fill random failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    for mode in ("dcp", "tp"):
+        r = rows[mode]
+        assert r["status"] == "ok" and r["fill"] == "random" and r["prefill_s"] is None and r["prefill_forwards"] == 0
+        assert r["step_ms_median"] > 0 and r["cache_bytes_max_rank"] > 0
+    assert rows["hf"]["fill"] == "prefill" and rows["hf"]["prefill_s"] > 0
+    assert "random fill" in proc.stdout

@@ -271,3 +271,18 @@ def test_crop():
     cache.crop(-100)
     assert cache.get_seq_length() == 0
     assert cache.capacity == 20  # pages stay reserved
+
+
+def test_sequence_longer_than_exact_positions_raises_and_stays_usable():
+    # Positions cross the top-k exchange as float32 numbers: a sequence past 2**24 - 1 positions is refused
+    # by reserve (before any collective), naming the value and the limit; the cache stays as it was.
+    from dcp_compile.ops.distributed import MAX_POSITIONS
+
+    cache = make_cache(world=2, page_size=4, rank=0, num_pages=8, batch=1)
+    cache.start_request(1, 12)
+    with pytest.raises(ValueError) as info:
+        cache.reserve(MAX_POSITIONS + 1)
+    assert str(MAX_POSITIONS + 1) in str(info.value) and str(MAX_POSITIONS) in str(info.value)
+    assert cache.capacity == 12 and cache.used_pages() == 2
+    assert float(MAX_POSITIONS) == MAX_POSITIONS and float(MAX_POSITIONS - 1) + 1 == MAX_POSITIONS
+    assert torch.tensor(MAX_POSITIONS - 1, dtype=torch.float32).long().item() == MAX_POSITIONS - 1

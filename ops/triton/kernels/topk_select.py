@@ -15,15 +15,17 @@ from .radix_select import RADIX, float_key, pick_bin
 
 
 @triton.jit
-def _candidate_keys(SCORES, POS, cols, C):
-    inside = cols < C
-    score = tl.load(SCORES + cols, mask=inside, other=float("-inf"))
-    pos = tl.load(POS + cols, mask=inside, other=0).to(tl.int64)
+def _candidate_key(score, pos, inside):
+    """The 64-bit order key of candidates already loaded (score fp32, pos int64; ``inside`` = a real column).
+    The kernel does the loads itself, not this helper: torch's analysis of which tensors a user kernel writes
+    (Inductor's mutation analysis) follows every argument of a call whose result reaches a store's address,
+    so a helper given the input pointers would make SCORES and POS look written (and Inductor then copies
+    them back after the launch, and fails on a bit-viewed input)."""
     live = inside & (score > float("-inf"))
     # positions of live candidates are in [0, 2**31 - 1): the low word is their reverse order
     pos_key = (2147483647 - tl.where(live, pos, 0)).to(tl.uint64)
     key = (float_key(score).to(tl.uint64) << 32) | pos_key
-    return key, pos, live
+    return key, live
 
 
 @triton.jit
@@ -40,7 +42,11 @@ def topk_select_kernel(
     # level 0 (top 8 bits of the score key) over every live candidate; its total is the live count
     hist = tl.zeros([RADIX], tl.int32)
     for start in range(0, C, BLOCK):
-        key, _, live = _candidate_keys(scores_row, pos_row, start + tl.arange(0, BLOCK), C)
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < C
+        score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+        pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+        key, live = _candidate_key(score, pos, inside)
         hist += tl.histogram((key >> 56).to(tl.int32), RADIX, mask=live)
     rem = tl.minimum(tl.sum(hist, 0), k)
     d, rem, in_bin = pick_bin(hist, rem)
@@ -53,7 +59,11 @@ def topk_select_kernel(
         if done == 0:
             hist = tl.zeros([RADIX], tl.int32)
             for start in range(0, C, BLOCK):
-                key, _, live = _candidate_keys(scores_row, pos_row, start + tl.arange(0, BLOCK), C)
+                cols = start + tl.arange(0, BLOCK)
+                inside = cols < C
+                score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+                pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+                key, live = _candidate_key(score, pos, inside)
                 match = live & ((key >> (shift + 8)) == prefix)
                 hist += tl.histogram(((key >> shift) & 255).to(tl.int32), RADIX, mask=match)
             d, rem, in_bin = pick_bin(hist, rem)
@@ -66,7 +76,11 @@ def topk_select_kernel(
     table_row = BLOCK_TABLE + tl.load(SEQ_INDEX + t).to(tl.int64) * stride_bt
     count = tl.zeros([], tl.int32)
     for start in range(0, C, BLOCK):
-        key, pos, live = _candidate_keys(scores_row, pos_row, start + tl.arange(0, BLOCK), C)
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < C
+        score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+        pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+        key, live = _candidate_key(score, pos, inside)
         owner = (pos // interleave) % world
         mine = live & ((key >> stop_shift) >= prefix) & (owner == rank)
         local = (pos // (world * interleave)) * interleave + pos % interleave

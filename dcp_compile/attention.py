@@ -27,7 +27,10 @@ from .cache import StepPositions
 from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
-from .ops.distributed import KEY_GATHER, all_reduce_sum, key_gather_topk, query_share, selection_scheme
+from .ops.distributed import (
+    KEY_GATHER, KV_GATHER, all_reduce_sum, attention_scheme, gather_keys_by_position, gathered_rows,
+    key_gather_positions, owned_slots, query_share, selection_scheme,
+)
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,23 @@ class IndexerTopK:
     def __init__(self, config: AttentionConfig):
         self.config = config
 
+    def scheme(self, steps, state: LayerCacheState, at: StepPositions) -> str:
+        """The step's selection scheme (§4.2): ship N·K candidates per query (decode), or gather the keys and
+        ship K positions per query (prefill chunks). Chosen on static sizes only: no guard, no recompile. The
+        step's key width bounds the sequence: N·L >= past + S (exact-width prefill: L = local_bound(total))."""
+        c, layout = self.config, self.config.layout
+        bound = layout.world * at.key_slots.shape[1]
+        return selection_scheme(steps, bound, state.block_table.shape[1], c.topk, state.index_pool, layout)
+
     def select(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions, *, index_q: Tensor,
                index_w: Tensor) -> tuple[Tensor, Tensor]:
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
-        # Two exact schemes, the same rows (§4.2): ship N·K candidates per query (decode), or gather the keys
-        # and ship K positions per query (prefill chunks). Chosen on static sizes only: no guard, no recompile.
-        # The step's key width bounds the sequence: N·L >= past + S (exact-width prefill: L = local_bound(total)).
-        bound = layout.world * at.key_slots.shape[1]
-        if selection_scheme(steps, bound, state.block_table.shape[1], c.topk, state.index_pool, layout) == KEY_GATHER:
-            return self._select_by_key_gather(mask, state, at, index_q, index_w)
+        if self.scheme(steps, state, at) == KEY_GATHER:
+            positions = self.positions_by_key_gather(mask, state, at, index_q=index_q, index_w=index_w)
+            seq_index = torch.arange(batch, device=positions.device).repeat_interleave(steps)
+            return owned_slots(positions, seq_index, state.block_table, c.rank, layout.world, layout.interleave,
+                               layout.page_size)
         allowed = allowed_keys(mask, at.keys, at.new, batch)
         scores = torch.ops.dcp.indexer_scores(index_q, index_w, state.index_pool, at.key_slots, allowed, c.index_scale)
         seq_index = torch.arange(batch, device=scores.device).repeat_interleave(steps)
@@ -88,10 +98,11 @@ class IndexerTopK:
             c.rank, layout.world, layout.interleave, layout.page_size, c.group_name,
         )
 
-    def _select_by_key_gather(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions,
-                              index_q: Tensor, index_w: Tensor) -> tuple[Tensor, Tensor]:
+    def positions_by_key_gather(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions, *,
+                                index_q: Tensor, index_w: Tensor) -> Tensor:
         """§4.2, key-gather scheme: this rank scores its share of the queries (``query_share``) against every
-        key of the sequence, columns = global positions 0 .. N·L-1 (past the sequence: never causal)."""
+        key of the sequence, columns = global positions 0 .. N·L-1 (past the sequence: never causal); every
+        query's selected global positions [B·S, K] int32 (-1 = none), the same on every rank."""
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
         share = query_share(steps, c.rank, layout.world, index_q.device)
@@ -99,9 +110,9 @@ class IndexerTopK:
         key_pos = torch.arange(layout.world * at.key_slots.shape[1], device=index_q.device)
         share_mask = None if mask is None else mask.index_select(2, rows)
         allowed = allowed_keys(share_mask, key_pos, at.new.index_select(0, rows), batch) & (share < steps)[None, :, None]
-        return key_gather_topk(
-            index_q, index_w, state.index_pool, at.key_slots, allowed, state.block_table, c.topk, c.index_scale,
-            c.rank, layout.world, layout.interleave, layout.page_size, c.group_name,
+        return key_gather_positions(
+            index_q, index_w, state.index_pool, at.key_slots, allowed, c.topk, c.index_scale,
+            c.rank, layout.world, layout.interleave, c.group_name,
         )
 
 
@@ -194,11 +205,18 @@ class DCPSparseMLA(nn.Module):
         state = LayerCacheState(latent_pool, index_pool, block_table, query_positions, key_positions, key_slots)
         at = StepPositions(query_positions, key_positions, key_slots)
         self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
-        slots, counts = self.selection.select(mask, state, at, **selection_inputs)
+        by_gather = self.attends_gathered_latents(steps, state, at)
+        if by_gather:
+            positions = self.selection.positions_by_key_gather(mask, state, at, **selection_inputs)
+        else:
+            slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
         if q_scale is not None:  # (f·q)·k = f·(q·k): scale the absorbed query
             q = q * q_scale.expand(batch, -1, -1, -1).transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
-        o_lat = self.attend(q, state.latent_pool, slots, counts, sinks)
+        if by_gather:
+            o_lat = self.attend_gathered(q, state.latent_pool, at.key_slots, positions, steps, sinks)
+        else:
+            o_lat = self.attend(q, state.latent_pool, slots, counts, sinks)
         out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
         if self.config.exports_selection:
             return out, pack_selection(slots, counts, batch, steps)
@@ -237,6 +255,34 @@ class DCPSparseMLA(nn.Module):
             return lse_merge(out, lse, c.group_name, world).to(q.dtype)
         merged, total = lse_merge(out, lse, c.group_name, world, lse_of_rank=c.rank)
         return (merged * torch.sigmoid(total - sinks.to(total.dtype))[..., None]).to(q.dtype)
+
+    def attends_gathered_latents(self, steps, state: LayerCacheState, at: StepPositions) -> bool:
+        """§4.4, two attention schemes: a step whose selection is by key gather (prefill chunks) may gather the
+        sequence's latent rows instead of every rank's queries, when that moves fewer bytes (static sizes only).
+        Not for a layer that hands its selection on (the later layers read this rank's own slots)."""
+        c = self.config
+        if not isinstance(self.selection, IndexerTopK) or c.exports_selection:
+            return False
+        if self.selection.scheme(steps, state, at) != KEY_GATHER:
+            return False
+        bound = c.layout.world * at.key_slots.shape[1]
+        return attention_scheme(steps, bound, state.block_table.shape[1], c.heads * c.layout.world,
+                                state.latent_pool, c.latent_dim, c.layout) == KV_GATHER
+
+    def attend_gathered(self, q: Tensor, latent_pool: Tensor, key_slots: Tensor, positions: Tensor, steps: int,
+                        sinks: Tensor | None = None) -> Tensor:
+        """§4.4, latent-gather scheme: all-gather every rank's latent rows of the step's sequences in position
+        order, then attention of this rank's own heads over every selected row: [T, H, d_c], no merge.
+
+        q [B·S, H, Dk] this rank's heads; positions [B·S, K] every query's selected global positions."""
+        c = self.config
+        kv = gather_keys_by_position(latent_pool, key_slots, c.layout.interleave, c.group_name, c.layout.world)
+        rows, counts = gathered_rows(positions, steps, kv.shape[1])
+        out, lse = torch.ops.dcp.sparse_mla_attn(q, kv.reshape(-1, kv.shape[-1]), rows, counts, c.attn_scale,
+                                                 c.latent_dim)
+        if sinks is not None:
+            out = out.float() * torch.sigmoid(lse - sinks.float())[..., None]
+        return out.to(q.dtype)
 
     def values_out(self, o_lat: Tensor, kv_b_weight: Tensor) -> Tensor:
         """§4.7: o_h = o_lat_h · W_UV_hᵀ: [T, H, v]."""

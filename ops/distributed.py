@@ -269,23 +269,23 @@ def owned_slots(positions: Tensor, seq_index: Tensor, block_table: Tensor, rank:
     return torch.gather(slot, -1, to_front).to(torch.int32), owned.sum(-1).to(torch.int32)
 
 
-def key_gather_topk(
-    index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor, block_table: Tensor,
-    k: int, scale: float, rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k over the whole DCP group by gathering the keys (docs/design.md §4.2): the same rows as
-    ``distributed_topk`` over the scores of every rank, in the same order.
+def key_gather_positions(
+    index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor,
+    k: int, scale: float, rank: int, world: int, interleave: int, group_name: str | None,
+) -> Tensor:
+    """Exact top-k over the whole DCP group by gathering the keys (docs/design.md §4.2): the selected global
+    positions of every query of the step, [B·S, K] int32 (-1 = none), the same on every rank, the same rows as
+    ``distributed_topk`` over the scores of every rank.
 
     index_q [B, S, Hi, Di], index_w [B, S, Hi] every query of the step (the same on every rank); key_slots
     [B, L] this rank's local key rows; allowed [B, ⌈S/N⌉, N·L] bool: may query ``query_share(S, rank, N)[j]``
-    see global position p (causality and the mask; False on padding rows). -> this rank's compacted slots
-    [B·S, K] int32 and counts [B·S] int32, as ``dcp::topk_select`` returns them.
+    see global position p (causality and the mask; False on padding rows).
 
     1. all-gather the index keys, in position order (``gather_keys_by_position``);
     2. score this rank's share of the queries against every key with ``dcp::indexer_scores`` (the op, dtypes
        and fp32 accumulation of the candidate scheme: each (query, key) pair is scored once over the group);
     3. exact top-k per query, ties to the lower column = the lower position (the rule of ``topk_select``);
-    4. all-gather the selected positions (int32, -1 = none) and keep the ones this rank owns (``owned_slots``).
+    4. all-gather the selected positions (int32, -1 = none).
     """
     batch, steps = index_q.shape[:2]
     share = query_share(steps, rank, world, index_q.device)
@@ -303,9 +303,97 @@ def key_gather_topk(
     positions = torch.where(top_scores > float("-inf"), top_idx, torch.full_like(top_idx, -1)).to(torch.int32)
     every = all_gather(positions.view(1, batch, -1, k), 0, group_name, world)  # [N, B, ⌈S/N⌉, K]
     # Query j·N + r of a sequence is rank r's share row j: [N, B, j, K] -> [B, j, N, K], then drop the padding.
-    positions = every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
+    return every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
+
+
+def key_gather_topk(
+    index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor, block_table: Tensor,
+    k: int, scale: float, rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
+) -> tuple[Tensor, Tensor]:
+    """``key_gather_positions``, then the ones this rank owns (``owned_slots``): this rank's compacted slots
+    [B·S, K] int32 and counts [B·S] int32, as ``dcp::topk_select`` returns them."""
+    batch, steps = index_q.shape[:2]
+    positions = key_gather_positions(index_q, index_w, index_pool, key_slots, allowed, k, scale, rank, world,
+                                     interleave, group_name)
     seq_index = torch.arange(batch, device=positions.device).repeat_interleave(steps)
     return owned_slots(positions, seq_index, block_table, rank, world, interleave, page_size)
+
+
+def gathered_rows(positions: Tensor, steps: int, width: int) -> tuple[Tensor, Tensor]:
+    """Selected global positions [B·S, K] (-1 = none, in any order) -> rows of the position-ordered gathered
+    latents [B·N·L, D] (``gather_keys_by_position``): row b·N·L + p, compacted to the front (order kept), -1
+    after, int32; and counts [B·S] int32: what ``dcp::sparse_mla_attn`` reads."""
+    seq = torch.arange(positions.shape[0], device=positions.device) // steps
+    keep = positions >= 0
+    rows = torch.where(keep, seq[:, None] * width + positions.long(), -1)
+    to_front = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return torch.gather(rows, -1, to_front).to(torch.int32), keep.sum(-1).to(torch.int32)
+
+
+# --- Prefill attention by latent gather (docs/design.md §4.4, "two attention schemes") -----------------------
+# The DCP attention of §4.4-4.6 all-gathers every rank's queries (all heads), attends over the rank's own rows
+# and merges by LSE (an fp32 reduce-scatter of the partial outputs): per query S·H·(Dk·elt + 4 + v·4) bytes. A
+# prefill chunk of many queries per sequence moves less by gathering the sequence's latent rows instead
+# (N·L·Dk·elt per sequence) and attending with this rank's own heads over every selected row: no merge, the
+# attention TP would run, over a cache that stays sharded. It needs every query's selected positions on every
+# rank, which the key-gather selection has (``key_gather_positions``).
+
+SPLIT, KV_GATHER = "split", "kv_gather"
+ATTENTION_SCHEMES = (SPLIT, KV_GATHER)
+ATTENTION_SCHEME_ENV = "DCP_ATTENTION_SCHEME"  # "auto" (default), "split" or "kv_gather"
+
+
+def _attention_scheme_from_env() -> str | None:
+    name = os.environ.get(ATTENTION_SCHEME_ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in ATTENTION_SCHEMES:
+        raise ValueError(f"{ATTENTION_SCHEME_ENV}={name!r}: expected 'auto' or one of {ATTENTION_SCHEMES}")
+    return None if name == "auto" else name
+
+
+_forced_attention: dict[str, str | None] = {"name": _attention_scheme_from_env()}
+
+
+def force_attention_scheme(name: str | None) -> None:
+    """Force the attention scheme of every DSA layer whose step selects by key gather: ``"split"`` (§4.4-4.6),
+    ``"kv_gather"``, or ``None`` / ``"auto"`` for the cost model. ``DCP_ATTENTION_SCHEME`` sets the same at
+    import. For tests and benchmarks: both are exact. Set it before the first compile (it is baked in)."""
+    if name == "auto":
+        name = None
+    if name is not None and name not in ATTENTION_SCHEMES:
+        raise ValueError(f"unknown attention scheme {name!r}; expected None, 'auto' or one of {ATTENTION_SCHEMES}")
+    _forced_attention["name"] = name
+
+
+def attention_bytes(queries_per_seq: int, total: int, world: int, heads: int, width: int, v_dim: int,
+                    elt_bytes: int, interleave: int = 1) -> tuple[int, int]:
+    """Bytes each rank receives per sequence for the step's attention, ``(split, kv_gather)``:
+
+        split     = S · H · (Dk · elt + 4 + v · 4)    (every head's query; lse; the fp32 partials to reduce)
+        kv_gather = N · L · Dk · elt                  (every latent row of the sequence)
+
+    with S queries per sequence, H heads over the whole group, Dk the latent row width, v the latent value
+    width, L = local_bound(total). The same bytes bound each scheme's transient memory."""
+    layout = DCPLayout(world, interleave, 1)
+    split = queries_per_seq * heads * (width * elt_bytes + 4 + v_dim * 4)
+    return split, world * layout.local_bound(total) * width * elt_bytes
+
+
+def attention_scheme(queries_per_seq, total, pages_per_seq, heads: int, latent_pool: Tensor, v_dim: int,
+                     layout: DCPLayout) -> str:
+    """The attention scheme of a step whose selection is by key gather: the forced one, else ``"kv_gather"``
+    when it moves fewer bytes (``attention_bytes``), decided on static sizes only as ``selection_scheme``
+    (a symbolic S or bound: ``"split"``)."""
+    forced = _forced_attention["name"]
+    if forced is not None:
+        return forced
+    steps, total, pages = _static_int(queries_per_seq), _static_int(total), _static_int(pages_per_seq)
+    if total is None and pages is not None:
+        total = layout.world * pages * layout.page_size
+    if steps is None or total is None or layout.world == 1:
+        return SPLIT
+    split, gather = attention_bytes(steps, total, layout.world, heads, latent_pool.shape[1], v_dim,
+                                    latent_pool.element_size(), layout.interleave)
+    return KV_GATHER if gather < split else SPLIT
 
 
 def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,

@@ -56,6 +56,38 @@ def test_cost_model_choices(world):
     assert choose_selection_scheme(few, few, world, k, di, elt) == KEY_GATHER
 
 
+def test_attention_bytes_and_scheme():
+    """The attention scheme of a key-gather step: gather the latent rows when N·L·Dk·elt < S·H·(Dk·elt + 4 + v·4)
+    (per sequence; static sizes only; forced by force_attention_scheme)."""
+    from dcp_compile.ops.distributed import (
+        KV_GATHER, SPLIT, attention_bytes, attention_scheme, force_attention_scheme,
+    )
+
+    # DeepSeek-V3.2: 128 heads, Dk = 576, v = 512 (latent), bf16; a 4096-query chunk at total 32K on 4 ranks.
+    split, gather = attention_bytes(4096, 32768, 4, 128, 576, 512, 2)
+    assert split == 4096 * 128 * (576 * 2 + 4 + 512 * 4) and gather == 32768 * 576 * 2
+    layout = DCPLayout(4, 1, 64)
+    pool = torch.empty(0, 576, dtype=torch.bfloat16)
+    assert attention_scheme(4096, 32768, 512, 128, pool, 512, layout) == KV_GATHER
+    assert attention_scheme(512, 32768, 512, 128, pool, 512, layout) == KV_GATHER  # 8 × 512-token chunk
+    assert attention_scheme(1, 32768, 512, 128, pool, 512, layout) == SPLIT  # decode
+    # the break-even: total < S · H · (Dk·elt + 4 + v·4) / (Dk·elt) ≈ 355 · S at these dims
+    assert attention_scheme(100, 35000, 600, 128, pool, 512, layout) == KV_GATHER
+    assert attention_scheme(100, 36000, 600, 128, pool, 512, layout) == SPLIT
+    # a symbolic S: the decode-safe split; one rank: nothing to gather
+    assert attention_scheme(object(), 32768, 512, 128, pool, 512, layout) == SPLIT
+    assert attention_scheme(4096, 32768, 512, 128, pool, 512, DCPLayout(1, 1, 64)) == SPLIT
+    try:
+        force_attention_scheme("kv_gather")
+        assert attention_scheme(1, 32768, 512, 128, pool, 512, layout) == KV_GATHER
+        force_attention_scheme("split")
+        assert attention_scheme(4096, 32768, 512, 128, pool, 512, layout) == SPLIT
+        with pytest.raises(ValueError, match="unknown attention scheme 'gather'"):
+            force_attention_scheme("gather")
+    finally:
+        force_attention_scheme(None)
+
+
 def _symbolic(shape_env, value: int, name: str):
     from torch._dynamo.source import ConstantSource
 
@@ -306,27 +338,34 @@ def hf_reference():
 INTERLEAVES = (1, 4)  # one token in a row per rank; a whole page in a row (= page size)
 
 
-def _generate_key_gather_rank(rank, world):
+def _generate_key_gather_rank(rank, world, attention_scheme):
     from torch.distributed.device_mesh import init_device_mesh
 
     import dcp_compile
     import dcp_compile.attention as attention
+    from dcp_compile.ops.distributed import force_attention_scheme
 
     def candidates_must_not_run(*args, **kwargs):
         raise AssertionError("the candidate scheme ran although the key-gather scheme is forced")
 
-    calls = {"key_gather": 0}
-    key_gather_topk = attention.key_gather_topk
+    calls = {"key_gather": 0, "kv_gather": 0}
+    key_gather_positions, gathered_rows = attention.key_gather_positions, attention.gathered_rows
 
     def counted(*args, **kwargs):
         calls["key_gather"] += 1
-        return key_gather_topk(*args, **kwargs)
+        return key_gather_positions(*args, **kwargs)
 
-    attention.distributed_topk, attention.key_gather_topk = candidates_must_not_run, counted
+    def counted_rows(*args, **kwargs):
+        calls["kv_gather"] += 1
+        return gathered_rows(*args, **kwargs)
+
+    attention.distributed_topk, attention.key_gather_positions = candidates_must_not_run, counted
+    attention.gathered_rows = counted_rows
     force_selection_scheme(KEY_GATHER)
+    force_attention_scheme(attention_scheme)
     results = {}
     for interleave in INTERLEAVES:
-        calls["key_gather"] = 0
+        calls.update(key_gather=0, kv_gather=0)
         model = tiny_deepseek_v32(seed=0, dtype=torch.float64, attn_implementation="sdpa")
         dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4, interleave=interleave)
         ids, mask = left_padded_prompts(PROMPT, seed=5)
@@ -334,19 +373,24 @@ def _generate_key_gather_rank(rank, world):
                              output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
             forward = model(ids, attention_mask=mask).logits
-        results[interleave] = (out.sequences, torch.stack(out.logits), forward, calls["key_gather"],
+        results[interleave] = (out.sequences, torch.stack(out.logits), forward, dict(calls),
                                model.config.num_hidden_layers)
     return results
 
 
-def test_generate_with_key_gather_matches_hf():
+@pytest.mark.parametrize("attention_scheme", ["split", "kv_gather"])
+def test_generate_with_key_gather_matches_hf(attention_scheme):
+    """The key-gather selection forced for every step, with either attention: the split one (every rank's
+    queries gathered, LSE merge) or the latent gather (every rank's latent rows gathered, this rank's heads)."""
     want_tokens, want_logits, want_forward, real = hf_reference()
-    per_rank = run_ranks(_generate_key_gather_rank, 2)
+    per_rank = run_ranks(_generate_key_gather_rank, 2, attention_scheme)
     for rank, results in enumerate(per_rank):
         for interleave, (tokens, logits, forward, calls, layers) in results.items():
-            where = f"rank {rank}, interleave {interleave}"
+            where = f"rank {rank}, interleave {interleave}, {attention_scheme}"
             # every (indexer) layer in every forward: the prompt, NEW_TOKENS - 1 decode steps, the plain forward
-            assert calls == layers * (NEW_TOKENS + 1), f"{where}: key-gather selection ran {calls} times"
+            runs = layers * (NEW_TOKENS + 1)
+            assert calls["key_gather"] == runs, f"{where}: key-gather selection ran {calls} times"
+            assert calls["kv_gather"] == (runs if attention_scheme == "kv_gather" else 0), f"{where}: {calls}"
             assert torch.equal(tokens, want_tokens), f"{where}: tokens differ"
             err = (logits - want_logits).abs().max().item()
             assert err < LOGIT_TOL, f"{where}: logits differ by {err:.2e}"

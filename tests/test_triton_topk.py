@@ -218,6 +218,7 @@ def test_topk_select_from_distributed_candidates(world, rank, interleave, page_s
     seq = torch.tensor([0, 1, 1, 0, 1])
     bt = block_tables(2, 200 // page_size + 2, gen)
     check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, block=128)  # one tile (C <= 96)
 
 
 @pytest.mark.parametrize("world,rank,interleave,page_size,C,k", [
@@ -226,13 +227,14 @@ def test_topk_select_from_distributed_candidates(world, rank, interleave, page_s
     (2, 1, 2, 7, 30, 64),      # C < k: everything live is selected
     (4, 3, 1, 1, 129, 1),      # k = 1
 ])
-def test_topk_select_ties_by_position(world, rank, interleave, page_size, C, k):
+@pytest.mark.parametrize("block", [None, 256])  # several tiles per row (C > 64), or the row as one tile
+def test_topk_select_ties_by_position(world, rank, interleave, page_size, C, k, block):
     gen = torch.Generator().manual_seed(C + k + world)
     T = 4
     s, pos = shuffled_candidates(T, C, 400, gen, levels=1)
     seq = torch.tensor([1, 0, 2, 1])
     bt = block_tables(3, 400 // page_size + 1, gen)
-    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
+    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, block=block)
 
 
 def test_topk_select_wide_scores_and_all_equal():

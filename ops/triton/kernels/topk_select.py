@@ -34,19 +34,34 @@ def topk_select_kernel(
     C, k, rank, world, interleave, page_size,
     stride_st, stride_pt, stride_bt, stride_ot,
     BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # C <= BLOCK: the row is loaded once and every pass reads it from registers
 ):
     t = tl.program_id(0).to(tl.int64)
     scores_row = SCORES + t * stride_st
     pos_row = POS + t * stride_pt
+    # One tile (decode: world·k <= 8192 candidates): load and key the row once. Every pass below then runs on
+    # registers; several tiles reload theirs (from L2) in each pass.
+    row_cols = tl.arange(0, BLOCK)
+    row_inside = row_cols < C
+    if ONE_TILE:
+        row_pos = tl.load(pos_row + row_cols, mask=row_inside, other=0).to(tl.int64)
+        row_key, row_live = _candidate_key(
+            tl.load(scores_row + row_cols, mask=row_inside, other=float("-inf")), row_pos, row_inside)
+    else:
+        row_pos = tl.zeros([BLOCK], tl.int64)
+        row_key, row_live = tl.zeros([BLOCK], tl.uint64), row_inside
 
     # level 0 (top 8 bits of the score key) over every live candidate; its total is the live count
     hist = tl.zeros([RADIX], tl.int32)
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < C
-        score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
-        pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
-        key, live = _candidate_key(score, pos, inside)
+        if ONE_TILE:
+            pos, key, live = row_pos, row_key, row_live
+        else:
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < C
+            pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+            score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+            key, live = _candidate_key(score, pos, inside)
         hist += tl.histogram((key >> 56).to(tl.int32), RADIX, mask=live)
     rem = tl.minimum(tl.sum(hist, 0), k)
     d, rem, in_bin = pick_bin(hist, rem)
@@ -59,11 +74,14 @@ def topk_select_kernel(
         if done == 0:
             hist = tl.zeros([RADIX], tl.int32)
             for start in range(0, C, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                inside = cols < C
-                score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
-                pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
-                key, live = _candidate_key(score, pos, inside)
+                if ONE_TILE:
+                    pos, key, live = row_pos, row_key, row_live
+                else:
+                    cols = start + tl.arange(0, BLOCK)
+                    inside = cols < C
+                    pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+                    score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+                    key, live = _candidate_key(score, pos, inside)
                 match = live & ((key >> (shift + 8)) == prefix)
                 hist += tl.histogram(((key >> shift) & 255).to(tl.int32), RADIX, mask=match)
             d, rem, in_bin = pick_bin(hist, rem)
@@ -76,11 +94,14 @@ def topk_select_kernel(
     table_row = BLOCK_TABLE + tl.load(SEQ_INDEX + t).to(tl.int64) * stride_bt
     count = tl.zeros([], tl.int32)
     for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < C
-        score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
-        pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
-        key, live = _candidate_key(score, pos, inside)
+        if ONE_TILE:
+            pos, key, live = row_pos, row_key, row_live
+        else:
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < C
+            pos = tl.load(pos_row + cols, mask=inside, other=0).to(tl.int64)
+            score = tl.load(scores_row + cols, mask=inside, other=float("-inf"))
+            key, live = _candidate_key(score, pos, inside)
         owner = (pos // interleave) % world
         mine = live & ((key >> stop_shift) >= prefix) & (owner == rank)
         local = (pos // (world * interleave)) * interleave + pos % interleave

@@ -91,6 +91,13 @@ def test_prefill_interpreter_skipped_tiles():
 
 
 @cpu_only
+def test_prefill_interpreter_one_query():
+    """S = 1 through the prefill kernel (a 5-number config picks it whatever S): one query a program."""
+    q, w, k_pool, key_slots, allowed = inputs(3, 1, 16, 32, 40, 70, torch.float32, "cpu", 12)
+    check(q, w, k_pool, key_slots, allowed, 0.3, 1e-5, PrefillConfig(1, 16, 0, 0, 2))
+
+
+@cpu_only
 def test_prefill_interpreter_mixed_dtypes():
     """q fp32, keys bf16: both cast to fp32 in the kernel, IEEE dot (the CAST_F32 path)."""
     q, w, k_pool, key_slots, allowed = inputs(2, 5, 3, 32, 37, 60, torch.float32, "cpu", 9)
@@ -137,7 +144,7 @@ def test_prefill_table_by_shape_class():
 
 # ----------------------------------------------------------------------------------------- GPU tests
 
-# the configs benchmarks/tune_indexer.py sweeps around the table (imported there from here)
+# the table's config and neighbours from benchmarks/tune_indexer.py's sweep (runs of 1-3 tiles or all of L)
 GPU_CONFIGS = [None, PrefillConfig(4, 64, 4, 3, 0), PrefillConfig(2, 128, 4, 2, 1), PrefillConfig(1, 128, 4, 3, 3),
                PrefillConfig(4, 128, 8, 2, 2), PrefillConfig(2, 64, 4, 4, 0)]
 

@@ -49,9 +49,9 @@ indexer_scores_tuned = triton.autotune(
 
 
 def choose_config(block_s: int, block_hi: int, fp32_dots: bool) -> tuple[int, int, int]:
-    """Decode kernel (S = 1; also any call with ``block_s`` queries a program, as the prefill calls ran it
-    before the prefill kernel): (BLOCK_L, num_warps, num_stages) by shape class. The kernel has no loop (one key tile a program), so
-    stages barely matter; the tile is bounded by registers: the M = BLOCK_S·BLOCK_HI query rows of the dot,
+    """The one-tile kernel's (S = 1, or any S given a 3-number ``config``: how prefill ran before the prefill
+    kernel) (BLOCK_L, num_warps, num_stages) by shape class. The kernel has no loop (one key tile a program),
+    so stages barely matter; the tile is bounded by registers: the M = BLOCK_S·BLOCK_HI query rows of the dot,
     the BLOCK_L gathered key rows and the [M, BLOCK_L] fp32 scores.
     - tensor-core operands (bf16/fp16), M ≤ 64 (decode, 64 index heads): 128 keys, 4 warps (a wgmma tile;
       the decode benchmark, 16 × 8K keys, runs at 86–104 % of the memory floor on the autotuned kernel,
@@ -90,7 +90,7 @@ def choose_prefill_config(block_hi: int, fp32_dots: bool) -> PrefillConfig:
       warps (two warpgroups, m64n128 wgmma each), 3 stages: 128 registers and 98 KB of shared memory (the q
       block stays there, two key tiles in flight), so two programs fit an SM, one's epilogue beside the
       other's dots. Fewer heads keep N = 128 columns with more queries a program.
-    - IEEE fp32 dots (FMA; fp32 or mixed operands): N = 64 columns × 32 keys on 8 warps, 2 stages: 55 live
+    - IEEE fp32 dots (FMA; fp32 or mixed operands): N = 64 columns × 32 keys on 8 warps, 2 stages: under 64
       registers, no spill (4 warps or 64-key tiles spill the FMA dot's operands).
     - 32 key tiles a program (4096 keys at 128): a short prefill chunk at a long context still fills the GPU,
       and its q block (32 KB) is re-read once per 1 MB of keys."""

@@ -67,8 +67,9 @@ def indexer_scores_prefill_kernel(
 
     offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
-    row_allowed = ALLOWED + b * stride_ab + offs_s * stride_as
-    row_out = OUT + b * stride_ob + offs_s * stride_os
+    # int64: S·L can pass 2^31 in a long prefill at a long context
+    row_allowed = ALLOWED + b * stride_ab + offs_s.to(tl.int64) * stride_as
+    row_out = OUT + b * stride_ob + offs_s.to(tl.int64) * stride_os
 
     # This program's run of key tiles, [t_lo, t_hi), narrowed to [first, last], the tiles holding an allowed
     # pair of its queries. A branch around the dot inside the scoring loop would keep Triton from pipelining

@@ -149,7 +149,7 @@ def test_triton_path_traces_to_kernel_launches():
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for mode, found in result.items():
         assert found["kernels"] == {"paged_write_kernel": 1, "sparse_mla_fwd_kernel": 1, "merge_partials_kernel": 1,
-                                    "indexer_scores_kernel": 1, "topk_select_kernel": 1,
+                                    "indexer_scores_prefill_kernel": 1, "topk_select_kernel": 1,
                                     "local_topk_histogram_kernel": 4, "local_topk_compact_kernel": 1}, (mode, found["kernels"])
         left = {t: n for t, n in found["targets"].items() if t.startswith("dcp.") or "_local_scalar_dense" in t}
         assert not left, (mode, left)

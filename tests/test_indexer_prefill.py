@@ -1,0 +1,188 @@
+"""The indexer's prefill kernel (ops/triton/kernels/indexer_scores_prefill.py) against the float64 oracle.
+
+What it adds to the decode kernel is what these tests aim at: a program loops over a run of key tiles (runs
+of several tiles, one tile, all of L), narrowed by a pass over ``allowed`` to the tiles holding an allowed
+pair (tiles before and after store -inf, a tile between them with none is still scored), a block of
+queries a program (S not a multiple of it, padded heads), the scale folded into the head weights (its sign
+too). Without CUDA under the Triton interpreter in fp32 (tests/conftest.py sets TRITON_INTERPRET), with
+CUDA compiled in bf16/fp16/fp32 at the model's dims and the configs benchmarks/tune_indexer.py sweeps.
+Outputs start as NaN (test_triton_kernels.poison_outputs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import op_oracles as oracle  # noqa: E402
+import test_triton_kernels as tk  # noqa: E402  (sets the interpreter up; shared inputs and checks)
+
+from dcp_compile.ops.triton import indexer_scores as idx  # noqa: E402
+
+poison_outputs = tk.poison_outputs  # autouse: every output the wrappers allocate starts as NaN
+HAS_CUDA = tk.HAS_CUDA
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where CUDA is absent")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+PrefillConfig = idx.PrefillConfig
+
+
+def check(q, w, k_pool, key_slots, allowed, scale, tol, config=None):
+    """The prefill kernel (``config`` a PrefillConfig, else the default one S > 1 takes) vs the oracle."""
+    kw = {} if config is None else {"config": config}
+    tk.check_indexer(q, w, k_pool, key_slots, allowed, scale, tol, **kw)
+
+
+def inputs(B, S, Hi, Di, L, P, dtype, device, seed):
+    return tk.make_indexer_inputs(B, S, Hi, Di, L, P, dtype, device, torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------- CPU (interpreter) tests
+
+@cpu_only
+@pytest.mark.parametrize("cfg", [PrefillConfig(2, 16, 0, 0, 2), PrefillConfig(4, 16, 0, 0, 1),
+                                 PrefillConfig(1, 32, 0, 0, 0), PrefillConfig(2, 16, 0, 0, 0)])
+@pytest.mark.parametrize("Hi,S", [(3, 5), (16, 7)])
+def test_prefill_interpreter_configs(cfg, Hi, S):
+    """Runs of 2 / 1 / all key tiles, 1-4 queries a program; S, L and Hi not multiples of their tiles,
+    -1 slots (a tail and one inside), a query with no allowed key, causal + random holes."""
+    q, w, k_pool, key_slots, allowed = inputs(2, S, Hi, 32, 50, 80, torch.float32, "cpu", 100 * Hi + S)
+    check(q, w, k_pool, key_slots, allowed, 32 ** -0.5, 1e-5, cfg)
+
+
+@cpu_only
+def test_prefill_interpreter_default_and_negative_scale():
+    """The interpreter's default prefill config (S > 1 selects it), and scale < 0: relu(scale·x) is then
+    |scale|·relu(-x), which the kernel folds into the head weights with the opposite sign of x."""
+    q, w, k_pool, key_slots, allowed = inputs(2, 6, 5, 32, 41, 60, torch.float32, "cpu", 3)
+    check(q, w, k_pool, key_slots, allowed, 0.2, 1e-5)
+    check(q, w, k_pool, key_slots, allowed, -0.2, 1e-5)
+    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, -0.2)
+    pos = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2)
+    fin = torch.isfinite(out)
+    assert not torch.allclose(out[fin], pos[fin]), "the scale's sign changed nothing"
+
+
+@cpu_only
+def test_prefill_interpreter_skipped_tiles():
+    """Allowed pairs only in some key tiles (16 keys each, runs of 2 tiles): tiles outside the allowed span
+    of a query block store -inf without a dot, a fully-blocked tile between two allowed ones is scored and
+    masked, a query block with nothing allowed stores -inf everywhere, and a run whose allowed span is one
+    key at its end (the pass over ``allowed`` steps 16 keys at a time) is found."""
+    B, S, Hi, Di, L = 2, 6, 3, 32, 100
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, S, Hi, Di, generator=gen)
+    w = torch.randn(B, S, Hi, generator=gen)
+    k_pool = torch.randn(160, Di, generator=gen)
+    key_slots = torch.stack([torch.randperm(160, generator=gen)[:L] for _ in range(B)]).to(torch.int32)
+    allowed = torch.zeros(B, S, L, dtype=torch.bool)
+    allowed[0, 0, 20:30] = True         # tile 1 only (first run: tiles 0-1)
+    allowed[0, 1, 70:75] = True         # tile 4; tiles 2-3 in between blocked for this block
+    allowed[0, 2, 95] = True            # one key in the last (partial) tile
+    allowed[0, 3, 47] = True            # the last key of run 1 (tiles 2-3)
+    # queries 4, 5 of sequence 0: nothing allowed (a whole query block of -inf)
+    allowed[1] = torch.rand(S, L, generator=gen) > 0.5
+    allowed[1, :, 32:64] = False        # a blocked run in the middle of sequence 1
+    key_slots[1, 90:] = -1
+    cfg = PrefillConfig(2, 16, 0, 0, 2)
+    check(q, w, k_pool, key_slots, allowed, 0.3, 1e-5, cfg)
+    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.3, config=cfg)
+    assert torch.isneginf(out[0, 4:]).all() and torch.isfinite(out[0, 0, 20:30]).all()
+
+
+@cpu_only
+def test_prefill_interpreter_one_query():
+    """S = 1 through the prefill kernel (a 5-number config picks it whatever S): one query a program."""
+    q, w, k_pool, key_slots, allowed = inputs(3, 1, 16, 32, 40, 70, torch.float32, "cpu", 12)
+    check(q, w, k_pool, key_slots, allowed, 0.3, 1e-5, PrefillConfig(1, 16, 0, 0, 2))
+
+
+@cpu_only
+def test_prefill_interpreter_mixed_dtypes():
+    """q fp32, keys bf16: both cast to fp32 in the kernel, IEEE dot (the CAST_F32 path)."""
+    q, w, k_pool, key_slots, allowed = inputs(2, 5, 3, 32, 37, 60, torch.float32, "cpu", 9)
+    check(q, w, k_pool.bfloat16(), key_slots, allowed, 32 ** -0.5, 1e-5, PrefillConfig(2, 16, 0, 0, 1))
+
+
+@cpu_only
+def test_prefill_kernel_equals_decode_kernel():
+    """The two kernels (a 3-number config picks the one-tile decode kernel whatever S) give the same scores:
+    same set of products, summed in another order."""
+    q, w, k_pool, key_slots, allowed = inputs(2, 7, 3, 32, 45, 70, torch.float32, "cpu", 11)
+    new = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.4, config=PrefillConfig(4, 16, 0, 0, 2))
+    old = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.4, config=(16, 4, 2))
+    assert torch.equal(torch.isneginf(new), torch.isneginf(old))
+    torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_config_errors():
+    q, w, k_pool, key_slots, allowed = inputs(1, 3, 3, 32, 20, 30, torch.float32, tk.DEV, 1)
+    with pytest.raises(ValueError, match="block_s = 3"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=PrefillConfig(3, 16, 4, 2, 1))
+    with pytest.raises(ValueError, match="block_l = 8"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=PrefillConfig(2, 8, 4, 2, 1))
+    with pytest.raises(ValueError, match="tiles = -1"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=PrefillConfig(2, 16, 4, 2, -1))
+    with pytest.raises(ValueError, match=r"config \(16, 4\)"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=(16, 4))
+    with pytest.raises(ValueError, match="S = 3"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, tune=True)
+
+
+def test_prefill_table_by_shape_class():
+    """The table's tiles are powers of two within the tensor cores' widest N (256 columns) for the model's
+    64 heads and for fewer, and the fp32 (FMA) rows are smaller than the tensor-core rows."""
+    for block_hi in (16, 32, 64, 128):
+        for fp32 in (False, True):
+            cfg = idx.choose_prefill_config(block_hi, fp32)
+            assert cfg.block_s >= 1 and cfg.block_s & (cfg.block_s - 1) == 0, cfg
+            assert cfg.block_l >= 16 and cfg.block_l & (cfg.block_l - 1) == 0, cfg
+            assert cfg.block_s * block_hi <= 256 and cfg.tiles >= 0 and cfg.num_stages >= 1, cfg
+        bf, f32 = idx.choose_prefill_config(block_hi, False), idx.choose_prefill_config(block_hi, True)
+        assert f32.block_s * f32.block_l <= bf.block_s * bf.block_l
+
+
+# ----------------------------------------------------------------------------------------- GPU tests
+
+# the table's config and neighbours from benchmarks/tune_indexer.py's sweep (runs of 1-3 tiles or all of L)
+GPU_CONFIGS = [None, PrefillConfig(4, 64, 4, 3, 0), PrefillConfig(2, 128, 4, 2, 1), PrefillConfig(1, 128, 4, 3, 3),
+               PrefillConfig(4, 128, 8, 2, 2), PrefillConfig(2, 64, 4, 4, 0)]
+
+
+@gpu
+@pytest.mark.parametrize("cfg", GPU_CONFIGS)
+@pytest.mark.parametrize("S", [7, 130])
+def test_prefill_gpu_bf16_model_dims(cfg, S):
+    """64 heads × 128, bf16 tensor-core dots (exact products, fp32 sums): S not a multiple of any block,
+    1000 keys (not a multiple of any tile), runs of 1-3 tiles or all."""
+    q, w, k_pool, key_slots, allowed = inputs(3, S, 64, 128, 1000, 5000, torch.bfloat16, "cuda", S)
+    check(q, w, k_pool, key_slots, allowed, 128 ** -0.5, 1e-5, cfg)
+
+
+@gpu
+@pytest.mark.parametrize("q_dtype,k_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float32),
+                                             (torch.float32, torch.bfloat16)])
+def test_prefill_gpu_dtypes(q_dtype, k_dtype):
+    """fp16 tensor-core dots; fp32 and mixed operands through IEEE fp32 dots (no tf32)."""
+    q, w, k_pool, key_slots, allowed = inputs(2, 9, 64, 128, 700, 3000, torch.float32, "cuda", 4)
+    check(q.to(q_dtype), w, k_pool.to(k_dtype), key_slots, allowed, 128 ** -0.5, 1e-5)
+
+
+@gpu
+def test_prefill_gpu_negative_scale_and_odd_heads():
+    """scale < 0 and 20 heads (padded to 32 columns a query) on the tensor cores."""
+    q, w, k_pool, key_slots, allowed = inputs(2, 11, 20, 128, 300, 900, torch.bfloat16, "cuda", 6)
+    check(q, w, k_pool, key_slots, allowed, -0.1, 1e-5)
+
+
+@gpu
+def test_prefill_gpu_causal_chunk_skips_tiles():
+    """A first prefill chunk (queries at the first positions, causal): most key tiles of the early query
+    blocks are outside their allowed span (stored -inf, no dot), the late ones score every tile."""
+    B, S, L = 2, 256, 1024
+    q, w, k_pool, key_slots, _ = inputs(B, S, 64, 128, L, 3000, torch.bfloat16, "cuda", 8)
+    qpos = torch.arange(S, device="cuda") * (L // S)
+    allowed = (torch.arange(L, device="cuda")[None, :] <= qpos[:, None])[None].expand(B, S, L).contiguous()
+    check(q, w, k_pool, key_slots, allowed, 128 ** -0.5, 1e-5)
+    ref = oracle.indexer_scores(q, w, k_pool, key_slots, allowed, 128 ** -0.5)
+    assert torch.isneginf(ref).float().mean() > 0.4  # the case really skips

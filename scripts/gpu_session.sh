@@ -34,6 +34,11 @@ for p in $PARTS; do case $p in
               --profile --profile-at 64 131072 ;;
   prefill_sel) TAIL=12 part prefill_sel 120 $RUN benchmarks/bench_prefill_selection.py --cuda ;;
   tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
+  tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;
+  indexer) TAIL=8 part indexer 110 $PYTEST tests/test_indexer_prefill.py tests/test_op_lowering.py ;;
+  # prefill only (eager): DCP N vs TP N, 8 x 32K through the model
+  e2e_prefill) TAIL=14 part e2e_prefill 130 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
+                 --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 ;;
   slice) TAIL=40 part slice 300 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;

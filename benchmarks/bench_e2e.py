@@ -396,6 +396,10 @@ def profile_decode(runner, cache, inputs, out_dir, tag):
         env.synchronize()
     averages = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+    # NCCL kernels' time includes waiting for the other ranks (it runs until the slowest arrives): counted
+    # apart, so that the compute kernels' sum says how busy the GPU was.
+    nccl_us = sum(e.self_device_time_total for e in averages
+                  if e.device_type == DeviceType.CUDA and e.key.startswith("ncclDevKernel"))
     cpu_us = sum(e.self_cpu_time_total for e in averages)
     if env.rank == 0:
         sort_gpu = "self_cuda_time_total" if env.cuda else "self_cpu_time_total"
@@ -404,7 +408,7 @@ def profile_decode(runner, cache, inputs, out_dir, tag):
                 f"{averages.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
         (out_dir / f"profile_{tag}.txt").write_text(text)
     n = max(1, len(inputs))
-    return (kernel_us / n / 1e3 if env.cuda else None), cpu_us / n / 1e3
+    return (kernel_us / n / 1e3 if env.cuda else None), cpu_us / n / 1e3, (nccl_us / n / 1e3 if env.cuda else None)
 
 
 def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, recorder=None):
@@ -484,14 +488,17 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
                        # > 0: Inductor ran a graph of this config without CUDA graphs (why: TORCH_LOGS=perf_hints)
                        cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before)
             if want_profile:
-                kernel_ms, cpu_ms = profile_decode(runner, cache, inputs[args.warmup + args.steps:], out_dir,
-                                                   f"{runner.mode}_{compile_mode}_b{batch}_t{context}")
+                kernel_ms, cpu_ms, nccl_ms = profile_decode(runner, cache, inputs[args.warmup + args.steps:],
+                                                            out_dir, f"{runner.mode}_{compile_mode}_b{batch}_t{context}")
+                compute_ms = kernel_ms - nccl_ms if kernel_ms else None
                 row.update(profile_kernel_ms_per_step=kernel_ms, profile_cpu_ms_per_step=cpu_ms,
-                           step_over_kernel=(row["step_ms_median"] / kernel_ms) if kernel_ms else None)
+                           profile_nccl_ms_per_step=nccl_ms, profile_compute_kernel_ms_per_step=compute_ms,
+                           step_over_kernel=(row["step_ms_median"] / kernel_ms) if kernel_ms else None,
+                           step_over_compute_kernel=(row["step_ms_median"] / compute_ms) if compute_ms else None)
             env.log(f"  {runner.mode} {compile_mode} B={batch} T={context}: step {row['step_ms_median']:.3f} ms "
                     f"(p90 {row['step_ms_p90']:.3f}), {row['tokens_per_s']:.0f} tok/s"
-                    + (f", kernels {row['profile_kernel_ms_per_step']:.3f} ms/step"
-                       if row.get("profile_kernel_ms_per_step") else "") + f" (warm-up {warm_s:.1f} s)"
+                    + (f", kernels {row['profile_kernel_ms_per_step']:.3f} ms/step (NCCL "
+                       f"{row['profile_nccl_ms_per_step']:.3f})" if row.get("profile_kernel_ms_per_step") else "") + f" (warm-up {warm_s:.1f} s)"
                     + (f", CUDA graphs SKIPPED {row['cudagraph_skips']}x" if row["cudagraph_skips"] else ""))
         except torch.OutOfMemoryError as exc:
             row.update(status=f"oom: {str(exc).splitlines()[0][:200]}")
@@ -705,7 +712,7 @@ def main(argv=None):
 def print_table(results):
     info = results["info"]
     print(f"\n==== bench_e2e: {info['device']} x {info['world']}, {info['layers']} layers, {info['dtype']} ====")
-    print("| mode | compile | B | context | step ms (p50 / p90) | tok/s | kernels ms/step | prefill s | "
+    print("| mode | compile | B | context | step ms (p50 / p90) | tok/s | kernels ms/step (NCCL) | prefill s | "
           "cache MiB/rank | peak GiB/rank |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
@@ -713,9 +720,10 @@ def print_table(results):
             print(f"| {r['mode']} | {r.get('compile')} | {r['batch']} | {r['context']} | {r.get('status')} |||||")
             continue
         kern = r.get("profile_kernel_ms_per_step")
+        nccl = r.get("profile_nccl_ms_per_step") or 0.0
         peak = r.get("decode_peak_bytes_max_rank")
         print(f"| {r['mode']} | {r['compile']} | {r['batch']} | {r['context']} | {r['step_ms_median']:.3f} / "
-              f"{r['step_ms_p90']:.3f} | {r['tokens_per_s']:.0f} | {f'{kern:.3f}' if kern else '-'} | "
+              f"{r['step_ms_p90']:.3f} | {r['tokens_per_s']:.0f} | {f'{kern:.3f} ({nccl:.3f})' if kern else '-'} | "
               f"{'random fill' if r['prefill_s'] is None else format(r['prefill_s'], '.2f')} | "
               f"{r['cache_bytes_max_rank'] / 2**20:.1f} | "
               f"{f'{peak / 2**30:.2f}' if peak else '-'} |")

@@ -83,20 +83,22 @@ SCAN_L = 512
 
 def choose_prefill_config(block_hi: int, fp32_dots: bool) -> PrefillConfig:
     """Prefill kernel config by shape class (S > 1 takes it whatever S and L are, so a dynamic prefill
-    length needs no guard). Chosen from what the H200 build of each candidate showed offline (sm_90a
-    through ptxas: registers, shared memory, whether the key loads were pipelined), not yet from timings:
-    ``benchmarks/tune_indexer.py`` sweeps the neighbours and this table should follow its winner.
+    length needs no guard). The candidates were picked from what the H200 build showed offline (sm_90a
+    through ptxas: registers, shared memory, whether the key loads were pipelined); the table follows the
+    winner of ``benchmarks/tune_indexer.py --cases prefill`` on an H200 (benchmarks/RESULTS.md, 2026-11-28,
+    2 x H200 run 4: 2 stages won in all three prefill cases, 5 % over 3 stages; 58-63 % of the floor, 3.4x
+    the one-tile kernel).
     - tensor-core operands (bf16/fp16), 64 index heads: 2 queries (N = 128 columns) × 128-key tiles on 8
-      warps (two warpgroups, m64n128 wgmma each), 3 stages: 128 registers and 98 KB of shared memory (the q
-      block stays there, two key tiles in flight), so two programs fit an SM, one's epilogue beside the
-      other's dots. Fewer heads keep N = 128 columns with more queries a program.
+      warps (two warpgroups, m64n128 wgmma each), 2 stages: the q block stays in shared memory with a key
+      tile in flight, so two programs fit an SM, one's epilogue beside the other's dots. Fewer heads keep
+      N = 128 columns with more queries a program.
     - IEEE fp32 dots (FMA; fp32 or mixed operands): N = 64 columns × 32 keys on 8 warps, 2 stages: under 64
       registers, no spill (4 warps or 64-key tiles spill the FMA dot's operands).
     - 32 key tiles a program (4096 keys at 128): a short prefill chunk at a long context still fills the GPU,
       and its q block (32 KB) is re-read once per 1 MB of keys."""
     if fp32_dots:
         return PrefillConfig(max(1, 64 // block_hi), 32, 8, 2, 128)
-    return PrefillConfig(max(1, 128 // block_hi), 128, 8, 3, 32)
+    return PrefillConfig(max(1, 128 // block_hi), 128, 8, 2, 32)
 
 
 def _check(q, w, k_pool, key_slots, allowed):

@@ -6,10 +6,12 @@ without its two full sorts and the sort that compacts. Order of the slots within
 (rank 0's block of k first, ...; within this rank's block, the order the local top-k left: column order,
 which is position order, with ``ops/triton/local_topk.py``); the reference gives score order. The set and
 the count are the same. Fixed config: one program per query row. Up to ONE_TILE_MAX candidates (world·k at k = 2048
-and up to 4 ranks) the row is a single tile, loaded once and kept in registers through the passes (measured
-on 2 x H200 before this: 35 µs a decode call at 8 x 4096 candidates with the row reloaded in 2048-candidate
-tiles each pass, against 14 µs at 2048 candidates); above it, BLOCK = 2048 candidates per tile, reloaded in
-every pass.
+and up to 4 ranks) the row is a single tile, loaded once and kept in registers through the passes; above it,
+BLOCK = 2048 candidates per tile, reloaded in every pass. Measured in the CUDA-graph decode step on 2 x H200
+(benchmarks/RESULTS.md, 2026-11-28 runs 2 and 3): 35.5 -> 33.4 µs a call at 8 x 4096 candidates, 68 -> 62 µs
+at 64 x 4096, against 13 µs at 8 x 2048 (one rank). So the reloads were not the cost: the passes are (up to
+five histogram + bin-pick rounds, each a serial step of one program per row); more programs per row (a
+histogram kernel over (row, chunk), as ``local_topk`` has) is the next step.
 """
 from __future__ import annotations
 

@@ -632,7 +632,11 @@ def main(argv=None):
         # Warm the kernels (Triton JIT / autotune, cuBLAS handles) with a small throw-away prefill and step.
         warm_ctx = min(min(args.context), max(16, runner.prefill_chunk_positions(max(args.batch), 64) * 2))
         # Timed twice: the first use's extra cost (kernel compilation, or loading it from Triton's and
-        # Inductor's disk caches in a process after the first; cuBLAS and NCCL set-up) is the difference.
+        # Inductor's disk caches in a process after the first; cuBLAS set-up) is the difference. NCCL's
+        # communicator is set up first, as apply's rank check (verify_ranks, on by default; off here) does.
+        if env.world > 1:
+            dist.all_reduce(torch.zeros(1, device=env.device))
+            env.synchronize()
         first_use = []
         for _ in range(2):
             warm = runner.new_cache(max(args.batch), warm_ctx + 1)

@@ -7,9 +7,10 @@ the expansion weight ``kv_b_proj`` and the cache state (``contract.LayerCacheSta
 attention output in HF's layout, ready for the (head-sharded) output projection.
 
 Its steps are methods, each a piece of §4 that tests call on its own:
-``write_new_rows`` (§4.1) → ``selection.select`` (§4.2-4.3: which owned rows each query attends) →
-``absorb_queries`` (§2) → ``attend`` (§4.4-4.6: gather heads, attention over owned rows, LSE merge) →
-``values_out`` (§4.7).
+``write_new_rows`` (§4.1) → ``absorb_queries`` (§2; their all-gather issued here, so it travels during the
+selection) → ``selection.select`` (§4.2-4.3: which owned rows each query attends) → ``attend`` (§4.4-4.6:
+the gathered heads, attention over owned rows, LSE merge) → ``values_out`` (§4.7). A prefill chunk may instead
+attend by latent gather (``attend_gathered``, §4.4: this rank's heads over every selected row, no merge).
 
 The selection is one of ``SELECTIONS``, named by the match (``AttentionConfig.selection``): ``IndexerTopK``
 (DeepSeek Sparse Attention), ``OwnedRows`` (dense MLA: every owned row the mask allows) or ``HandedSelection``
@@ -28,7 +29,8 @@ from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
 from .ops.distributed import (
-    KEY_GATHER, KV_GATHER, all_reduce_sum, attention_scheme, gather_keys_by_position, gathered_rows,
+    KEY_GATHER, KV_GATHER, all_gather_heads_start, all_gather_heads_wait, all_reduce_sum, attention_scheme,
+    gather_keys_by_position, gathered_rows,
     key_gather_positions, owned_slots, query_share, selection_scheme,
 )
 
@@ -205,18 +207,19 @@ class DCPSparseMLA(nn.Module):
         state = LayerCacheState(latent_pool, index_pool, block_table, query_positions, key_positions, key_slots)
         at = StepPositions(query_positions, key_positions, key_slots)
         self.write_new_rows(latent_new, rope_new, index_key_new, state, at)
-        by_gather = self.attends_gathered_latents(steps, state, at)
-        if by_gather:
-            positions = self.selection.positions_by_key_gather(mask, state, at, **selection_inputs)
-        else:
-            slots, counts = self.selection.select(mask, state, at, **selection_inputs)
         q = self.absorb_queries(q_nope, q_rope, kv_b_weight)
         if q_scale is not None:  # (f·q)·k = f·(q·k): scale the absorbed query
             q = q * q_scale.expand(batch, -1, -1, -1).transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
-        if by_gather:
+        if self.attends_gathered_latents(steps, state, at):
+            positions = self.selection.positions_by_key_gather(mask, state, at, **selection_inputs)
             o_lat = self.attend_gathered(q, state.latent_pool, at.key_slots, positions, steps, sinks)
         else:
-            o_lat = self.attend(q, state.latent_pool, slots, counts, sinks)
+            # The queries' all-gather does not depend on the selection: issued first, it travels while the
+            # selection's kernels run, and is waited on only by the attention.
+            pending = all_gather_heads_start(q, self.config.group_name, self.config.layout.world)
+            slots, counts = self.selection.select(mask, state, at, **selection_inputs)
+            o_lat = self.attend(q, state.latent_pool, slots, counts, sinks,
+                                q_all=all_gather_heads_wait(pending, self.config.layout.world))
         out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
         if self.config.exports_selection:
             return out, pack_selection(slots, counts, batch, steps)
@@ -241,7 +244,8 @@ class DCPSparseMLA(nn.Module):
         q_lat = torch.einsum("bhsn,hnc->bshc", q_nope, w_uk)
         return torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).reshape(batch * steps, heads, -1)
 
-    def attend(self, q: Tensor, latent_pool: Tensor, slots: Tensor, counts: Tensor, sinks: Tensor | None = None) -> Tensor:
+    def attend(self, q: Tensor, latent_pool: Tensor, slots: Tensor, counts: Tensor, sinks: Tensor | None = None,
+               q_all: Tensor | None = None) -> Tensor:
         """§4.4-4.6: gather every rank's heads, attend over this rank's selected rows, merge by LSE back to
         this rank's heads: [T, H, d_c] in the query's dtype.
 
@@ -249,7 +253,8 @@ class DCPSparseMLA(nn.Module):
         merged output is scaled by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), lse being the merged
         log-sum-exp of the head over every rank's rows."""
         c, world = self.config, self.config.layout.world
-        q_all = all_gather_heads(q, c.group_name, world)
+        if q_all is None:  # not gathered ahead (``forward`` issues it before the selection)
+            q_all = all_gather_heads(q, c.group_name, world)
         out, lse = torch.ops.dcp.sparse_mla_attn(q_all, latent_pool, slots, counts, c.attn_scale, c.latent_dim)
         if sinks is None:
             return lse_merge(out, lse, c.group_name, world).to(q.dtype)

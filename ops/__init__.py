@@ -254,7 +254,8 @@ def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave,
 def _lse_combine(out: Tensor, lse: Tensor, lse_all: Tensor) -> Tensor:
     """out [T, H, D] partial attention of this rank, lse [T, H], lse_all [N, T, H] of every rank ->
     out · exp(lse - logsumexp(lse_all)) in float32 (float64 for float64); exactly 0 where this rank is empty
-    (lse = -inf), whatever ``out`` holds there (NaN, inf)."""
+    (lse = -inf), whatever ``out`` holds there (NaN, inf). out / lse may carry a leading [N] too (every
+    rank's part at once, as the all-to-all merge passes them: ``lse`` = ``lse_all``)."""
     return reference.lse_combine(out, lse, lse_all)
 
 

@@ -54,6 +54,19 @@ def reduce_scatter_sum(x: Tensor, group_name: str | None, world: int) -> Tensor:
     )
 
 
+def all_to_all(x: Tensor, group_name: str | None, world: int) -> Tensor:
+    """Block r of ``x`` (``world`` equal blocks along dim 0) goes to rank r; block r of the result came from
+    rank r."""
+    if world == 1:
+        return x
+    group_name = _named(group_name)
+    split = [x.shape[0] // world] * world
+    return collective(
+        lambda t: c10d.wait_tensor(c10d.all_to_all_single(t.contiguous(), split, split, group_name)), x,
+        "_c10d_functional.all_to_all_single",
+    )
+
+
 def all_reduce_sum(x: Tensor, group_name: str | None) -> Tensor:
     """Sum every rank's ``x`` over the group (``None``: no group, ``x`` itself)."""
     if group_name is None:
@@ -66,7 +79,28 @@ def all_reduce_sum(x: Tensor, group_name: str | None) -> Tensor:
 
 def all_gather_heads(q: Tensor, group_name: str | None, world: int) -> Tensor:
     """[T, H, D] on each rank -> [T, world·H, D], rank r's heads at block r (docs/design.md §4.4)."""
-    return all_gather(q, 1, group_name, world)
+    return all_gather_heads_wait(all_gather_heads_start(q, group_name, world), world)
+
+
+def all_gather_heads_start(q: Tensor, group_name: str | None, world: int) -> Tensor:
+    """Issue ``all_gather_heads`` and return at once: the collective's output, not waited on. Pass it to
+    ``all_gather_heads_wait`` where the heads are first needed, so that the work issued in between (the
+    selection: indexer, local top-k) runs while the queries travel. The collective's position in the graph
+    is its issue; the wait's is where the compute stream joins it (in eager, in a compiled graph and in a
+    recorded CUDA graph alike)."""
+    if world == 1:
+        return q
+    group_name = _named(group_name)
+    return collective(lambda t: c10d.all_gather_into_tensor(t.contiguous(), world, group_name), q,
+                      "_c10d_functional.all_gather_into_tensor")
+
+
+def all_gather_heads_wait(pending: Tensor, world: int) -> Tensor:
+    """[world·T, H, D] from ``all_gather_heads_start`` -> [T, world·H, D], once the collective is done."""
+    if world == 1:
+        return pending
+    return collective(lambda t: torch.cat(c10d.wait_tensor(t).chunk(world, dim=0), dim=1), pending,
+                      "_c10d_functional.all_gather_into_tensor")
 
 
 def local_topk_sorted(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -396,6 +430,38 @@ def attention_scheme(queries_per_seq, total, pages_per_seq, heads: int, latent_p
     return KV_GATHER if gather < split else SPLIT
 
 
+# --- How the partial outputs are merged (docs/design.md §4.6) ----------------------------------------------
+# "reduce_scatter": all-gather every head's lse, rescale locally (dcp::lse_combine), reduce-scatter the fp32
+# terms: two collectives. "all_to_all": send each rank its own heads' partial output with the lse appended
+# (the same bytes as the reduce-scatter), merge the N parts locally: one collective. The default stays the
+# measured one until the other is measured (benchmarks/RESULTS.md); both are exact.
+
+REDUCE_SCATTER, ALL_TO_ALL = "reduce_scatter", "all_to_all"
+MERGE_SCHEMES = (REDUCE_SCATTER, ALL_TO_ALL)
+MERGE_SCHEME_ENV = "DCP_MERGE_SCHEME"  # "reduce_scatter" (default) or "all_to_all"
+
+
+def _merge_scheme_from_env() -> str:
+    name = os.environ.get(MERGE_SCHEME_ENV, REDUCE_SCATTER).strip() or REDUCE_SCATTER
+    if name not in MERGE_SCHEMES:
+        raise ValueError(f"{MERGE_SCHEME_ENV}={name!r}: expected one of {MERGE_SCHEMES}")
+    return name
+
+
+_merge: dict[str, str] = {"name": _merge_scheme_from_env()}
+
+
+def set_merge_scheme(name: str) -> None:
+    """The merge of every DCP layer traced or run after this call (set it before the first compile)."""
+    if name not in MERGE_SCHEMES:
+        raise ValueError(f"unknown merge scheme {name!r}; expected one of {MERGE_SCHEMES}")
+    _merge["name"] = name
+
+
+def merge_scheme() -> str:
+    return _merge["name"]
+
+
 def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,
               lse_of_rank: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Merge the partial attention of all ranks of the DCP group (docs/design.md §4.6).
@@ -406,9 +472,12 @@ def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,
     combine inside one rank's attention kernel is another thing: ``ops/triton/merge_partials.py``.)
     With ``lse_of_rank`` (this rank's index in the group) it also returns the merged lse of its own heads,
     [T, H] (natural log, -inf where no rank has rows), from the lse it gathered anyway.
+    ``merge_scheme()`` = "all_to_all" does the same with one all-to-all instead (``_lse_merge_all_to_all``).
     """
     if world == 1:
         return out if lse_of_rank is None else (out, lse)
+    if merge_scheme() == ALL_TO_ALL:
+        return _lse_merge_all_to_all(out, lse, group_name, world, lse_of_rank)
     lse_all = all_gather(lse.unsqueeze(0), 0, group_name, world)  # [world, T, world·H]
     scaled = torch.ops.dcp.lse_combine(out, lse, lse_all)
     heads_first = scaled.transpose(0, 1).contiguous()  # [world·H, T, D]
@@ -417,3 +486,21 @@ def lse_merge(out: Tensor, lse: Tensor, group_name: str | None, world: int,
         return mine
     heads = lse.shape[1] // world
     return mine, torch.logsumexp(lse_all[:, :, lse_of_rank * heads : (lse_of_rank + 1) * heads], dim=0)
+
+
+def _lse_merge_all_to_all(out: Tensor, lse: Tensor, group_name: str | None, world: int,
+                          lse_of_rank: int | None) -> Tensor | tuple[Tensor, Tensor]:
+    """``lse_merge`` with one collective: rank r receives every rank's partial output of its own heads with
+    the lse appended ([N, T, H, D + 1], fp32), and merges the N parts (``dcp::lse_combine`` over them: the
+    same empty-part rule), summing in rank order."""
+    T, heads_all, D = out.shape
+    heads = heads_all // world
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    payload = torch.cat([out.to(acc), lse.to(acc).unsqueeze(-1)], dim=-1)  # [T, N·H, D + 1]
+    send = payload.view(T, world, heads, D + 1).transpose(0, 1).reshape(world * T, heads, D + 1)
+    parts = all_to_all(send, group_name, world).view(world, T, heads, D + 1)  # part r: rank r's rows
+    o_parts, lse_parts = parts[..., :D], parts[..., D]
+    merged = torch.ops.dcp.lse_combine(o_parts, lse_parts, lse_parts).sum(dim=0)
+    if lse_of_rank is None:
+        return merged
+    return merged, torch.logsumexp(lse_parts, dim=0)

@@ -32,6 +32,11 @@ for p in $PARTS; do case $p in
   e2e_long) TAIL=30 part e2e_long 300 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long" --modes dcp tp \
               --compile cudagraphs --batch 8 64 --context 32768 131072 --layers 2 --fill random \
               --profile --profile-at 64 131072 ;;
+  # A/B of the merge (docs/design.md §4.6) at small batch, where DCP's extra collectives cost most: the
+  # default reduce-scatter in e2e_x, the one all-to-all here (same configs, compare within the call)
+  e2e_merge) TAIL=20 DCP_MERGE_SCHEME=all_to_all part e2e_merge 240 $RUN benchmarks/bench_e2e.py \
+               --out "$W/e2e_merge" --modes dcp --compile cudagraphs --batch 1 8 --context 32768 --layers 2 \
+               --profile ;;
   prefill_sel) TAIL=12 part prefill_sel 120 $RUN benchmarks/bench_prefill_selection.py --cuda ;;
   tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
   tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;

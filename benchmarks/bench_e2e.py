@@ -96,6 +96,10 @@ def parse_args(argv=None):
                    help="how the context gets into the cache: prefilled through the model (timed), or random latents "
                    "and index keys written straight into the dcp/tp cache pools (decode timing at contexts whose "
                    "prefill would take minutes, e.g. 64 x 128K; hf always prefills)")
+    p.add_argument("--first-use-profile", action="store_true",
+                   help="cProfile the process's first prefill (rank 0, first mode): first_use_profile.txt, the "
+                   "30 costliest calls by cumulative time (it slows that prefill: its first-use time is then not "
+                   "comparable)")
     p.add_argument("--mask", action="store_true", help="pass the growing 2-D attention mask (a padded batch)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over decode steps, per mode x compile")
     p.add_argument("--profile-at", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
@@ -634,17 +638,31 @@ def main(argv=None):
         # Timed twice: the first use's extra cost (kernel compilation, or loading it from Triton's and
         # Inductor's disk caches in a process after the first; cuBLAS set-up) is the difference. NCCL's
         # communicator is set up first, as apply's rank check (verify_ranks, on by default; off here) does.
-        if env.world > 1:
+        if env.world > 1 and mode != "hf":  # (hf runs on rank 0 alone)
             dist.all_reduce(torch.zeros(1, device=env.device))
             env.synchronize()
         first_use = []
-        for _ in range(2):
+        for attempt in range(2):
             warm = runner.new_cache(max(args.batch), warm_ctx + 1)
             env.synchronize()
+            profiler = None
+            if args.first_use_profile and attempt == 0 and mode == modes[0] and env.rank == 0:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
             t0 = time.perf_counter()
             runner.prefill(warm, max(args.batch), warm_ctx, gen)
             env.synchronize()
             first_use.append(time.perf_counter() - t0)
+            if profiler is not None:
+                import io
+                import pstats
+
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+                (out_dir / "first_use_profile.txt").write_text(text.getvalue())
             del warm
         results.setdefault("first_use", {})[mode] = dict(first_prefill_s=first_use[0], again_s=first_use[1],
                                                          extra_s=first_use[0] - first_use[1])

@@ -24,19 +24,21 @@ for p in $PARTS; do case $p in
          --modes dcp hf --compile eager inductor cudagraphs --batch 8 --context 32768 --layers 2 --profile ;;
   # issue 9/10 on every GPU: DCP N vs TP N at 32K, prefilled through the model (prefill time, first use,
   # recorded op calls, profiles), then the recorded calls against their floors
-  e2e_x) TAIL=30 part e2e_x 300 $RUN benchmarks/bench_e2e.py --out "$W/e2e_x" --modes dcp tp \
+  e2e_x) TAIL=30 part e2e_x 230 $RUN benchmarks/bench_e2e.py --out "$W/e2e_x" --modes dcp tp \
            --compile eager cudagraphs --batch 1 8 --context 32768 --layers 2 --profile --record "$W/e2e_x/calls.pt"
-         TAIL=25 part recorded 100 python3 benchmarks/bench_kernels.py --recorded "$W/e2e_x/calls.pt" \
+         TAIL=25 part recorded 60 python3 benchmarks/bench_kernels.py --recorded "$W/e2e_x/calls.pt" \
            --out "$W/recorded" ;;
   # decode at long context and large batch, the cache filled in place (a 64 x 128K prefill takes minutes)
-  e2e_long) TAIL=30 part e2e_long 300 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long" --modes dcp tp \
+  e2e_long) TAIL=30 part e2e_long 230 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long" --modes dcp tp \
               --compile cudagraphs --batch 8 64 --context 32768 131072 --layers 2 --fill random \
-              --profile --profile-at 64 131072 ;;
+              --profile --profile-at 64 131072 --first-use-profile ;;
   # A/B of the merge (docs/design.md §4.6) at small batch, where DCP's extra collectives cost most: the
-  # default reduce-scatter in e2e_x, the one all-to-all here (same configs, compare within the call)
-  e2e_merge) TAIL=20 DCP_MERGE_SCHEME=all_to_all part e2e_merge 240 $RUN benchmarks/bench_e2e.py \
-               --out "$W/e2e_merge" --modes dcp --compile cudagraphs --batch 1 8 --context 32768 --layers 2 \
-               --profile ;;
+  # default reduce-scatter, then the one all-to-all, same configs, same call (random fill: no prefill)
+  e2e_merge) for m in reduce_scatter all_to_all; do
+               TAIL=12 DCP_MERGE_SCHEME=$m part e2e_merge_$m 130 $RUN benchmarks/bench_e2e.py \
+                 --out "$W/e2e_merge_$m" --modes dcp --compile cudagraphs --batch 1 8 --context 32768 --layers 2 \
+                 --fill random --profile
+             done ;;
   prefill_sel) TAIL=12 part prefill_sel 120 $RUN benchmarks/bench_prefill_selection.py --cuda ;;
   tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
   tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;
@@ -44,7 +46,7 @@ for p in $PARTS; do case $p in
   # prefill only (eager): DCP N vs TP N, 8 x 32K through the model
   e2e_prefill) TAIL=14 part e2e_prefill 130 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
                  --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 ;;
-  slice) TAIL=40 part slice 300 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
+  slice) TAIL=40 part slice 280 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;
   kernels) TAIL=6 part kernels 150 $PYTEST tests/test_triton_kernels.py tests/test_ops.py ;;

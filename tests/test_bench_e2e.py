@@ -141,10 +141,15 @@ def test_smoke_random_fill(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(BENCH / "bench_e2e.py"), "--smoke", "--batch", "2", "--context", "72", "--fill", "random",
-           "--out", str(tmp_path)]
+           "--first-use-profile", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"bench_e2e --fill random failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    rows = {r["mode"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["mode"]: r for r in results["rows"]}
+    # the first use of each mode (first prefill minus the same again), and the first mode's prefill profiled
+    assert set(results["first_use"]) == {"dcp", "tp", "hf"}
+    assert all(f["first_prefill_s"] > 0 and f["again_s"] > 0 for f in results["first_use"].values())
+    assert "cumulative" in (tmp_path / "first_use_profile.txt").read_text()
     for mode in ("dcp", "tp"):
         r = rows[mode]
         assert r["status"] == "ok" and r["fill"] == "random" and r["prefill_s"] is None and r["prefill_forwards"] == 0

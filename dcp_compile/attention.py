@@ -30,8 +30,7 @@ from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
 from .ops.distributed import (
     KEY_GATHER, KV_GATHER, all_gather_heads_start, all_gather_heads_wait, all_reduce_sum, attention_scheme,
-    gather_keys_by_position, gathered_rows,
-    key_gather_positions, owned_slots, query_share, selection_scheme,
+    gather_keys_by_position, gathered_rows, key_gather_positions, owned_slots, query_share, selection_scheme,
 )
 
 
@@ -285,8 +284,9 @@ class DCPSparseMLA(nn.Module):
         rows, counts = gathered_rows(positions, steps, kv.shape[1])
         out, lse = torch.ops.dcp.sparse_mla_attn(q, kv.reshape(-1, kv.shape[-1]), rows, counts, c.attn_scale,
                                                  c.latent_dim)
-        if sinks is not None:
-            out = out.float() * torch.sigmoid(lse - sinks.float())[..., None]
+        if sinks is not None:  # in fp32 (fp64 for fp64), as the split scheme's merged output
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            out = out.to(acc) * torch.sigmoid(lse.to(acc) - sinks.to(acc))[..., None]
         return out.to(q.dtype)
 
     def values_out(self, o_lat: Tensor, kv_b_weight: Tensor) -> Tensor:

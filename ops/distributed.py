@@ -340,19 +340,6 @@ def key_gather_positions(
     return every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
 
 
-def key_gather_topk(
-    index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor, block_table: Tensor,
-    k: int, scale: float, rank: int, world: int, interleave: int, page_size: int, group_name: str | None,
-) -> tuple[Tensor, Tensor]:
-    """``key_gather_positions``, then the ones this rank owns (``owned_slots``): this rank's compacted slots
-    [B·S, K] int32 and counts [B·S] int32, as ``dcp::topk_select`` returns them."""
-    batch, steps = index_q.shape[:2]
-    positions = key_gather_positions(index_q, index_w, index_pool, key_slots, allowed, k, scale, rank, world,
-                                     interleave, group_name)
-    seq_index = torch.arange(batch, device=positions.device).repeat_interleave(steps)
-    return owned_slots(positions, seq_index, block_table, rank, world, interleave, page_size)
-
-
 def gathered_rows(positions: Tensor, steps: int, width: int) -> tuple[Tensor, Tensor]:
     """Selected global positions [B·S, K] (-1 = none, in any order) -> rows of the position-ordered gathered
     latents [B·N·L, D] (``gather_keys_by_position``): row b·N·L + p, compacted to the front (order kept), -1

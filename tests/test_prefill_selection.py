@@ -411,3 +411,37 @@ def test_benchmark_smoke_runs_and_finds_the_schemes_equal():
     assert done.returncode == 0, done.stderr[-4000:]
     assert "| key_gather |" in done.stdout and "| candidates |" in done.stdout, done.stdout
     assert "differ between the schemes, per rank: [0, 0]" in done.stdout and "NOT EXACT" not in done.stdout
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_attention_by_latent_gather_equals_split_attention(with_sinks):
+    """One rank (the gather is then the identity, the split scheme has no merge): attention of every selected
+    global position through the position-ordered gathered latents (``attend_gathered``) equals attention over
+    the same positions as this rank's compacted slots (``attend``), left-padding-style -1s interleaved and a
+    query with nothing selected included; with sinks, both scale by sigmoid(lse - sink)."""
+    from dcp_compile.attention import AttentionConfig, DCPSparseMLA
+    from dcp_compile.ops.distributed import owned_slots
+
+    gen = torch.Generator().manual_seed(7)
+    B, S, H, Dc, R, K, P = 2, 3, 4, 16, 8, 6, 4
+    layout = DCPLayout(1, 1, P)
+    total = 13
+    pages = -(-total // P)
+    block_table = torch.stack([torch.randperm(8, generator=gen)[:pages] for _ in range(B)]).int()
+    pool = torch.randn(8 * P, Dc + R, generator=gen, dtype=torch.float64)
+    local = torch.arange(total)
+    key_slots = layout.slot(block_table, local.expand(B, -1)).int()
+    positions = torch.stack([torch.randperm(total, generator=gen)[:K] for _ in range(B * S)]).int()
+    positions[torch.rand(B * S, K, generator=gen) < 0.3] = -1  # none, anywhere in the row
+    positions[1] = -1  # a query with nothing selected
+    q = torch.randn(B * S, H, Dc + R, generator=gen, dtype=torch.float64)
+    config = AttentionConfig(heads=H, nope_dim=1, rope_dim=R, latent_dim=Dc, v_dim=1, topk=K, attn_scale=0.3,
+                             index_scale=1.0, layout=layout, rank=0, group_name=None)
+    attention = DCPSparseMLA(config)
+    sinks = torch.randn(H, generator=gen, dtype=torch.float64) if with_sinks else None
+    gathered = attention.attend_gathered(q, pool, key_slots, positions, S, sinks)
+    seq_index = torch.arange(B).repeat_interleave(S)
+    slots, counts = owned_slots(positions, seq_index, block_table, 0, 1, 1, P)
+    split = attention.attend(q, pool, slots, counts, sinks)
+    torch.testing.assert_close(gathered, split, rtol=1e-12, atol=1e-12)
+    assert (gathered[1] == 0).all() and gathered.abs().sum() > 0

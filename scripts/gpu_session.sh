@@ -41,6 +41,7 @@ for p in $PARTS; do case $p in
              done ;;
   prefill_sel) TAIL=12 part prefill_sel 120 $RUN benchmarks/bench_prefill_selection.py --cuda ;;
   tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
+  tune_topk) TAIL=14 part tune_topk 150 python3 benchmarks/tune_topk_select.py --out "$W/tune_topk" ;;
   tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;
   indexer) TAIL=8 part indexer 110 $PYTEST tests/test_indexer_prefill.py tests/test_op_lowering.py ;;
   # prefill only (eager): DCP N vs TP N, 8 x 32K through the model

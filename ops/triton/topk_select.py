@@ -30,10 +30,13 @@ INTERPRET_BLOCK = 64  # several tiles per row under the interpreter
 
 
 def topk_select(cand_scores: torch.Tensor, cand_pos: torch.Tensor, seq_index: torch.Tensor, block_table: torch.Tensor,
-                k: int, rank: int, world: int, interleave: int, page_size: int, *, block: int | None = None):
+                k: int, rank: int, world: int, interleave: int, page_size: int, *, block: int | None = None,
+                num_warps: int | None = None):
     """cand_scores [T, C] fp32 (fp16/bf16 widened exactly; -inf = never selected), cand_pos [T, C] int
     (global positions < 2**31 - 1, unique per row except the padding sentinel with -inf), seq_index [T],
-    block_table [B, pages] -> slots [T, k] int32 (owned first, -1 after), counts [T] int32."""
+    block_table [B, pages] -> slots [T, k] int32 (owned first, -1 after), counts [T] int32. Keyword-only
+    overrides (tests, benchmarks): ``block`` the candidates a tile (the row is one tile when C <= block),
+    ``num_warps``."""
     if cand_scores.dim() != 2 or cand_pos.shape != cand_scores.shape:
         raise ValueError(f"topk_select: cand_scores and cand_pos must be the same [T, C], got "
                          f"{tuple(cand_scores.shape)} and {tuple(cand_pos.shape)}")
@@ -61,6 +64,7 @@ def topk_select(cand_scores: torch.Tensor, cand_pos: torch.Tensor, seq_index: to
             warps = max(NUM_WARPS, block // 512)
         else:
             block = BLOCK
+    warps = num_warps or warps  # an override (benchmarks/tune_topk_select.py)
     common.launch(topk_select_kernel)[(T,)](
         scores, pos, seq_index.contiguous(), table, slots, counts,
         C, k, rank, world, interleave, page_size,

@@ -213,12 +213,15 @@ class DCPSparseMLA(nn.Module):
             positions = self.selection.positions_by_key_gather(mask, state, at, **selection_inputs)
             o_lat = self.attend_gathered(q, state.latent_pool, at.key_slots, positions, steps, sinks)
         else:
-            # The queries' all-gather does not depend on the selection: issued first, it travels while the
-            # selection's kernels run, and is waited on only by the attention.
-            pending = all_gather_heads_start(q, self.config.group_name, self.config.layout.world)
+            # The queries' all-gather does not depend on the selection: on CUDA it is issued first, travels on
+            # NCCL's stream while the selection's kernels run, and is waited on only by the attention. Not on
+            # gloo (CPU): ranks there crashed now and then (SIGSEGV / SIGABRT, 2 of 3 CI runs) with two
+            # collectives in flight, and a CPU has nothing to overlap.
+            world, overlap = self.config.layout.world, q.is_cuda
+            pending = all_gather_heads_start(q, self.config.group_name, world) if overlap else None
             slots, counts = self.selection.select(mask, state, at, **selection_inputs)
             o_lat = self.attend(q, state.latent_pool, slots, counts, sinks,
-                                q_all=all_gather_heads_wait(pending, self.config.layout.world))
+                                q_all=all_gather_heads_wait(pending, world) if overlap else None)
         out = self.values_out(o_lat, kv_b_weight).reshape(batch, steps, heads * self.config.v_dim)
         if self.config.exports_selection:
             return out, pack_selection(slots, counts, batch, steps)

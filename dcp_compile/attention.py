@@ -29,7 +29,7 @@ from .contract import LayerCacheState
 from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
 from .ops.distributed import (
-    KEY_GATHER, KV_GATHER, all_gather_heads_start, all_gather_heads_wait, all_reduce_sum, attention_scheme,
+    KEY_GATHER, KV_GATHER, all_gather_heads_start, all_gather_heads_wait, all_reduce_sum, attention_scheme, compact,
     gather_keys_by_position, gathered_rows, key_gather_positions, owned_slots, query_share, selection_scheme,
 )
 
@@ -148,13 +148,6 @@ class HandedSelection:
 
 
 SELECTIONS = {"indexer_topk": IndexerTopK, "owned_rows": OwnedRows, "handed": HandedSelection}
-
-
-def compact(slots: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Move the kept slots of each row to its front (stable: their order is kept), -1 after: (slots, counts).
-    A sort of the keep flags: fixed width, no host sync."""
-    to_front = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-    return torch.gather(slots, -1, to_front).to(torch.int32), keep.sum(-1).to(torch.int32)
 
 
 def pack_selection(slots: Tensor, counts: Tensor, batch: int, steps: int) -> Tensor:

@@ -167,10 +167,15 @@ SELECTION_SCHEMES = (CANDIDATES, KEY_GATHER)
 SELECTION_SCHEME_ENV = "DCP_SELECTION_SCHEME"  # "auto" (default), "candidates" or "key_gather"
 
 
-def _scheme_from_env() -> str | None:
-    name = os.environ.get(SELECTION_SCHEME_ENV, "auto").strip() or "auto"
-    if name != "auto" and name not in SELECTION_SCHEMES:
-        raise ValueError(f"{SELECTION_SCHEME_ENV}={name!r}: expected 'auto' or one of {SELECTION_SCHEMES}")
+def _scheme_from_env(var: str = SELECTION_SCHEME_ENV, choices: tuple[str, ...] = SELECTION_SCHEMES,
+                     default: str = "auto") -> str | None:
+    """The scheme the environment variable ``var`` names (checked against ``choices``; ``"auto"``, when that
+    is the default, reads as None: the cost model chooses). Shared by the selection, attention and merge
+    schemes."""
+    name = os.environ.get(var, default).strip() or default
+    if name != "auto" and name not in choices:
+        allowed = f"'auto' or one of {choices}" if default == "auto" else f"one of {choices}"
+        raise ValueError(f"{var}={name!r}: expected {allowed}")
     return None if name == "auto" else name
 
 
@@ -287,6 +292,13 @@ def gather_keys_by_position(index_pool: Tensor, key_slots: Tensor, interleave: i
             .reshape(batch, world * local, width))
 
 
+def compact(slots: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Move the kept slots of each row to its front (stable: their order is kept), -1 after: (slots, counts),
+    int32. A sort of the keep flags: fixed width, no host sync. (``slots`` already holds -1 where not kept.)"""
+    to_front = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return torch.gather(slots, -1, to_front).to(torch.int32), keep.sum(-1).to(torch.int32)
+
+
 def owned_slots(positions: Tensor, seq_index: Tensor, block_table: Tensor, rank: int, world: int,
                 interleave: int, page_size: int) -> tuple[Tensor, Tensor]:
     """The selected global positions of each query ([T, K], best first, -1 = none) -> the ones ``rank`` owns as
@@ -298,9 +310,7 @@ def owned_slots(positions: Tensor, seq_index: Tensor, block_table: Tensor, rank:
     local = torch.where(owned, layout.local_index(pos), torch.zeros_like(pos))
     pages = block_table.shape[1]
     page = block_table.reshape(-1)[seq_index.long()[:, None] * pages + local // page_size].long()
-    slot = torch.where(owned, page * page_size + local % page_size, torch.full_like(pos, -1))
-    to_front = torch.argsort((~owned).to(torch.int8), dim=-1, stable=True)
-    return torch.gather(slot, -1, to_front).to(torch.int32), owned.sum(-1).to(torch.int32)
+    return compact(torch.where(owned, page * page_size + local % page_size, torch.full_like(pos, -1)), owned)
 
 
 def key_gather_positions(
@@ -346,9 +356,7 @@ def gathered_rows(positions: Tensor, steps: int, width: int) -> tuple[Tensor, Te
     after, int32; and counts [B·S] int32: what ``dcp::sparse_mla_attn`` reads."""
     seq = torch.arange(positions.shape[0], device=positions.device) // steps
     keep = positions >= 0
-    rows = torch.where(keep, seq[:, None] * width + positions.long(), -1)
-    to_front = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-    return torch.gather(rows, -1, to_front).to(torch.int32), keep.sum(-1).to(torch.int32)
+    return compact(torch.where(keep, seq[:, None] * width + positions.long(), -1), keep)
 
 
 # --- Prefill attention by latent gather (docs/design.md §4.4, "two attention schemes") -----------------------
@@ -364,14 +372,7 @@ ATTENTION_SCHEMES = (SPLIT, KV_GATHER)
 ATTENTION_SCHEME_ENV = "DCP_ATTENTION_SCHEME"  # "auto" (default), "split" or "kv_gather"
 
 
-def _attention_scheme_from_env() -> str | None:
-    name = os.environ.get(ATTENTION_SCHEME_ENV, "auto").strip() or "auto"
-    if name != "auto" and name not in ATTENTION_SCHEMES:
-        raise ValueError(f"{ATTENTION_SCHEME_ENV}={name!r}: expected 'auto' or one of {ATTENTION_SCHEMES}")
-    return None if name == "auto" else name
-
-
-_forced_attention: dict[str, str | None] = {"name": _attention_scheme_from_env()}
+_forced_attention: dict[str, str | None] = {"name": _scheme_from_env(ATTENTION_SCHEME_ENV, ATTENTION_SCHEMES)}
 
 
 def force_attention_scheme(name: str | None) -> None:
@@ -428,14 +429,7 @@ MERGE_SCHEMES = (REDUCE_SCATTER, ALL_TO_ALL)
 MERGE_SCHEME_ENV = "DCP_MERGE_SCHEME"  # "reduce_scatter" (default) or "all_to_all"
 
 
-def _merge_scheme_from_env() -> str:
-    name = os.environ.get(MERGE_SCHEME_ENV, REDUCE_SCATTER).strip() or REDUCE_SCATTER
-    if name not in MERGE_SCHEMES:
-        raise ValueError(f"{MERGE_SCHEME_ENV}={name!r}: expected one of {MERGE_SCHEMES}")
-    return name
-
-
-_merge: dict[str, str] = {"name": _merge_scheme_from_env()}
+_merge: dict[str, str] = {"name": _scheme_from_env(MERGE_SCHEME_ENV, MERGE_SCHEMES, REDUCE_SCATTER)}
 
 
 def set_merge_scheme(name: str) -> None:

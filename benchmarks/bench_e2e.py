@@ -6,6 +6,8 @@ and the unmodified HF model on one GPU (``hf``), eager / Inductor / CUDA graphs.
     python benchmarks/bench_e2e.py --batch 1 8 --context 8192 32768                     # one GPU, one process
     torchrun --nproc-per-node 2 benchmarks/bench_e2e.py --smoke --out /tmp/smoke        # CPU, gloo, tiny dims
     ... --profile                     # + torch.profiler tables of the decode step, kernel time per step
+    ... --profile-prefill             # + torch.profiler tables of one prefill chunk per mode
+    ... --first-use-profile           # + cProfile of each mode's first prefill (compiles, set-up)
     ... --record calls.pt             # + the dcp op calls of one prefill chunk and one decode step
                                       #   (then: python benchmarks/bench_kernels.py --recorded calls.pt)
 
@@ -35,11 +37,16 @@ per rank (``torch.cuda.max_memory_allocated``, decode and prefill). Per mode: th
 PROJECTED (not run) from the device memory left after the weights and the largest decode transient, and the
 measured cache bytes per token per rank. ``--profile``: per (mode, compile), torch.profiler over
 ``--profile-steps`` decode steps at one (batch, context), writing the top CUDA and CPU ops tables, and the sum of
-CUDA kernel time per step next to the step time (GPU-bound when step <= 1.3 x kernel sum).
+CUDA kernel time per step next to the step time (GPU-bound when step <= 1.3 x kernel sum). ``--profile-prefill``:
+per mode, after the kernel warm-up, torch.profiler over ONE prefill chunk at the largest batch, the cache holding
+the smallest context less that chunk (the chunk's attention reads a realistic number of keys): the top 40 ops by
+device time, top 30 by CPU time, and total kernel ms (NCCL's apart), CPU ms and wall ms of the chunk.
+``--first-use-profile``: cProfile of each mode's first prefill (by cumulative and by own time).
 
 Writes to ``--out`` (default ``$OUT``, else benchmarks/out/e2e): results.json (every row, raw; while running,
 results.partial.json holds rank 0's rows so far), step_time.png
-and capacity.png (if matplotlib is there), profile_*.txt, and prints progress lines and a table (rank 0).
+and capacity.png (if matplotlib is there), profile_<mode>_<compile>_b<B>_t<T>.txt (--profile),
+profile_prefill_<mode>.txt, first_use_profile_<mode>.txt, and prints progress lines and a table (rank 0).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ import statistics
 import sys
 import time
 import traceback
+import typing
 
 import torch
 import torch.distributed as dist
@@ -97,9 +105,13 @@ def parse_args(argv=None):
                    "and index keys written straight into the dcp/tp cache pools (decode timing at contexts whose "
                    "prefill would take minutes, e.g. 64 x 128K; hf always prefills)")
     p.add_argument("--first-use-profile", action="store_true",
-                   help="cProfile the process's first prefill (rank 0, first mode): first_use_profile.txt, the "
-                   "30 costliest calls by cumulative time (it slows that prefill: its first-use time is then not "
-                   "comparable)")
+                   help="cProfile each mode's first prefill (rank 0): first_use_profile_<mode>.txt, the 30 costliest "
+                   "calls by cumulative time and the 30 by own time (it slows that prefill: its first-use time is "
+                   "then not comparable)")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="per mode, once the kernels are warm: torch.profiler over one prefill chunk (batch "
+                   "max(--batch)) attending over min(--context) minus a chunk of cached positions: "
+                   "profile_prefill_<mode>.txt, top ops by device and CPU time, kernel / NCCL / CPU ms")
     p.add_argument("--mask", action="store_true", help="pass the growing 2-D attention mask (a padded batch)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over decode steps, per mode x compile")
     p.add_argument("--profile-at", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
@@ -386,18 +398,28 @@ def hf_fits(runner, batch, context) -> str | None:
 
 # ------------------------------------------------------------------------------------------------- one run
 
-def profile_decode(runner, cache, inputs, out_dir, tag):
-    """torch.profiler over the given decode steps: tables written, (CUDA kernel ms per step, CPU ms per step)."""
+class ProfileSums(typing.NamedTuple):
+    """Totals over one profiled run, ms. kernel_ms and nccl_ms are None without CUDA."""
+    kernel_ms: float | None  # every CUDA kernel, NCCL's included
+    nccl_ms: float | None    # the ncclDevKernel* kernels alone
+    cpu_ms: float            # self CPU time of every op
+    wall_ms: float           # host clock around the work, device synchronized before and after, under the profiler
+
+
+def profile_run(env, work, device_rows=30, cpu_rows=30) -> tuple[ProfileSums, str]:
+    """torch.profiler (CPU, and CUDA on GPUs) around ``work()`` on this rank (every rank runs it: the forwards'
+    collectives need them all). Returns the sums and the text of two tables: the top ``device_rows`` ops by self
+    device time (self CPU time without CUDA) and the top ``cpu_rows`` by self CPU time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    env = runner.env
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.cuda else [])
     env.synchronize()
     with profile(activities=activities) as prof, torch.no_grad():
-        for ids, pos, mask in inputs:
-            runner.forward(ids, cache, pos, mask)
+        t0 = time.perf_counter()
+        work()
         env.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
     averages = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
     # NCCL kernels' time includes waiting for the other ranks (it runs until the slowest arrives): counted
@@ -405,14 +427,79 @@ def profile_decode(runner, cache, inputs, out_dir, tag):
     nccl_us = sum(e.self_device_time_total for e in averages
                   if e.device_type == DeviceType.CUDA and e.key.startswith("ncclDevKernel"))
     cpu_us = sum(e.self_cpu_time_total for e in averages)
+    sort_device = "self_cuda_time_total" if env.cuda else "self_cpu_time_total"
+    tables = (f"## top {device_rows} ops by self {'device' if env.cuda else 'CPU (no CUDA)'} time\n"
+              f"{averages.table(sort_by=sort_device, row_limit=device_rows)}\n\n"
+              f"## top {cpu_rows} ops by self CPU time\n"
+              f"{averages.table(sort_by='self_cpu_time_total', row_limit=cpu_rows)}\n")
+    sums = ProfileSums(kernel_ms=kernel_us / 1e3 if env.cuda else None, nccl_ms=nccl_us / 1e3 if env.cuda else None,
+                       cpu_ms=cpu_us / 1e3, wall_ms=wall_ms)
+    return sums, tables
+
+
+def profile_decode(runner, cache, inputs, out_dir, tag):
+    """torch.profiler over the given decode steps: tables written, (CUDA kernel ms per step, CPU ms per step,
+    NCCL kernel ms per step)."""
+    def steps():
+        for ids, pos, mask in inputs:
+            runner.forward(ids, cache, pos, mask)
+
+    env = runner.env
+    sums, tables = profile_run(env, steps)
     if env.rank == 0:
-        sort_gpu = "self_cuda_time_total" if env.cuda else "self_cpu_time_total"
-        text = (f"# {tag}: {len(inputs)} decode steps\n\n## top ops by device time\n"
-                f"{averages.table(sort_by=sort_gpu, row_limit=30)}\n\n## top ops by CPU time\n"
-                f"{averages.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
-        (out_dir / f"profile_{tag}.txt").write_text(text)
+        (out_dir / f"profile_{tag}.txt").write_text(f"# {tag}: {len(inputs)} decode steps\n\n{tables}")
     n = max(1, len(inputs))
-    return (kernel_us / n / 1e3 if env.cuda else None), cpu_us / n / 1e3, (nccl_us / n / 1e3 if env.cuda else None)
+    return (sums.kernel_ms / n if env.cuda else None), sums.cpu_ms / n, (sums.nccl_ms / n if env.cuda else None)
+
+
+def profile_prefill(runner, batch, context, gen, out_dir) -> dict:
+    """torch.profiler over ONE prefill chunk (the benchmark's chunk at this batch and context) that attends over
+    ``context - chunk`` cached positions: a fresh cache is prefilled to there unprofiled, then the last chunk runs
+    profiled. Writes profile_prefill_<mode>.txt (rank 0); returns the header's numbers and the sums."""
+    env = runner.env
+    chunk = min(context, runner.prefill_chunk_positions(batch, context))
+    before = context - chunk
+    cache = runner.new_cache(batch, context)
+    runner.prefill(cache, batch, before, gen)
+    # start=before: runner.prefill steps by its chunk size from there, so exactly one forward of `chunk` positions
+    sums, tables = profile_run(env, lambda: runner.prefill(cache, batch, context, gen, start=before),
+                               device_rows=40, cpu_rows=30)
+    del cache
+    gc.collect()
+    if env.cuda:
+        torch.cuda.empty_cache()
+    summary = prefill_profile_summary(sums)
+    if env.rank == 0:
+        header = (f"# prefill chunk profile: mode {runner.mode}, batch {batch}, chunk {chunk} positions per sequence "
+                  f"({batch * chunk} tokens), context before the chunk {before}, world {env.world}\n"
+                  f"# wall {sums.wall_ms:.3f} ms for the chunk (under the profiler)\n")
+        (out_dir / f"profile_prefill_{runner.mode}.txt").write_text(f"{header}summary: {summary}\n\n{tables}")
+    env.log(f"mode {runner.mode}: prefill chunk B={batch} x {chunk} after {before}: {summary}")
+    return dict(batch=batch, chunk_positions=chunk, context_before=before, **sums._asdict())
+
+
+def prefill_profile_summary(sums: ProfileSums) -> str:
+    if sums.kernel_ms is None:
+        kernels = "kernels - (no CUDA)"
+    else:
+        kernels = (f"kernels {sums.kernel_ms:.3f} ms (NCCL {sums.nccl_ms:.3f} ms, the rest "
+                   f"{sums.kernel_ms - sums.nccl_ms:.3f} ms)")
+    return f"{kernels}, CPU {sums.cpu_ms:.3f} ms, wall {sums.wall_ms:.3f} ms"
+
+
+def write_first_use_profile(profiler, path, header):
+    """cProfile's 30 costliest calls twice: by cumulative time (which call chains the time is under) and by
+    own time (tottime: where it really goes: compiles, cudaMalloc, NCCL set-up, ...)."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    text.write(f"{header}\n## top 30 by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(30)
+    text.write("\n## top 30 by own time (tottime)\n")
+    stats.sort_stats("tottime").print_stats(30)
+    path.write_text(text.getvalue())
 
 
 def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, recorder=None):
@@ -646,7 +733,7 @@ def main(argv=None):
             warm = runner.new_cache(max(args.batch), warm_ctx + 1)
             env.synchronize()
             profiler = None
-            if args.first_use_profile and attempt == 0 and mode == modes[0] and env.rank == 0:
+            if args.first_use_profile and attempt == 0 and env.rank == 0:
                 import cProfile
 
                 profiler = cProfile.Profile()
@@ -656,18 +743,28 @@ def main(argv=None):
             env.synchronize()
             first_use.append(time.perf_counter() - t0)
             if profiler is not None:
-                import io
-                import pstats
-
                 profiler.disable()
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
-                (out_dir / "first_use_profile.txt").write_text(text.getvalue())
+                write_first_use_profile(profiler, out_dir / f"first_use_profile_{mode}.txt",
+                                        f"# first prefill of mode {mode} in this process (rank 0), "
+                                        f"B={max(args.batch)} x {warm_ctx} positions, {first_use[0]:.2f} s "
+                                        f"under cProfile\n")
             del warm
         results.setdefault("first_use", {})[mode] = dict(first_prefill_s=first_use[0], again_s=first_use[1],
                                                          extra_s=first_use[0] - first_use[1])
         env.log(f"mode {mode}: first prefill in this process {first_use[0]:.2f} s, the same again "
                 f"{first_use[1]:.2f} s: first use costs {first_use[0] - first_use[1]:.2f} s extra")
+        if args.profile_prefill:  # the kernels are warm now
+            batch, context = max(args.batch), min(args.context)
+            if mode == "hf" and (why := hf_fits(runner, batch, context)):
+                env.log(f"mode hf: prefill chunk profile skipped ({why})")
+            else:
+                try:
+                    results.setdefault("prefill_profile", {})[mode] = profile_prefill(runner, batch, context, gen,
+                                                                                     out_dir)
+                except Exception:  # noqa: BLE001 - the decode configs still run
+                    tb = traceback.format_exc()
+                    results["errors"].append(dict(mode=mode, phase="profile_prefill", rank=env.rank, tb=tb))
+                    env.log(f"mode {mode}: prefill chunk profile FAILED\n{tb}")
         for batch in args.batch:
             for context in args.context:
                 if mode == "hf" and (why := hf_fits(runner, batch, context)):
@@ -755,6 +852,9 @@ def print_table(results):
     for mode, f in results.get("first_use", {}).items():
         print(f"first use {mode}: first prefill {f['first_prefill_s']:.2f} s, again {f['again_s']:.2f} s "
               f"({f['extra_s']:.2f} s extra; only the process's first mode compiles or loads the kernels)")
+    for mode, pp in results.get("prefill_profile", {}).items():
+        print(f"prefill chunk {mode}: B={pp['batch']} x {pp['chunk_positions']} after {pp['context_before']}: "
+              + prefill_profile_summary(ProfileSums(**{k: pp[k] for k in ProfileSums._fields})))
     for n in results["notes"]:
         print("note:", n)
     if results["errors"]:

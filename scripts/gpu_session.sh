@@ -44,9 +44,11 @@ for p in $PARTS; do case $p in
   tune_topk) TAIL=14 part tune_topk 150 python3 benchmarks/tune_topk_select.py --out "$W/tune_topk" ;;
   tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;
   indexer) TAIL=8 part indexer 110 $PYTEST tests/test_indexer_prefill.py tests/test_op_lowering.py ;;
-  # prefill only (eager): DCP N vs TP N, 8 x 32K through the model
-  e2e_prefill) TAIL=14 part e2e_prefill 130 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
-                 --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 ;;
+  # prefill only (eager): DCP N vs TP N, 8 x 32K through the model; one chunk per mode profiled
+  # (profile_prefill_<mode>.txt), each mode's first prefill cProfiled (first_use_profile_<mode>.txt)
+  e2e_prefill) TAIL=18 part e2e_prefill 160 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
+                 --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 \
+                 --profile-prefill --first-use-profile ;;
   slice) TAIL=40 part slice 280 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;

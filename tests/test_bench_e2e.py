@@ -1,9 +1,9 @@
 """benchmarks/bench_e2e.py and benchmarks/record_op_calls.py on CPU.
 
-- ``bench_e2e.py --smoke`` under torchrun with 2 gloo ranks (tiny dims, dcp / tp / hf, eager, profiled, recording
-  the dcp op calls): every config ran, results.json has the fields the GPU run reports and the numbers are
-  consistent (DCP's cache per rank about half of the replicated one, the capacity projection follows from
-  them, the profile tables exist), and the recorded calls are the model's.
+- ``bench_e2e.py --smoke`` under torchrun with 2 gloo ranks (tiny dims, dcp / tp / hf, eager, decode and one
+  prefill chunk profiled, recording the dcp op calls): every config ran, results.json has the fields the GPU run
+  reports and the numbers are consistent (DCP's cache per rank about half of the replicated one, the capacity
+  projection follows from them, the profile tables exist), and the recorded calls are the model's.
 - The recorder in that run (the tiny bf16 model, 2 ranks): one prefill chunk and one decode step record each dcp
   op with the dtypes the rewritten model passes (the indexer's query in the model's dtype, its head weights
   in float32), shapes that follow from the config, and the values that make the calls realistic (counts,
@@ -36,7 +36,7 @@ def smoke_run(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(BENCH / "bench_e2e.py"), "--smoke", "--batch", "2", "--context", "24", "72", "--profile",
-           "--record", str(out / "calls.pt"), "--out", str(out)]
+           "--profile-prefill", "--record", str(out / "calls.pt"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"bench_e2e --smoke failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out, proc.stdout
@@ -77,6 +77,26 @@ def test_smoke_writes_consistent_results(smoke_run):
         assert (out / f"profile_{mode}_eager_b2_t24.txt").read_text().count("Self CPU") >= 2
         assert by[mode, 24]["profile_cpu_ms_per_step"] > 0
     assert "capacity dcp (PROJECTED)" in stdout
+
+
+def test_smoke_profiles_one_prefill_chunk(smoke_run):
+    """--profile-prefill: per mode, one chunk (--smoke: 32 tokens over batch 2 = 16 positions) after the smallest
+    context less that chunk (24 - 16 = 8 cached positions), its tables and summary in profile_prefill_<mode>.txt."""
+    out, stdout = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    for mode in ("dcp", "tp", "hf"):
+        pp = results["prefill_profile"][mode]
+        assert (pp["batch"], pp["chunk_positions"], pp["context_before"]) == (2, 16, 8), pp
+        assert pp["cpu_ms"] > 0 and pp["wall_ms"] > 0
+        assert pp["kernel_ms"] is None and pp["nccl_ms"] is None  # no CUDA
+        text = (out / f"profile_prefill_{mode}.txt").read_text()
+        assert text.startswith(f"# prefill chunk profile: mode {mode}, batch 2, chunk 16 positions")
+        assert "context before the chunk 8" in text
+        summary = [line for line in text.splitlines() if line.startswith("summary: ")]
+        assert len(summary) == 1 and "CPU " in summary[0], summary
+        assert "## top 40 ops by self" in text and "## top 30 ops by self CPU time" in text
+        assert text.count("Self CPU") >= 2
+        assert f"mode {mode}: prefill chunk B=2 x 16 after 8: kernels - (no CUDA), CPU" in stdout
 
 
 def test_smoke_records_the_model_calls(smoke_run):
@@ -146,10 +166,13 @@ def test_smoke_random_fill(tmp_path):
     assert proc.returncode == 0, f"bench_e2e --fill random failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["mode"]: r for r in results["rows"]}
-    # the first use of each mode (first prefill minus the same again), and the first mode's prefill profiled
+    # the first use of each mode (first prefill minus the same again), each mode's first prefill cProfiled
     assert set(results["first_use"]) == {"dcp", "tp", "hf"}
     assert all(f["first_prefill_s"] > 0 and f["again_s"] > 0 for f in results["first_use"].values())
-    assert "cumulative" in (tmp_path / "first_use_profile.txt").read_text()
+    for mode in ("dcp", "tp", "hf"):
+        text = (tmp_path / f"first_use_profile_{mode}.txt").read_text()
+        assert text.startswith(f"# first prefill of mode {mode}")
+        assert "Ordered by: cumulative time" in text and "Ordered by: internal time" in text  # tottime
     for mode in ("dcp", "tp"):
         r = rows[mode]
         assert r["status"] == "ok" and r["fill"] == "random" and r["prefill_s"] is None and r["prefill_forwards"] == 0

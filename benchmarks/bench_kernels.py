@@ -483,9 +483,11 @@ def recorded_cost(call, a):
         bytes_ = valid * Di * a["k_pool"].element_size() + size["key_slots"] + size["allowed"] + B * S * L * 4 \
             + size["q"] + size["w"]
         return bytes_, 2 * S * Hi * Di * valid, "valid keys once + slots + mask + fp32 scores out"
+    if op == "dcp::candidate_keys":
+        return sum(size.values()) + a["scores"].numel() * 8, 0, "scores + positions + int64 keys out"
     if op == "dcp::topk_select":
-        T = a["cand_scores"].shape[0]
-        return sum(size.values()) + T * a["k"] * 4 + T * 4, 0, "inputs + outputs (a sort: loose floor)"
+        T = a["cand_keys"].shape[1]
+        return sum(size.values()) + T * a["k"] * 4 + T * 4, 0, "every rank's keys once + outputs (loose floor)"
     if op == "dcp::lse_combine":
         return sum(size.values()) + a["out"].numel() * 4, 0, "inputs + fp32 output"
     return sum(size.values()), 0, "inputs only (no model for this op)"

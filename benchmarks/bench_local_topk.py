@@ -1,5 +1,6 @@
 """The indexer's local top-k with ties to the lower position: stable full sort vs topk + tie fill vs the
-radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + topk_select).
+radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + candidate_keys
++ topk_select).
 
     pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints two tables, writes local_topk.json to $OUT
 
@@ -7,8 +8,8 @@ All three local versions give the same columns (checked on data with many exact 
 Decode shapes: T queries (batch) x L local keys, k = 2048; the sort versions see the row padded with k -inf
 columns (as distributed_topk padded it before the kernel), the kernel pads virtually.
 
-Selection table (world 1): local top-k + dcp::topk_select at T x L, old = stable sort + the sort-based
-reference topk_select, new = the two kernels. Floor = bytes the new path must move / HBM bandwidth: the
+Selection table (world 1): local top-k + dcp::candidate_keys + dcp::topk_select at T x L, old = stable sort +
+the sort-based references, new = the three kernels. Floor = bytes the new path must move / HBM bandwidth: the
 scores read once (4·T·L) + candidates written and read back (T·k·(4 + 8) each way) + slots and counts
 written (4·T·(k + 1)); the kernel reads the scores 5 times (4 histogram passes + compaction), so expect
 at best ~20 % of that floor where the passes miss L2.
@@ -89,20 +90,22 @@ def selection_table(dev, k, hbm):
         for L in (8192, 32768, 131072):
             x = torch.randn(T, L, device=dev)
             x = torch.where(torch.rand_like(x) < 0.3, torch.zeros_like(x), x)
-            positions = F.pad(torch.arange(L, device=dev), (0, k), value=torch.iinfo(torch.int32).max)
+            positions = F.pad(torch.arange(L, device=dev), (0, k), value=2**31 - 2)
             seq_index = torch.arange(T, device=dev)
             block_table = torch.arange(T * triton_cdiv(L, 64), device=dev, dtype=torch.int32).view(T, -1)
 
             def old():
                 v, i = local_topk_sorted(F.pad(x, (0, k), value=float("-inf")), k)
-                return reference.topk_select(v, positions[i], seq_index, block_table, k, 0, 1, 1, 64)
+                keys = reference.candidate_keys(v, positions[i])[None]
+                return reference.topk_select(keys, seq_index, block_table, k, 0, 1, 1, 64)
 
             def new():
                 v, i = local_topk_kernel(x, k)
-                return topk_select_kernel(v, positions[i], seq_index, block_table, k, 0, 1, 1, 64)
+                keys = torch.ops.dcp.candidate_keys(v, positions[i])[None]
+                return topk_select_kernel(keys, seq_index, block_table, k, 0, 1, 1, 64)
 
             (so, co), (sn, cn) = old(), new()
-            assert torch.equal(co, cn) and torch.equal(so.sort(-1).values, sn.sort(-1).values), (T, L)
+            assert torch.equal(co, cn) and torch.equal(so, sn), (T, L)
             floor_bytes = 4 * T * L + 2 * T * k * 12 + 4 * T * (k + 1)
             floor_us = floor_bytes / hbm * 1e6
             t_old, t_new = bench(old), bench(new)

@@ -201,7 +201,7 @@ class ShardedPagedCache(Cache):
         if num_tokens > MAX_POSITIONS:
             raise ValueError(
                 f"a sequence of {num_tokens} positions is longer than the {MAX_POSITIONS} the DCP cache takes: "
-                f"positions cross the top-k exchange as float32 numbers, exact below 2**24"
+                f"positions cross the top-k exchange in the low word of an int64 order key (below 2**31 - 1)"
             )
         # Every rank has a pool of the same size and runs the same check for the rank that needs the most
         # (rank 0), so either all ranks raise here, before any collective, or none does.

@@ -12,8 +12,8 @@ sees them and can schedule around them. The ownership arithmetic (``DCPLayout``,
     dcp::paged_write(pool!, rows, slots) -> ()
     dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
     dcp::local_topk(scores, k) -> (values, columns)
-    dcp::topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
-        -> (slots, counts)
+    dcp::candidate_keys(scores, positions) -> keys
+    dcp::topk_select(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size) -> (slots, counts)
     dcp::lse_combine(out, lse, lse_all) -> out_scaled
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ LIB = "dcp"
 # graph nodes that Inductor emits itself: no Python between the kernels, and the step can be captured as a
 # CUDA graph. Where the Triton kernels do not serve the tensors (CPU, float64) the op stays one opaque node
 # that runs ops/reference.py (``register_kernel("cpu")``, and the float64 branch of the CUDA impl). Ops
-# without a kernel whose reference is plain traceable tensor code (topk_select, lse_combine) are replaced by
-# that code on every device, so Inductor fuses it.
+# whose reference is plain traceable tensor code are replaced by that code where no kernel serves them
+# (lse_combine everywhere; local_topk and topk_select off the Triton devices), so Inductor fuses it.
 
 # Devices whose tensors the Triton kernels serve (tests add "cpu" to trace the Triton path without a GPU).
 TRITON_DEVICES = ("cuda",)
@@ -221,20 +221,43 @@ def _(scores, k):
     return scores.new_empty(T, k), scores.new_empty(T, k, dtype=torch.int64)
 
 
+# --- candidate_keys ----------------------------------------------------------------------------------------
+def _candidate_keys(scores: Tensor, positions: Tensor) -> Tensor:
+    """A rank's local top-k (scores [T, k], global positions [T, k]) -> int64 order keys [T, k], best first:
+    what the rank sends in the top-k exchange (encoding: ops/reference.py, "order keys"). Live keys are
+    distinct, so the result is unique."""
+    if _on_triton(scores):
+        from .triton.candidate_keys import candidate_keys as kernel
+
+        return kernel(scores, positions)
+    return reference.candidate_keys(scores, positions)
+
+
+candidate_keys = torch.library.triton_op(f"{LIB}::candidate_keys", mutates_args=())(_candidate_keys)
+candidate_keys.register_kernel("cpu")(reference.candidate_keys)
+# The kernel's launch on Triton devices; elsewhere one opaque node (the reference bit-views the scores).
+_trace_under_compile(candidate_keys, _candidate_keys, when=lambda scores, *rest: _on_triton(scores))
+
+
+@candidate_keys.register_fake
+def _(scores, positions):
+    return scores.new_empty(scores.shape, dtype=torch.int64)
+
+
 # --- topk_select -------------------------------------------------------------------------------------------
 def _topk_select(
-    cand_scores: Tensor, cand_pos: Tensor, seq_index: Tensor, block_table: Tensor,
+    cand_keys: Tensor, seq_index: Tensor, block_table: Tensor,
     k: int, rank: int, world: int, interleave: int, page_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Global top-k of gathered (score, position) candidates [T, C] -> this rank's compacted slots [T, k]
-    int32 and counts [T] int32. Fixed-width: no host sync, no data-dependent shape. The order of the slots
-    within a query is unspecified (the set and the count are exact): score order on CPU (the sort-based
-    reference), candidate order from the Triton kernel (ops/triton/topk_select.py)."""
-    if _on_triton(cand_scores):
+    """Every rank's candidate keys [world, T, k] (block r = rank r's ``candidate_keys``, best first) -> this
+    rank's share of the exact global top-k as physical slots [T, k] int32, best first, -1 after, and counts [T]
+    int32. Fixed-width: no host sync, no data-dependent shape. The reference takes any C and any order; the
+    Triton kernel (ops/triton/topk_select.py) relies on the contract."""
+    if cand_keys.device.type in TRITON_DEVICES:
         from .triton.topk_select import topk_select as kernel
 
-        return kernel(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
-    return reference.topk_select(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size)
+        return kernel(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size)
+    return reference.topk_select(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size)
 
 
 topk_select = torch.library.triton_op(f"{LIB}::topk_select", mutates_args=())(_topk_select)
@@ -243,9 +266,9 @@ _trace_under_compile(topk_select, _topk_select, when=_always)  # kernel launches
 
 
 @topk_select.register_fake
-def _(cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size):
-    T = cand_scores.shape[0]
-    return cand_scores.new_empty(T, k, dtype=torch.int32), cand_scores.new_empty(T, dtype=torch.int32)
+def _(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size):
+    T = cand_keys.shape[1]
+    return cand_keys.new_empty(T, k, dtype=torch.int32), cand_keys.new_empty(T, dtype=torch.int32)
 
 
 # --- lse_combine -------------------------------------------------------------------------------------------
@@ -270,11 +293,11 @@ def _(out, lse, lse_all):
 
 # Inference only: a backward through any functional dcp op raises a clear error (paged_write mutates its pool,
 # and torch allows no autograd formula there; see ops/inference_only.py).
-for _op in (sparse_mla_attn, indexer_scores, local_topk, topk_select, lse_combine):
+for _op in (sparse_mla_attn, indexer_scores, local_topk, candidate_keys, topk_select, lse_combine):
     inference_only.register(_op)
 
 __all__ = [
-    "sparse_mla_attn", "paged_write", "indexer_scores", "local_topk", "topk_select", "lse_combine",
+    "sparse_mla_attn", "paged_write", "indexer_scores", "local_topk", "candidate_keys", "topk_select", "lse_combine",
     "all_gather_heads", "all_reduce_sum", "distributed_topk", "lse_merge", "DCPLayout", "reference",
     "ATTENTION_KERNELS", "TRACED_ATTENTION_KERNELS", "use_attention_kernel",
 ]

@@ -119,9 +119,9 @@ def local_topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.contiguous(), idx.contiguous()
 
 
-# Positions cross the top-k exchange as float32 numbers (``distributed_topk``), exact below 2**24: the longest
-# sequence the cache takes (ShardedPagedCache.reserve), far above any model's context (DeepSeek-V3.2: 163840).
-MAX_POSITIONS = 2**24 - 1
+# The longest sequence the cache takes (ShardedPagedCache.reserve): a position must fit the order key's low
+# word (ops/reference.py, "order keys": below 2**31 - 1), far above any model's context (DeepSeek-V3.2: 163840).
+MAX_POSITIONS = 2**31 - 2
 PAD_POSITION = MAX_POSITIONS  # the position of local top-k padding columns (score -inf: never selected)
 
 
@@ -132,27 +132,22 @@ def distributed_topk(
     """Exact top-k over the whole DCP group (docs/design.md §4.2).
 
     scores [T, L] this rank's indexer scores of its own keys (-inf = not a candidate), positions [L] or
-    [T, L] their global positions. Local top-k, all-gather (score, position), global top-k, keep the ones
-    this rank owns as compacted local slots [T, k] and counts [T].
+    [T, L] their global positions. Local top-k, its order keys sorted best first, all-gather them, rank this
+    rank's keys among every rank's (``topk_select``), keep the selected ones as physical slots [T, k] (best
+    first) and counts [T].
     """
     # dcp::local_topk pads each row with k -inf columns: the local top-k is then fixed-width k whatever this
     # rank holds, with no branch on the (growing) local length, so a decode graph compiles once. Their
-    # positions are PAD_POSITION (never selected: -inf). Ties must go to the lower position (local order is
-    # position order) so that the selection is the same whatever the number of ranks: plain torch.topk does
-    # not promise that. CUDA: a radix select (ops/triton/local_topk.py); CPU / float64: a stable sort.
+    # positions are PAD_POSITION (never selected: -inf). The order key breaks score ties by the lower
+    # position, so the selection is the same whatever the number of ranks (torch.topk promises no tie rule).
     positions = F.pad(positions, (0, k), value=PAD_POSITION)  # [L + k] or [T, L + k]
     top_scores, top_idx = torch.ops.dcp.local_topk(scores, k)
     top_pos = positions[top_idx] if positions.dim() == 1 else torch.gather(positions, -1, top_idx)
-    if world > 1:
-        # One collective for both, 8 bytes per candidate: the fp32 score and the position as an fp32 number,
-        # exact below 2**24 (the cache refuses longer sequences: MAX_POSITIONS). Plain values, no bit view: a
-        # dtype view of the gathered buffer is a view Inductor cannot always lower (torch 2.11, CUDA).
-        packed = torch.stack([top_scores.float(), top_pos.float()], dim=0)  # [2, T, k]
-        packed = all_gather(packed, 2, group_name, world)  # [2, T, world·k]
-        top_scores, top_pos = packed[0], packed[1]
-    return torch.ops.dcp.topk_select(
-        top_scores, top_pos.long(), seq_index, block_table, k, rank, world, interleave, page_size
-    )
+    # One int64 a candidate (8 bytes: the score's order image and the position), sorted best first: the
+    # sorted blocks let topk_select rank this rank's keys by binary searches (ops/triton/kernels/topk_select.py).
+    keys = torch.ops.dcp.candidate_keys(top_scores, top_pos)[None]  # [1, T, k]
+    keys = all_gather(keys, 0, group_name, world)  # [world, T, k]: rank r's keys in block r, no copy after
+    return torch.ops.dcp.topk_select(keys, seq_index, block_table, k, rank, world, interleave, page_size)
 
 
 # --- Prefill selection by key gather (docs/design.md §4.2, "two schemes") ----------------------------------

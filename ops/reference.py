@@ -74,26 +74,57 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, query_block: 
     return scores.masked_fill(~valid, float("-inf"))
 
 
-def topk_select(cand_scores, cand_pos, seq_index, block_table, k: int, rank: int, world: int, interleave: int, page_size: int):
-    """Exact global top-k of the gathered candidates, then this rank's share of it as compacted local slots.
+# --- the top-k exchange's order keys (docs/design.md §4.2) ---------------------------------------------------
+# A candidate (score, global position) travels as one int64 whose signed order is the selection order: higher
+# score first, then lower position. High word: the fp32 score's order image (an int32 whose signed order is
+# the float order; -0.0 and +0.0 equal, as a sort sees them); low word: 2**31 - 1 - position. Live candidates
+# (score > -inf) have distinct keys (positions are unique in a query's candidates), so "the top k" needs no
+# tie rule of its own; -inf candidates (masked keys, padding) are never selected.
+NEG_INF_IMAGE = -2139095041  # the order image of -inf (0xFF800000 with every bit below the sign flipped)
+POSITION_BITS = 31
 
-    Order: higher score first, then lower position (deterministic on ties). Candidates with score -inf
-    (masked, padding, or absent) are never selected. Returns slots [T, k] int32 (owned rows first, -1 after)
-    and counts [T] int32.
-    """
+
+def float_image(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 (wider types rounded to fp32) -> int32 whose signed order is the float order (no NaN)."""
+    x = scores.float().contiguous()
+    bits = torch.where(x == 0, torch.zeros((), dtype=torch.int32), x.view(torch.int32))
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def order_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(score, position) -> int64 order keys (positions of live candidates in [0, 2**31 - 1))."""
+    live = scores > float("-inf")
+    low = (2**POSITION_BITS - 1) - torch.where(live, positions.long(), torch.zeros((), dtype=torch.long))
+    return (float_image(scores).long() << 32) | low
+
+
+def key_positions(keys: torch.Tensor) -> torch.Tensor:
+    return (2**POSITION_BITS - 1) - (keys & 0xFFFFFFFF)
+
+
+def key_live(keys: torch.Tensor) -> torch.Tensor:
+    return (keys >> 32) > NEG_INF_IMAGE
+
+
+def candidate_keys(scores, positions):
+    """A rank's local top-k candidates -> their order keys [T, k] int64, best first (what each rank sends)."""
+    return torch.sort(order_keys(scores, positions), dim=-1, descending=True).values
+
+
+def topk_select(cand_keys, seq_index, block_table, k: int, rank: int, world: int, interleave: int, page_size: int):
+    """Exact global top-k of the gathered candidates' order keys [N, T, C] (N blocks a query, any N, C and
+    order here; the op's contract, N = world blocks of C = k keys, block r = rank r's keys best first, is
+    what the CUDA kernel relies on), then this rank's share of it as compacted physical slots: slots [T, k]
+    int32 (best first, -1 after) and counts [T] int32. Dead keys (score -inf) are never selected."""
     layout = DCPLayout(world, interleave, page_size)
-    if cand_scores.shape[-1] < k:  # fewer candidates than k: pad with never-selected ones
-        pad = k - cand_scores.shape[-1]
-        cand_scores = torch.nn.functional.pad(cand_scores, (0, pad), value=float("-inf"))
-        cand_pos = torch.nn.functional.pad(cand_pos, (0, pad), value=torch.iinfo(torch.int32).max)
-    by_pos = torch.argsort(cand_pos, dim=-1, stable=True)
-    scores = torch.gather(cand_scores, -1, by_pos)
-    pos = torch.gather(cand_pos, -1, by_pos)
-    by_score = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :k]
-    top_scores = torch.gather(scores, -1, by_score)
-    top_pos = torch.gather(pos, -1, by_score)
-    owned = (top_scores > float("-inf")) & (layout.owner(top_pos) == rank)
-    local = torch.where(owned, layout.local_index(top_pos), torch.zeros_like(top_pos))
+    cand_keys = cand_keys.permute(1, 0, 2).reshape(cand_keys.shape[1], -1)  # [T, N·C]
+    if cand_keys.shape[-1] < k:  # fewer candidates than k: pad with dead keys
+        pad = k - cand_keys.shape[-1]
+        cand_keys = torch.nn.functional.pad(cand_keys, (0, pad), value=NEG_INF_IMAGE << 32)
+    top = torch.sort(cand_keys, dim=-1, descending=True).values[:, :k]
+    pos = key_positions(top)
+    owned = key_live(top) & (layout.owner(pos) == rank)
+    local = torch.where(owned, layout.local_index(pos), torch.zeros_like(pos))
     slot = layout.slot(block_table[seq_index.long()], local)
     slot = torch.where(owned, slot, torch.full_like(slot, -1))
     to_front = torch.argsort((~owned).to(torch.int8), dim=-1, stable=True)

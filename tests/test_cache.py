@@ -274,8 +274,10 @@ def test_crop():
 
 
 def test_sequence_longer_than_exact_positions_raises_and_stays_usable():
-    # Positions cross the top-k exchange as float32 numbers: a sequence past 2**24 - 1 positions is refused
-    # by reserve (before any collective), naming the value and the limit; the cache stays as it was.
+    # Positions cross the top-k exchange in the low word of an int64 order key: a sequence past 2**31 - 2
+    # positions is refused by reserve (before any collective), naming the value and the limit; the cache stays
+    # as it was.
+    from dcp_compile.ops import reference
     from dcp_compile.ops.distributed import MAX_POSITIONS
 
     cache = make_cache(world=2, page_size=4, rank=0, num_pages=8, batch=1)
@@ -284,5 +286,6 @@ def test_sequence_longer_than_exact_positions_raises_and_stays_usable():
         cache.reserve(MAX_POSITIONS + 1)
     assert str(MAX_POSITIONS + 1) in str(info.value) and str(MAX_POSITIONS) in str(info.value)
     assert cache.capacity == 12 and cache.used_pages() == 2
-    assert float(MAX_POSITIONS) == MAX_POSITIONS and float(MAX_POSITIONS - 1) + 1 == MAX_POSITIONS
-    assert torch.tensor(MAX_POSITIONS - 1, dtype=torch.float32).long().item() == MAX_POSITIONS - 1
+    last = torch.tensor([[MAX_POSITIONS - 1, 0]])
+    keys = reference.order_keys(torch.tensor([[-1e30, -1e30]]), last)
+    assert torch.equal(reference.key_positions(keys), last) and keys[0, 1] > keys[0, 0]

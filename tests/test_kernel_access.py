@@ -49,8 +49,8 @@ SCRIPT = textwrap.dedent(
         return Grid()
 
     common.launch = record  # the wrappers resolve common.launch at call time
-    from dcp_compile.ops.triton import (indexer_scores, local_topk, merge_partials, paged_write, sparse_mla_attn,
-                                        topk_select)
+    from dcp_compile.ops.triton import (candidate_keys, indexer_scores, local_topk, merge_partials, paged_write,
+                                        sparse_mla_attn, topk_select)
 
     def same_storage(a, b):
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -68,8 +68,11 @@ SCRIPT = textwrap.dedent(
                             torch.randint(0, S, (2, 40), dtype=torch.int32, generator=g),
                             torch.ones(2, 3, 40, dtype=torch.bool), 0.1), {}, ()),
         "local_topk": (local_topk.local_topk, (torch.randn(T, 300, generator=g), 16), {}, ()),
+        "candidate_keys": (candidate_keys.candidate_keys,
+                           (torch.randn(T, 32, generator=g), torch.randperm(64, generator=g)[:32].repeat(T, 1)), {},
+                           ()),
         "topk_select": (topk_select.topk_select,
-                        (torch.randn(T, 64, generator=g), torch.randperm(64, generator=g).repeat(T, 1),
+                        (torch.randint(0, 2**40, (2, T, 16), generator=g).sort(-1, descending=True).values,
                          torch.arange(T), torch.arange(T * 4, dtype=torch.int32).view(T, 4), 16, 0, 2, 1, 8), {}, ()),
         "merge_partials": (merge_partials.merge_partials,
                            (torch.randn(2, T, H, V, generator=g), torch.randn(2, T, H, generator=g)), {}, ()),
@@ -106,8 +109,8 @@ def report():
     return json.loads(lines[-1][len("REPORT "):])
 
 
-@pytest.mark.parametrize("op", ["sparse_mla_attn", "indexer_scores", "local_topk", "topk_select", "merge_partials",
-                                "paged_write"])
+@pytest.mark.parametrize("op", ["sparse_mla_attn", "indexer_scores", "local_topk", "candidate_keys", "topk_select",
+                                "merge_partials", "paged_write"])
 def test_kernels_write_only_outputs(report, op):
     entry = report[op]
     assert entry["launches"] >= 1, f"{op}: no launch recorded"

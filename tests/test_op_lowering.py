@@ -1,8 +1,8 @@
 """How the ``dcp`` ops lower under torch.compile (ops/__init__.py, "how the ops lower"; docs/design.md, "The
 ops layer").
 
-- CPU, Inductor: the Triton-backed ops (sparse_mla_attn, indexer_scores, paged_write) stay one opaque call
-  each (their CPU kernel is ops/reference.py); topk_select and lse_combine are traced into aten ops that
+- CPU, Inductor: the Triton-backed ops (sparse_mla_attn, indexer_scores, paged_write, candidate_keys) stay one
+  opaque call each (their CPU kernel is ops/reference.py); topk_select and lse_combine are traced into aten ops that
   Inductor compiles (no ``torch.ops.dcp`` call left for them in the generated code); results equal eager.
 - The Triton path traced without a GPU (a subprocess that lets the Triton kernels serve CPU tensors, only to
   trace them): every op becomes kernel-launch nodes, symbolic shapes included, with no ``dcp`` op and no host
@@ -22,33 +22,35 @@ import textwrap
 
 import pytest
 import torch
-from test_ops import attn_inputs, combine_inputs, indexer_inputs, topk_inputs, write_inputs
+from test_ops import attn_inputs, candidate_inputs, combine_inputs, indexer_inputs, topk_inputs, write_inputs
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.utils import run_and_get_code
 
 import dcp_compile.ops  # noqa: F401  (registers torch.ops.dcp)
 
 dcp = torch.ops.dcp
-TRITON_OPS = ("sparse_mla_attn", "indexer_scores", "paged_write")  # backed by Triton kernels on CUDA
+TRITON_OPS = ("sparse_mla_attn", "indexer_scores", "paged_write", "candidate_keys")  # Triton kernels on CUDA
 TRACED_OPS = ("topk_select", "lse_combine")  # traced as their aten reference on every device
 
 
 def step(pool, rows, write_slots, q, kv, slots, counts, iq, iw, ik_pool, ikey_slots, allowed,
-         cand_scores, cand_pos, seq_index, block_table, out, lse, lse_all):
+         local_scores, local_pos, cand_keys, seq_index, block_table, out, lse, lse_all):
     """One call of each op, with some arithmetic around them for Inductor to fuse."""
     dcp.paged_write(pool, rows, write_slots)
     attn_out, attn_lse = dcp.sparse_mla_attn(q, kv, slots, counts, 0.37, 7)
     scores = dcp.indexer_scores(iq, iw, ik_pool, ikey_slots, allowed, 0.125)
-    top_slots, top_counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 5, 1, 3, 2, 4)
+    own_keys = dcp.candidate_keys(local_scores * 1, local_pos)
+    top_slots, top_counts = dcp.topk_select(cand_keys, seq_index, block_table, 5, 1, 3, 2, 4)
     combined = dcp.lse_combine(out, lse, lse_all)
     best, best_cols = dcp.local_topk(scores.flatten(0, 1), 3)
-    return attn_out * 2, attn_lse, scores + 1, top_slots, top_counts, combined * 3, best, best_cols
+    return attn_out * 2, attn_lse, scores + 1, own_keys, top_slots, top_counts, combined * 3, best, best_cols
 
 
 def cpu_step_inputs():
     iq, iw, ik_pool, ikey_slots, allowed, _ = indexer_inputs(q_dtype=torch.float32)
     return (*write_inputs(torch.float32), *attn_inputs(torch.float32)[:4],
-            iq, iw, ik_pool.float(), ikey_slots, allowed, *topk_inputs()[:4], *combine_inputs(torch.float32))
+            iq, iw, ik_pool.float(), ikey_slots, allowed, *candidate_inputs(T=4, k=5), *topk_inputs()[:3],
+            *combine_inputs(torch.float32))
 
 
 def _clone(args):
@@ -89,7 +91,8 @@ def test_ops_lower_as_intended_on_cpu():
         assert dynamo[f"dcp.{op}"] == 1, dynamo
     dcp_after_aot = {k: v for k, v in aot.items() if k.startswith("dcp.")}
     # paged_write mutates its pool: functionalization wraps it (auto_functionalized) around the same op
-    assert dcp_after_aot == {"dcp.sparse_mla_attn.default": 1, "dcp.indexer_scores.default": 1}, aot
+    assert dcp_after_aot == {"dcp.sparse_mla_attn.default": 1, "dcp.indexer_scores.default": 1,
+                             "dcp.candidate_keys.default": 1}, aot
     assert sum(v for k, v in aot.items() if "auto_functionalized" in k) == 1, aot
 
     code = "\n".join(codes)
@@ -150,6 +153,7 @@ def test_triton_path_traces_to_kernel_launches():
     for mode, found in result.items():
         assert found["kernels"] == {"paged_write_kernel": 1, "sparse_mla_fwd_kernel": 1, "merge_partials_kernel": 1,
                                     "indexer_scores_prefill_kernel": 1, "topk_select_kernel": 1,
+                                    "candidate_keys_kernel": 1,
                                     "local_topk_histogram_kernel": 4, "local_topk_compact_kernel": 1}, (mode, found["kernels"])
         left = {t: n for t, n in found["targets"].items() if t.startswith("dcp.") or "_local_scalar_dense" in t}
         assert not left, (mode, left)
@@ -174,12 +178,10 @@ class DecodeStep(torch.nn.Module):
         dcp.paged_write(self.latent_pool, latent_new, write_slots)
         dcp.paged_write(self.index_pool, index_new, write_slots)
         scores = dcp.indexer_scores(iq, iw, self.index_pool, key_slots, allowed, 128 ** -0.5)
-        # As in the model: the candidates are the step's own tensors (gathered from the local top-k), not graph
-        # inputs. Triton's mutation analysis reports topk_select's arguments as written (H200, triton 3.6), so
-        # a graph input there would be a mutated input and skip the CUDA graph; the model's block table is a
-        # static address (allowed), its candidates intermediates. (A precise analysis is an open item.)
-        cand_scores, cand_pos, seq_index = cand_scores + 0, cand_pos + 0, seq_index + 0
-        top_slots, top_counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 2048, 0, 2, 1, 64)
+        # As in the model: every rank's keys from its local top-k (here both ranks' in this step), stacked as
+        # the all-gather leaves them; rank 0's share of the selection.
+        keys = torch.stack([dcp.candidate_keys(s, p) for s, p in zip(cand_scores.chunk(2, -1), cand_pos.chunk(2, -1))])
+        top_slots, top_counts = dcp.topk_select(keys, seq_index + 0, block_table, 2048, 0, 2, 1, 64)
         out, lse = dcp.sparse_mla_attn(q, self.latent_pool, slots, counts, 576 ** -0.5, 512)
         merged = dcp.lse_combine(out, lse, torch.stack([lse, lse_all]))
         return scores, top_slots, top_counts, out, lse, merged
@@ -195,7 +197,9 @@ def decode_inputs(batch=4, keys=4096, seed=0):
     slots = torch.stack([torch.randperm(8192, generator=g)[:K] for _ in range(batch)]).to(torch.int32)
     cand_scores = torch.randn(batch, 2 * K, generator=g)
     cand_scores[:, -100:] = float("-inf")
-    cand_pos = torch.stack([torch.randperm(2 * keys, generator=g)[: 2 * K] for _ in range(batch)])
+    # rank r's block: K of the positions it owns (world 2, interleave 1: position % 2 == r)
+    cand_pos = torch.stack([torch.cat([torch.randperm(keys, generator=g)[:K] * 2 + r for r in range(2)])
+                            for _ in range(batch)])
     pages = keys // 64  # this rank's pages of each sequence (world 2, interleave 1: half of 2·keys positions)
     block_table = torch.randperm(batch * pages + 16, generator=g)[: batch * pages].view(batch, pages).to(torch.int32)
     lse_all = torch.randn(batch, heads, generator=g) * 3
@@ -243,7 +247,8 @@ def test_decode_step_compiles_to_triton_launches_cuda():
             assert torch.equal(compiled.index_pool, eager.index_pool), f"replay {replay}: index pool"
     code = "\n".join(codes)
     assert "torch.ops.dcp." not in code, re.findall(r"torch\.ops\.dcp\.\w+", code)
-    for kernel in ("sparse_mla_fwd_kernel", "merge_partials_kernel", "indexer_scores_kernel", "paged_write_kernel"):
+    for kernel in ("sparse_mla_fwd_kernel", "merge_partials_kernel", "indexer_scores_kernel", "paged_write_kernel",
+                   "candidate_keys_kernel", "topk_select_kernel"):
         assert kernel in code, f"{kernel} is not launched from Inductor's code"
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 

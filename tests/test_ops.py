@@ -55,19 +55,44 @@ def indexer_inputs(B=2, S=3, Hi=4, Di=8, L=11, Pn=29, seed=2, q_dtype=torch.floa
     return q, w, k_pool, key_slots, allowed, 0.125
 
 
-def topk_inputs(T=6, C=12, k=5, rank=1, world=3, interleave=2, page_size=4, seed=3, B=2):
+def topk_case(T=6, k=5, rank=1, world=3, interleave=2, page_size=4, seed=3, B=2, blocks_of=None):
+    """What distributed_topk hands dcp::topk_select: every rank's local top-k (k of the positions it owns, in
+    position order; few distinct scores: plenty of ties; some -inf; query 0 all -inf) as order keys, best
+    first, [world, T, k]. Returns (op args, (cand_scores, cand_pos) [T, world·k]: the same candidates raw,
+    for the oracle). ``blocks_of`` (!= k) makes blocks of that many keys (the reference takes any)."""
     g = _gen(seed)
     layout = DCPLayout(world, interleave, page_size)
-    max_pos = 40
-    cand_pos = torch.stack([torch.randperm(max_pos, generator=g)[:C] for _ in range(T)])
-    # Few distinct values: plenty of ties.
-    cand_scores = torch.randint(0, 4, (T, C), generator=g).float()
-    cand_scores[torch.rand(T, C, generator=g) < 0.25] = NEG_INF
-    cand_scores[0] = NEG_INF  # nothing selectable
+    width = blocks_of or k
+    max_pos = 4 * world * interleave * max(width, 1)
+    scores, positions = [], []
+    for r in range(world):
+        owned = torch.tensor([p for p in range(max_pos) if int(layout.owner(torch.tensor(p))) == r])
+        pos = torch.stack([owned[torch.randperm(len(owned), generator=g)[:width]].sort().values for _ in range(T)])
+        sc = torch.randint(0, 4, (T, width), generator=g).float()
+        sc[torch.rand(T, width, generator=g) < 0.25] = NEG_INF
+        sc[0] = NEG_INF  # nothing selectable
+        scores.append(sc)
+        positions.append(pos)
+    keys = torch.stack([dcp.candidate_keys(sc, pos) for sc, pos in zip(scores, positions)])
     seq_index = torch.randint(0, B, (T,), generator=g)
     pages = layout.pages(max_pos, 0)
     block_table = torch.randperm(B * pages + 5, generator=g)[: B * pages].view(B, pages).to(torch.int32)
-    return cand_scores, cand_pos, seq_index, block_table, k, rank, world, interleave, page_size
+    args = (keys, seq_index, block_table, k, rank, world, interleave, page_size)
+    return args, (torch.cat(scores, dim=1), torch.cat(positions, dim=1))
+
+
+def topk_inputs(**kw):
+    return topk_case(**kw)[0]
+
+
+def candidate_inputs(T=5, k=7, seed=6):
+    """A local top-k's (scores, positions): ties, -inf, and zeros of both signs (equal scores)."""
+    g = _gen(seed)
+    scores = torch.randint(-2, 3, (T, k), generator=g).float()
+    scores = torch.where(scores == 0, torch.where(torch.rand(T, k, generator=g) < 0.5, -0.0, 0.0), scores)
+    scores[torch.rand(T, k, generator=g) < 0.2] = NEG_INF
+    positions = torch.stack([torch.randperm(100, generator=g)[:k] for _ in range(T)])
+    return scores, positions
 
 
 def combine_inputs(dtype=torch.float64, N=3, T=4, H=2, D=5, rank=1, seed=4):
@@ -110,6 +135,7 @@ OPCHECK_CASES = {
     ),
     "indexer_scores_f64": (dcp.indexer_scores, lambda: indexer_inputs()),
     "indexer_scores_f32": (dcp.indexer_scores, lambda: indexer_inputs(q_dtype=torch.float32)),
+    "candidate_keys": (dcp.candidate_keys, lambda: candidate_inputs()),
     "topk_select": (dcp.topk_select, lambda: topk_inputs()),
     "topk_select_world1": (dcp.topk_select, lambda: topk_inputs(rank=0, world=1, interleave=1)),
     "lse_combine_f64": (dcp.lse_combine, lambda: combine_inputs(torch.float64)),
@@ -143,9 +169,10 @@ FAKE_CASES = {
     "paged_write": (dcp.paged_write, lambda: write_inputs()),
     "indexer_scores_f64": (dcp.indexer_scores, lambda: indexer_inputs()),
     "indexer_scores_bf16": (dcp.indexer_scores, lambda: indexer_inputs(q_dtype=torch.bfloat16)),
+    "candidate_keys": (dcp.candidate_keys, lambda: candidate_inputs()),
     "topk_select": (dcp.topk_select, lambda: topk_inputs()),
-    # Fewer candidates than k (C=3 < k=5): the fake says [T, k]; the real op must agree.
-    "topk_select_few_candidates": (dcp.topk_select, lambda: topk_inputs(C=3, k=5)),
+    # Blocks shorter than k (3 < k=5): the fake says [T, k]; the real op must agree.
+    "topk_select_few_candidates": (dcp.topk_select, lambda: topk_inputs(blocks_of=3, k=5)),
     "lse_combine_f64": (dcp.lse_combine, lambda: combine_inputs(torch.float64)),
     "lse_combine_f32": (dcp.lse_combine, lambda: combine_inputs(torch.float32)),
     "lse_combine_bf16": (dcp.lse_combine, lambda: combine_inputs(torch.bfloat16)),
@@ -165,7 +192,8 @@ EXPECTED_META = {
     dcp.indexer_scores: lambda q, w, k_pool, key_slots, allowed, scale: (
         (q.shape[0], q.shape[1], key_slots.shape[1]), torch.float32
     ),
-    dcp.topk_select: lambda cs, cp, si, bt, k, *rest: (((cs.shape[0], k), torch.int32), ((cs.shape[0],), torch.int32)),
+    dcp.candidate_keys: lambda scores, positions: (tuple(scores.shape), torch.int64),
+    dcp.topk_select: lambda keys, si, bt, k, *rest: (((keys.shape[1], k), torch.int32), ((keys.shape[1],), torch.int32)),
     dcp.lse_combine: lambda out, lse, lse_all: (
         tuple(out.shape), torch.float64 if out.dtype == torch.float64 else torch.float32
     ),
@@ -307,16 +335,18 @@ def test_indexer_scores_vs_reference():
     torch.testing.assert_close(got.double()[~masked], ref[~masked], rtol=1e-5, atol=1e-5)
 
 
-def _check_topk(args):
+def _check_topk(case):
+    """The op's slots are the oracle's, in the oracle's order (best first), then -1; the count is theirs."""
+    args, raw = case
     slots, counts = dcp.topk_select(*args)
-    expected = oracle.topk_select(*args)
-    k = args[4]
+    expected = oracle.topk_select(*raw, *args[1:])
+    k = args[3]
     assert slots.dtype == torch.int32 and counts.dtype == torch.int32
-    assert slots.shape == (args[0].shape[0], k)
+    assert slots.shape == (args[0].shape[1], k)
     for t, exp in enumerate(expected):
         n = int(counts[t])
         assert n == len(exp), f"query {t}: count {n}, expected {len(exp)} ({exp})"
-        assert sorted(slots[t, :n].tolist()) == sorted(exp), f"query {t}: {slots[t].tolist()} vs {exp}"
+        assert slots[t, :n].tolist() == exp, f"query {t}: {slots[t].tolist()} vs {exp}"
         assert (slots[t, n:] == -1).all(), f"query {t}: not compacted: {slots[t].tolist()}"
     return expected
 
@@ -325,21 +355,38 @@ def test_topk_select_vs_reference():
     seen_partial = False
     for seed in range(6):
         for rank in range(3):
-            args = topk_inputs(seed=seed, rank=rank, T=8, C=14, k=5)
-            expected = _check_topk(args)
+            expected = _check_topk(topk_case(seed=seed, rank=rank, T=8, k=5))
             seen_partial |= any(0 < len(e) < 5 for e in expected)
         # The ranks' shares of one query partition the global top-k.
-        all_ranks = [oracle.topk_select(*topk_inputs(seed=seed, rank=r, T=8, C=14, k=5)) for r in range(3)]
-        cs = topk_inputs(seed=seed, T=8, C=14, k=5)[0]
+        cases = [topk_case(seed=seed, rank=r, T=8, k=5) for r in range(3)]
+        all_ranks = [oracle.topk_select(*raw, *args[1:]) for args, raw in cases]
+        cs = cases[0][1][0]
         for t in range(8):
             assert sum(len(all_ranks[r][t]) for r in range(3)) == min(5, int((cs[t] > NEG_INF).sum()))
     assert seen_partial
     # world 1, interleave = page size
-    _check_topk(topk_inputs(rank=0, world=1, interleave=4, page_size=4))
-    _check_topk(topk_inputs(rank=1, world=2, interleave=4, page_size=4, C=20, k=7))
+    _check_topk(topk_case(rank=0, world=1, interleave=4, page_size=4))
+    _check_topk(topk_case(rank=1, world=2, interleave=4, page_size=4, k=7))
+
+
+def test_candidate_keys_order():
+    """Keys sort as (score desc, position asc); -0.0 and +0.0 tie; -inf keys are dead and last; the round trip
+    gives the positions back."""
+    from dcp_compile.ops import reference
+
+    scores = torch.tensor([[1.0, 1.0, 2.0, -0.0, 0.0, NEG_INF, -3.0, 0.5]])
+    positions = torch.tensor([[9, 2, 7, 5, 4, 0, 1, 3]])
+    keys = dcp.candidate_keys(scores, positions)
+    assert keys.dtype == torch.int64 and keys.shape == (1, 8)
+    live = reference.key_live(keys)
+    assert live.tolist() == [[True] * 7 + [False]]
+    assert reference.key_positions(keys)[live].tolist() == [7, 2, 9, 3, 4, 5, 1]
+    assert (keys[0, :-1] > keys[0, 1:]).all(), "keys must be strictly decreasing (distinct live keys)"
 
 
 def test_topk_select_ties_and_edge_cases():
+    from dcp_compile.ops import reference
+
     layout = DCPLayout(1, 1, 4)
     block_table = torch.tensor([[3, 0, 2, 1]], dtype=torch.int32)  # positions 0..15 -> slots via pages 3,0,2,1
     seq_index = torch.tensor([0, 0, 0])
@@ -349,27 +396,27 @@ def test_topk_select_ties_and_edge_cases():
     cand_scores = torch.tensor(
         [[1.0, 1.0, 2.0, 1.0, 1.0, 0.5], [NEG_INF, 3.0, NEG_INF, NEG_INF, 1.0, NEG_INF], [1.0, 1.0, 1.0, 1.0, 1.0, 1.5]]
     )
-    slots, counts = dcp.topk_select(cand_scores, cand_pos, seq_index, block_table, 3, 0, 1, 1, 4)
-    to_slot = lambda ps: sorted(int(layout.slot(block_table[0], torch.tensor([p]))) for p in ps)  # noqa: E731
+    keys = dcp.candidate_keys(cand_scores, cand_pos)[None]
+    slots, counts = dcp.topk_select(keys, seq_index, block_table, 3, 0, 1, 1, 4)
+    to_slot = lambda ps: [int(layout.slot(block_table[0], torch.tensor([p]))) for p in ps]  # noqa: E731
     assert counts.tolist() == [3, 2, 3]
-    assert sorted(slots[0].tolist()) == to_slot([7, 2, 5])
-    assert sorted(slots[1, :2].tolist()) == to_slot([1, 6]) and slots[1, 2].item() == -1
-    assert sorted(slots[2].tolist()) == to_slot([15, 0, 1])
-    # Position order must not depend on the candidates' order (the all-gather order of ranks).
+    assert slots[0].tolist() == to_slot([7, 2, 5])
+    assert slots[1, :2].tolist() == to_slot([1, 6]) and slots[1, 2].item() == -1
+    assert slots[2].tolist() == to_slot([15, 0, 1])
+    # The reference takes keys in any order: unsorted keys give the same selection.
     perm = torch.tensor([5, 3, 1, 0, 4, 2])
-    slots2, counts2 = dcp.topk_select(cand_scores[:, perm], cand_pos[:, perm], seq_index, block_table, 3, 0, 1, 1, 4)
-    assert torch.equal(counts2, counts)
-    for t in range(3):
-        assert sorted(slots2[t].tolist()) == sorted(slots[t].tolist())
+    shuffled = reference.order_keys(cand_scores[:, perm], cand_pos[:, perm])[None]
+    slots2, counts2 = dcp.topk_select(shuffled, seq_index, block_table, 3, 0, 1, 1, 4)
+    assert torch.equal(counts2, counts) and torch.equal(slots2, slots)
 
 
 def test_topk_select_fewer_candidates_than_k():
-    """C < k (e.g. a direct call on a short candidate list): the result is still [T, k] with -1 padding, as the
-    fake implementation declares."""
-    args = topk_inputs(T=4, C=3, k=5)
-    slots, counts = dcp.topk_select(*args)
+    """Blocks shorter than k (a direct call on a short candidate list): the result is still [T, k] with -1
+    padding, as the fake implementation declares."""
+    case = topk_case(T=4, blocks_of=3, k=5)
+    slots, counts = dcp.topk_select(*case[0])
     assert slots.shape == (4, 5), f"topk_select returned {tuple(slots.shape)} but its fake says (T, k) = (4, 5)"
-    _check_topk(args)
+    _check_topk(case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -494,10 +541,13 @@ def test_backward_raises_inference_only(op, args):
         assert not (getattr(dcp, op)(*args())[0] if isinstance(result, tuple) else getattr(dcp, op)(*args())).requires_grad
 
 
-def test_topk_select_has_no_gradient_path():
-    """topk_select's outputs are integers: nothing can flow back through it (its autograd formula, which raises,
-    is registered all the same)."""
-    args = _requires_grad(topk_inputs(), {0})
+def test_selection_has_no_gradient_path():
+    """candidate_keys and topk_select give integers: nothing can flow back through them (their autograd
+    formulas, which raise, are registered all the same)."""
+    scores, positions = _requires_grad(candidate_inputs(), {0})
+    keys = dcp.candidate_keys(scores, positions)
+    assert not keys.requires_grad
+    args = topk_inputs()
     slots, counts = dcp.topk_select(*args)
     assert not slots.requires_grad and not counts.requires_grad
 

@@ -1,7 +1,7 @@
-"""The radix-select top-k kernels (ops/triton/local_topk.py, ops/triton/topk_select.py) against the sort-based
-code they replace: ``local_topk_padded`` (one stable sort) and ``reference.topk_select`` / the pure-Python
-oracle of tests/op_oracles.py. The selection must be exactly the same set (ties: higher score first, equal
-scores to the lower column / position).
+"""The top-k kernels (ops/triton/local_topk.py, candidate_keys.py, topk_select.py) against the sort-based code
+they replace: ``local_topk_padded`` (one stable sort), ``reference.candidate_keys`` / ``reference.topk_select``
+and the pure-Python oracle of tests/op_oracles.py. The selection must be exactly the same (ties: higher score
+first, equal scores to the lower column / position); topk_select's slots in the same order (best first).
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU at small shapes with
 small tiles (several tiles and chunks per row); with CUDA the same tests run compiled, plus the real decode
@@ -25,10 +25,11 @@ triton = pytest.importorskip("triton")
 import op_oracles as oracle  # noqa: E402
 
 from dcp_compile.ops import reference  # noqa: E402
-from dcp_compile.ops.distributed import local_topk_padded  # noqa: E402
+from dcp_compile.ops.distributed import PAD_POSITION, local_topk_padded  # noqa: E402
 from dcp_compile.ops.layout import DCPLayout  # noqa: E402
 from dcp_compile.ops.triton import common  # noqa: E402
 from dcp_compile.ops.triton import local_topk as ltk  # noqa: E402
+from dcp_compile.ops.triton import candidate_keys as ck  # noqa: E402
 from dcp_compile.ops.triton import topk_select as tks  # noqa: E402
 
 if not HAS_CUDA and not common.INTERPRET:
@@ -158,105 +159,125 @@ def test_plan_splits_rows_into_whole_tiles():
     assert ltk.plan(2, 0, 64) == (64, 1)                         # L = 0 still launches one (padding) chunk
 
 
-# --------------------------------------------------------------------------------------- topk_select
+# ------------------------------------------------------------------------- candidate_keys, topk_select
 
-def candidates_like_distributed_topk(T, L_per_rank, k, world, interleave, gen, levels=3):
-    """What distributed_topk hands dcp::topk_select: each rank's local top-k of its tied scores (k columns
-    of the row padded with k -inf ones; padding position int32 max), gathered rank by rank: [T, world·k]."""
-    scores, positions = [], []
+def local_candidates(T, L_per_rank, k, world, interleave, gen, levels=3, scores_of=None):
+    """Per rank, what distributed_topk makes before the exchange: the local top-k of its tied scores (k columns
+    of the row padded with k -inf ones; padding position PAD_POSITION): [(scores [T, k], positions [T, k])]."""
     layout = DCPLayout(world, interleave)
+    out = []
     for r in range(world):
-        x = tied_scores(T, L_per_rank, gen, levels=levels)
+        x = tied_scores(T, L_per_rank, gen, levels=levels) if scores_of is None else scores_of(T, L_per_rank, gen)
         pos = layout.global_position(torch.arange(L_per_rank), r)
-        pos = torch.nn.functional.pad(pos, (0, k), value=torch.iinfo(torch.int32).max)
+        pos = torch.nn.functional.pad(pos, (0, k), value=PAD_POSITION)
         v, i = local_topk_padded(x, k)
-        scores.append(v)
-        positions.append(pos[i])
-    return torch.cat(scores, -1), torch.cat(positions, -1)
-
-
-def shuffled_candidates(T, C, max_pos, gen, levels=3):
-    """Candidates in any order (positions unique per row, some padding sentinels with -inf)."""
-    pos = torch.stack([torch.randperm(max_pos, generator=gen)[:C] for _ in range(T)])
-    s = tied_scores(T, C, gen, levels=levels, neg_inf_frac=0.3)
-    pad = torch.rand(T, C, generator=gen) < 0.1
-    s = torch.where(pad, NEG_INF, s)
-    pos = torch.where(pad, torch.iinfo(torch.int32).max, pos)
-    return s, pos
+        out.append((v, pos[i]))
+    return out
 
 
 def block_tables(num_seqs, pages, gen):
     return torch.stack([torch.randperm(4 * pages, generator=gen)[:pages] for _ in range(num_seqs)]).int()
 
 
-def check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, **kw):
+def check_candidate_keys(scores, positions, **kw):
+    keys = ck.candidate_keys(scores.to(DEV), positions.to(DEV), **kw).cpu()
+    assert keys.dtype == torch.int64 and keys.shape == scores.shape
+    assert not (keys == INT_POISON).any(), "unwritten output"
+    assert torch.equal(keys, reference.candidate_keys(scores, positions))
+    return keys
+
+
+def check_topk_select(per_rank, seq, bt, k, rank, world, interleave, page_size, **kw):
+    """The kernel's slots and counts are the reference's exactly (best first, -1 after), and the oracle's."""
+    keys = torch.stack([check_candidate_keys(v, p) for v, p in per_rank])  # [world, T, k]
     args = (k, rank, world, interleave, page_size)
-    slots, counts = tks.topk_select(s.to(DEV), pos.to(DEV), seq.to(DEV), bt.to(DEV), *args, **kw)
+    slots, counts = tks.topk_select(keys.to(DEV), seq.to(DEV), bt.to(DEV), *args, **kw)
     slots, counts = slots.cpu(), counts.cpu()
-    T = s.shape[0]
+    T = keys.shape[1]
     assert slots.shape == (T, k) and slots.dtype == torch.int32
     assert counts.shape == (T,) and counts.dtype == torch.int32
     assert not (slots == INT_POISON).any() and not (counts == INT_POISON).any(), "unwritten output"
-    ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, *args)
-    assert torch.equal(counts, ref_counts)
-    expected = oracle.topk_select(s, pos, seq, bt, *args)
+    ref_slots, ref_counts = reference.topk_select(keys, seq, bt, *args)
+    assert torch.equal(counts, ref_counts) and torch.equal(slots, ref_slots)
+    raw_scores = torch.cat([v for v, _ in per_rank], -1)
+    raw_pos = torch.cat([p for _, p in per_rank], -1)
+    expected = oracle.topk_select(raw_scores, raw_pos, seq, bt, *args)
     for t in range(T):
         c = int(counts[t])
-        assert sorted(slots[t, :c].tolist()) == sorted(expected[t]), f"query {t}: not the same slot set"
-        assert (slots[t, c:] == -1).all(), f"query {t}: -1 after the count"
+        assert slots[t, :c].tolist() == expected[t], f"query {t}: not the oracle's slots, best first"
     return slots, counts
+
+
+def test_candidate_keys_ties_zeros_and_wide_scores():
+    gen = torch.Generator().manual_seed(5)
+    T, k = 6, 37                                          # k not a power of two: padded lanes
+    pos = torch.stack([torch.randperm(500, generator=gen)[:k] for _ in range(T)])
+    check_candidate_keys(tied_scores(T, k, gen, levels=2), pos)
+    check_candidate_keys(wide_scores(T, k, gen), pos)
+    check_candidate_keys(torch.full((T, k), NEG_INF), pos)  # every key dead
+    check_candidate_keys(tied_scores(T, 1, gen), pos[:, :1])  # k = 1
 
 
 @pytest.mark.parametrize("world,rank,interleave,page_size", [
     (1, 0, 1, 4), (2, 1, 1, 3), (3, 2, 2, 5), (4, 0, 4, 4),
 ])
-def test_topk_select_from_distributed_candidates(world, rank, interleave, page_size):
+@pytest.mark.parametrize("block", [None, 2, 128])  # several shares a row (the smallest: 1 key each), or one
+def test_topk_select_from_distributed_candidates(world, rank, interleave, page_size, block):
     gen = torch.Generator().manual_seed(100 * world + rank)
     T, L, k = 5, 90, 24
-    s, pos = candidates_like_distributed_topk(T, L, k, world, interleave, gen)
-    s[0] = NEG_INF                                      # a query with no candidate
+    per_rank = local_candidates(T, L, k, world, interleave, gen)
+    for v, _ in per_rank:
+        v[0] = NEG_INF                                    # a query with no candidate
     seq = torch.tensor([0, 1, 1, 0, 1])
     bt = block_tables(2, 200 // page_size + 2, gen)
-    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
-    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, block=128)  # one tile (C <= 96)
+    check_topk_select(per_rank, seq, bt, k, rank, world, interleave, page_size, block=block)
 
 
-@pytest.mark.parametrize("world,rank,interleave,page_size,C,k", [
-    (2, 0, 1, 4, 150, 40),     # ties decided by position (few score levels)
-    (3, 1, 3, 2, 100, 100),    # k = C
-    (2, 1, 2, 7, 30, 64),      # C < k: everything live is selected
+@pytest.mark.parametrize("world,rank,interleave,page_size,L,k", [
+    (2, 0, 1, 4, 150, 40),     # ties decided by position (one score level)
+    (3, 1, 3, 2, 20, 33),      # L < k: every live key of every rank is selected
     (4, 3, 1, 1, 129, 1),      # k = 1
+    (8, 5, 2, 4, 40, 12),      # 8 ranks
 ])
-@pytest.mark.parametrize("block", [None, 256])  # several tiles per row (C > 64), or the row as one tile
-def test_topk_select_ties_by_position(world, rank, interleave, page_size, C, k, block):
-    gen = torch.Generator().manual_seed(C + k + world)
+def test_topk_select_ties_by_position(world, rank, interleave, page_size, L, k):
+    gen = torch.Generator().manual_seed(L + k + world)
     T = 4
-    s, pos = shuffled_candidates(T, C, 400, gen, levels=1)
+    per_rank = local_candidates(T, L, k, world, interleave, gen, levels=1)
     seq = torch.tensor([1, 0, 2, 1])
-    bt = block_tables(3, 400 // page_size + 1, gen)
-    check_topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size, block=block)
+    bt = block_tables(3, world * L // page_size + 2, gen)
+    check_topk_select(per_rank, seq, bt, k, rank, world, interleave, page_size)
 
 
 def test_topk_select_wide_scores_and_all_equal():
     gen = torch.Generator().manual_seed(17)
-    s, pos = shuffled_candidates(3, 120, 300, gen)
-    live = torch.isfinite(s)
-    s = torch.where(live, wide_scores(3, 120, gen), s)
-    s[1] = torch.where(live[1], torch.tensor(0.5), s[1])     # one value: only positions decide
-    s[2] = torch.where(live[2], torch.tensor(-0.0), s[2])
-    s[2, ::2] = torch.where(live[2, ::2], torch.tensor(0.0), s[2, ::2])  # +0.0 / -0.0 tie
-    check_topk_select(s, pos, torch.zeros(3, dtype=torch.long), block_tables(1, 80, gen), 37, 1, 2, 2, 4)
+    world, interleave, k, L = 2, 2, 37, 60
+
+    def scores_of(T, L, gen):
+        s = wide_scores(T, L, gen)
+        s[1] = 0.5                                        # one value: only positions decide
+        s[2] = -0.0
+        s[2, ::2] = 0.0                                   # +0.0 / -0.0 tie
+        return s
+    per_rank = local_candidates(3, L, k, world, interleave, gen, scores_of=scores_of)
+    for rank in range(world):
+        check_topk_select(per_rank, torch.zeros(3, dtype=torch.long), block_tables(1, 80, gen), k, rank, world,
+                          interleave, 4)
 
 
 def test_topk_select_rejects_bad_arguments():
-    s = torch.zeros(2, 8, device=DEV)
-    pos = torch.zeros(2, 8, dtype=torch.long, device=DEV)
+    keys = torch.zeros(2, 2, 8, dtype=torch.long, device=DEV)
     seq = torch.zeros(2, dtype=torch.long, device=DEV)
     bt = torch.zeros(1, 4, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="rank 2 must be in"):
-        tks.topk_select(s, pos, seq, bt, 4, 2, 2, 1, 4)
+        tks.topk_select(keys, seq, bt, 8, 2, 2, 1, 4)
     with pytest.raises(ValueError, match="k must be >= 1"):
-        tks.topk_select(s, pos, seq, bt, 0, 0, 1, 1, 4)
+        tks.topk_select(keys, seq, bt, 0, 0, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"expected \[world, T, k\] = \[4, T, 8\]"):
+        tks.topk_select(keys, seq, bt, 8, 0, 4, 1, 4)
+    with pytest.raises(ValueError, match="must be \\[world, T, k\\] int64"):
+        tks.topk_select(keys.float(), seq, bt, 8, 0, 2, 1, 4)
+    with pytest.raises(ValueError, match="power of two >= 2, got 6"):
+        tks.topk_select(keys, seq, bt, 8, 0, 2, 1, 4, block=6)
 
 
 # ------------------------------------------------------------------------ GPU: real decode shapes
@@ -292,35 +313,31 @@ def test_local_topk_gpu_short_rows():
 @gpu
 @pytest.mark.parametrize("world,interleave", [(1, 1), (4, 1), (8, 64)])
 def test_topk_select_gpu_decode_shapes(world, interleave):
-    """k = 2048, C = world·k candidates from simulated ranks; every rank's selection is its share of one
-    global selection (the same as the sort-based reference)."""
+    """k = 2048, every simulated rank's local top-k of 8192 keys (the kernels' own local top-k) as sorted keys;
+    every rank's selection is exactly the reference's, and the ranks' counts add up to the global top-k."""
     k, T, page_size = 2048, 64, 64
     gen = torch.Generator().manual_seed(world)
     layout = DCPLayout(world, interleave, page_size)
     L = 8192
-    scores, positions = [], []
+    blocks = []
     for r in range(world):
         x = tied_scores(T, L, gen, levels=50).cuda()
         pos = layout.global_position(torch.arange(L, device="cuda"), r)
-        pos = torch.nn.functional.pad(pos, (0, k), value=torch.iinfo(torch.int32).max)
-        _, i = ltk.local_topk(x, k)
-        v = torch.gather(torch.nn.functional.pad(x, (0, k), value=NEG_INF), -1, i)
-        scores.append(v)
-        positions.append(pos[i])
-    s, pos = torch.cat(scores, -1), torch.cat(positions, -1)
+        pos = torch.nn.functional.pad(pos, (0, k), value=PAD_POSITION)
+        v, i = ltk.local_topk(x, k)
+        keys = ck.candidate_keys(v, pos[i])
+        assert torch.equal(keys, reference.candidate_keys(v, pos[i]))
+        blocks.append(keys)
+    keys = torch.stack(blocks)
     seq = torch.arange(T, device="cuda") % 3
     bt = block_tables(3, L // page_size + 1, gen).cuda()
     total = torch.zeros(T, dtype=torch.int32)
     for rank in range(world):
-        slots, counts = tks.topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
-        ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, k, rank, world, interleave, page_size)
-        assert torch.equal(counts, ref_counts)
-        n = counts.long()[:, None]
-        cols = torch.arange(k, device="cuda")[None, :]
-        assert torch.equal(torch.where(cols < n, slots, -1).sort(-1).values, ref_slots.sort(-1).values)
-        assert (slots[cols >= n] == -1).all()
+        slots, counts = tks.topk_select(keys, seq, bt, k, rank, world, interleave, page_size)
+        ref_slots, ref_counts = reference.topk_select(keys, seq, bt, k, rank, world, interleave, page_size)
+        assert torch.equal(counts, ref_counts) and torch.equal(slots, ref_slots)
         total += counts.cpu()
-    assert (total == torch.isfinite(s).sum(-1).clamp(max=k).int().cpu()).all()
+    assert (total == reference.key_live(keys).sum((0, 2)).clamp(max=k).int().cpu()).all()
 
 
 @gpu
@@ -333,9 +350,10 @@ def test_registered_topk_ops_on_cuda():
     assert torch.equal(i, local_topk_padded(x, 300)[1].sort(-1).values)
     v64, i64 = torch.ops.dcp.local_topk(x.double(), 300)
     assert torch.equal(i64, local_topk_padded(x.double(), 300)[1])
-    s, pos = shuffled_candidates(4, 600, 2000, gen)
+    per_rank = local_candidates(4, 600, 100, 2, 1, gen)
+    keys = torch.stack([torch.ops.dcp.candidate_keys(v.cuda(), p.cuda()) for v, p in per_rank])
+    assert torch.equal(keys.cpu(), torch.stack([reference.candidate_keys(v, p) for v, p in per_rank]))
     seq, bt = torch.tensor([0, 1, 0, 1]), block_tables(2, 600, gen)
-    slots, counts = torch.ops.dcp.topk_select(s.cuda(), pos.cuda(), seq.cuda(), bt.cuda(), 100, 1, 2, 1, 4)
-    ref_slots, ref_counts = reference.topk_select(s, pos, seq, bt, 100, 1, 2, 1, 4)
-    assert torch.equal(counts.cpu(), ref_counts)
-    assert torch.equal(slots.cpu().sort(-1).values, ref_slots.sort(-1).values)
+    slots, counts = torch.ops.dcp.topk_select(keys, seq.cuda(), bt.cuda(), 100, 1, 2, 1, 4)
+    ref_slots, ref_counts = reference.topk_select(keys.cpu(), seq, bt, 100, 1, 2, 1, 4)
+    assert torch.equal(counts.cpu(), ref_counts) and torch.equal(slots.cpu(), ref_slots)

@@ -2,9 +2,11 @@
 
 Same result as ``ops/reference.py: topk_select`` (this rank's share of the global top-k as physical slots,
 best first, -1 after, and the count) for inputs under the op's contract: [world, T, k] keys, block r =
-rank r's ``candidate_keys`` (sorted best first). Fixed config, no autotuning: BLOCK lanes a program (BLOCK - 1
-keys of this rank's block plus the key before them), enough programs per row to fill the GPU at decode
-(k = 2048: 9 a row).
+rank r's ``candidate_keys`` (sorted best first). Fixed config, no autotuning: BLOCK = 128 lanes a program
+(127 keys of this rank's block plus the key before them; k = 2048: 17 programs a row) at 4 warps, within
+10 % of the best of six configs at every decode shape on an H200 (``benchmarks/tune_topk_select.py``,
+session 5: 3.7-5.5 µs at 8 rows for 1-4 ranks, 10.4 µs at 64 rows and 4 ranks, 17 µs at 64 rows and 8;
+256 lanes at 4 warps spills and was 2 × slower).
 
 History: the previous kernel took unsorted (score, position) candidates and ran a radix select over all
 world·k of them in one program per row: 50 µs a call at 8 × 8192 candidates and 83 µs at 64 × 8192 on
@@ -18,7 +20,7 @@ import triton
 from . import common
 from .kernels.topk_select import topk_select_kernel
 
-BLOCK = 256
+BLOCK = 128
 NUM_WARPS = 4
 INTERPRET_BLOCK = 8  # several shares a row under the interpreter
 

@@ -69,8 +69,30 @@ def compile_decode(model: nn.Module, *, mode: str | None = "reduce-overhead", pr
         return prefill(*args, **kwargs)
 
     forward.dcp_decode = decode  # the compiled callable (tests, benchmarks)
+    forward.dcp_eager = eager  # what release_decode restores
     model.forward = forward
     return model
 
 
-__all__ = ["compile_decode"]
+def release_decode(model: nn.Module) -> nn.Module:
+    """Undo ``compile_decode``: the eager forward back, every compiled graph and recorded CUDA graph dropped.
+
+    Call it before ``torch.distributed.destroy_process_group()`` in a process that replayed decode steps as CUDA
+    graphs: a CUDA graph that captured NCCL collectives keeps the communicator in use, and destroying the group
+    then waits forever in ``ncclCommDestroy`` (pytorch/pytorch#115388). Seen on 4 × H200: the CUDA-graph demo
+    finished its generation with every token equal to HF's and did not exit. ``torch._dynamo.reset()`` drops
+    Dynamo's caches and Inductor's CUDA-graph trees (global state: other compiled models of the process go too)."""
+    import gc
+
+    eager = getattr(model.forward, "dcp_eager", None)
+    if eager is not None:
+        model.forward = eager
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return model
+
+
+__all__ = ["compile_decode", "release_decode"]

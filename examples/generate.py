@@ -103,6 +103,8 @@ def demo(rank: int, world: int, args, device: torch.device) -> tuple[list[str], 
     elif args.compile:
         model.forward = torch.compile(model.forward, backend="inductor")
     got = model.generate(ids, **gen)
+    if args.cudagraphs:  # before the process group goes: recorded CUDA graphs hold the NCCL communicator
+        dcp_compile.release_decode(model)
 
     new = slice(ids.shape[1], None)
     _, agree_line = agreement(got.sequences[:, new].cpu(), want.sequences[:, new].cpu())

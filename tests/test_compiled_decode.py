@@ -46,7 +46,13 @@ def compiled_decode_run(rank, world):
         counters.clear()
         out = model.generate(prompt(length, batch), max_new_tokens=DECODE_STEPS + 1, do_sample=False)
         results.append((out, counters["stats"]["unique_graphs"]))
-    return results, graphs
+    # release_decode (what a process calls before destroy_process_group): eager again, nothing compiled
+    dcp_compile.release_decode(model)
+    counters.clear()
+    length, batch = REQUESTS[0]
+    out = model.generate(prompt(length, batch), max_new_tokens=DECODE_STEPS + 1, do_sample=False)
+    released = (out, counters["stats"]["unique_graphs"], hasattr(model.forward, "dcp_decode"))
+    return results, graphs, released
 
 
 def test_decode_compiles_once_per_batch_and_bucket_with_static_shapes_and_matches_hf():
@@ -57,13 +63,15 @@ def test_decode_compiles_once_per_batch_and_bucket_with_static_shapes_and_matche
             want.append(ref.generate(prompt(length, batch), max_new_tokens=DECODE_STEPS + 1, do_sample=False))
     if gaps.min_gap <= 1e-4:
         pytest.fail(f"near tie at the indexer's top-k boundary ({gaps.min_gap:.2e}): change the prompts")
-    for rank, (results, graphs) in enumerate(run_ranks(compiled_decode_run, 2)):
+    for rank, (results, graphs, released) in enumerate(run_ranks(compiled_decode_run, 2)):
         for (tokens, new_graphs), expected, request in zip(results, want, REQUESTS):
             assert torch.equal(tokens, expected), f"rank {rank}, request {request}: tokens differ from HF"
         # prefill runs eagerly; decode: one graph for (batch 1, bucket 256), reused by the second request,
         # one more for batch 2
         assert [n for _, n in results] == [1, 0, 1], f"rank {rank}: decode graphs per request {[n for _, n in results]}"
         assert graphs == [[], []], f"rank {rank}: symbolic inputs in the decode graphs: {graphs}"
+        tokens, new_graphs, still_compiled = released
+        assert torch.equal(tokens, want[0]) and new_graphs == 0 and not still_compiled, (rank, new_graphs)
 
 
 def test_compile_decode_needs_apply():

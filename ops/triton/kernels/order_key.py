@@ -3,6 +3,8 @@ helpers only, no kernel here. Every helper takes loaded values, never pointers (
 import triton
 import triton.language as tl
 
+from .radix_select import float_key
+
 NEG_INF_IMAGE = tl.constexpr(-2139095041)  # the order image of -inf: live candidates are above it
 # Below every key a candidate can have (dead ones included): the filler of a sort's padding lanes.
 NO_KEY = tl.constexpr(-9187343248425746432)  # (NEG_INF_IMAGE - 1) << 32
@@ -11,9 +13,8 @@ NO_KEY = tl.constexpr(-9187343248425746432)  # (NEG_INF_IMAGE - 1) << 32
 @triton.jit
 def order_key(score, pos):
     """fp32 score, int position -> int64 key: a higher score, then a lower position, is a larger key."""
-    bits = score.to(tl.int32, bitcast=True)
-    bits = tl.where(score == 0.0, 0, bits)  # -0.0 and +0.0 tie, as a sort sees them
-    image = tl.where(bits < 0, bits ^ 2147483647, bits)  # negative floats: larger magnitude, smaller key
+    # the radix select's unsigned image (±0 tie, as a sort sees them) with its top bit flipped: the signed one
+    image = (float_key(score) ^ 2147483648).to(tl.int32, bitcast=True)
     low = 2147483647 - tl.where(score > float("-inf"), pos, 0).to(tl.int64)
     return (image.to(tl.int64) << 32) | low
 

@@ -1,4 +1,4 @@
-"""Radix-select helpers shared by the top-k kernels (``local_topk.py``, ``topk_select.py``); no kernel here.
+"""Radix-select helpers of the top-k kernels (``local_topk.py``; ``float_key`` also ``order_key.py``); no kernel here.
 
 A top-k by value is a threshold search over an integer image of the value whose unsigned order is the
 value's order: one 8-bit digit per level, most significant first. At each level the histogram of the digit

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import DCPLayout
+from .distributed import owned_slots
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -116,20 +116,14 @@ def topk_select(cand_keys, seq_index, block_table, k: int, rank: int, world: int
     order here; the op's contract, N = world blocks of C = k keys, block r = rank r's keys best first, is
     what the CUDA kernel relies on), then this rank's share of it as compacted physical slots: slots [T, k]
     int32 (best first, -1 after) and counts [T] int32. Dead keys (score -inf) are never selected."""
-    layout = DCPLayout(world, interleave, page_size)
     cand_keys = cand_keys.permute(1, 0, 2).reshape(cand_keys.shape[1], -1)  # [T, N·C]
     if cand_keys.shape[-1] < k:  # fewer candidates than k: pad with dead keys
         pad = k - cand_keys.shape[-1]
         cand_keys = torch.nn.functional.pad(cand_keys, (0, pad), value=NEG_INF_IMAGE << 32)
     top = torch.sort(cand_keys, dim=-1, descending=True).values[:, :k]
-    pos = key_positions(top)
-    owned = key_live(top) & (layout.owner(pos) == rank)
-    local = torch.where(owned, layout.local_index(pos), torch.zeros_like(pos))
-    slot = layout.slot(block_table[seq_index.long()], local)
-    slot = torch.where(owned, slot, torch.full_like(slot, -1))
-    to_front = torch.argsort((~owned).to(torch.int8), dim=-1, stable=True)
-    slots = torch.gather(slot, -1, to_front).to(torch.int32)
-    return slots, owned.sum(-1).to(torch.int32)
+    positions = torch.where(key_live(top), key_positions(top), -1)
+    # the key-gather selection's last step too: the owned positions as physical slots, compacted (order kept)
+    return owned_slots(positions, seq_index, block_table, rank, world, interleave, page_size)
 
 
 def lse_combine(out, lse, lse_all):

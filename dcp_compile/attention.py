@@ -30,7 +30,7 @@ from .layout import DCPLayout
 from .ops import all_gather_heads, distributed_topk, lse_merge
 from .ops.distributed import (
     KEY_GATHER, KV_GATHER, all_gather_heads_start, all_gather_heads_wait, all_reduce_sum, attention_scheme, compact,
-    gather_keys_by_position, gathered_rows, key_gather_positions, owned_slots, query_share, selection_scheme,
+    gathered_rows, key_gather_positions, owned_slots, query_share, selection_scheme,
 )
 
 
@@ -87,7 +87,7 @@ class IndexerTopK:
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
         if self.scheme(steps, state, at) == KEY_GATHER:
-            positions = self.positions_by_key_gather(mask, state, at, index_q=index_q, index_w=index_w)
+            positions, _ = self.positions_by_key_gather(mask, state, at, index_q=index_q, index_w=index_w)
             seq_index = torch.arange(batch, device=positions.device).repeat_interleave(steps)
             return owned_slots(positions, seq_index, state.block_table, c.rank, layout.world, layout.interleave,
                                layout.page_size)
@@ -100,10 +100,13 @@ class IndexerTopK:
         )
 
     def positions_by_key_gather(self, mask: Tensor | None, state: LayerCacheState, at: StepPositions, *,
-                                index_q: Tensor, index_w: Tensor) -> Tensor:
+                                index_q: Tensor, index_w: Tensor,
+                                gather_latents: bool = False) -> tuple[Tensor, Tensor | None]:
         """§4.2, key-gather scheme: this rank scores its share of the queries (``query_share``) against every
         key of the sequence, columns = global positions 0 .. N·L-1 (past the sequence: never causal); every
-        query's selected global positions [B·S, K] int32 (-1 = none), the same on every rank."""
+        query's selected global positions [B·S, K] int32 (-1 = none), the same on every rank. With
+        ``gather_latents`` (the latent-gather attention, §4.4) also the sequences' latent rows in position order,
+        all-gathered while the selection computes (on CUDA), else None."""
         c, layout = self.config, self.config.layout
         batch, steps = index_q.shape[:2]
         share = query_share(steps, c.rank, layout.world, index_q.device)
@@ -114,6 +117,7 @@ class IndexerTopK:
         return key_gather_positions(
             index_q, index_w, state.index_pool, at.key_slots, allowed, c.topk, c.index_scale,
             c.rank, layout.world, layout.interleave, c.group_name,
+            rows_pool=state.latent_pool if gather_latents else None, overlap=index_q.is_cuda,
         )
 
 
@@ -203,8 +207,10 @@ class DCPSparseMLA(nn.Module):
         if q_scale is not None:  # (f·q)·k = f·(q·k): scale the absorbed query
             q = q * q_scale.expand(batch, -1, -1, -1).transpose(1, 2).reshape(batch * steps, heads, 1).to(q.dtype)
         if self.attends_gathered_latents(steps, state, at):
-            positions = self.selection.positions_by_key_gather(mask, state, at, **selection_inputs)
-            o_lat = self.attend_gathered(q, state.latent_pool, at.key_slots, positions, steps, sinks)
+            # The latent rows travel while this rank's share of the selection computes (key_gather_positions).
+            positions, kv = self.selection.positions_by_key_gather(mask, state, at, gather_latents=True,
+                                                                   **selection_inputs)
+            o_lat = self.attend_gathered(q, kv, positions, steps, sinks)
         else:
             # The queries' all-gather does not depend on the selection: on CUDA it is issued first, travels on
             # NCCL's stream while the selection's kernels run, and is waited on only by the attention. Not on
@@ -269,14 +275,14 @@ class DCPSparseMLA(nn.Module):
         return attention_scheme(steps, bound, state.block_table.shape[1], c.heads * c.layout.world,
                                 state.latent_pool, c.latent_dim, c.layout) == KV_GATHER
 
-    def attend_gathered(self, q: Tensor, latent_pool: Tensor, key_slots: Tensor, positions: Tensor, steps: int,
+    def attend_gathered(self, q: Tensor, kv: Tensor, positions: Tensor, steps: int,
                         sinks: Tensor | None = None) -> Tensor:
-        """§4.4, latent-gather scheme: all-gather every rank's latent rows of the step's sequences in position
-        order, then attention of this rank's own heads over every selected row: [T, H, d_c], no merge.
+        """§4.4, latent-gather scheme: attention of this rank's own heads over every selected row of the
+        sequences' latent rows, all-gathered in position order: [T, H, d_c], no merge.
 
-        q [B·S, H, Dk] this rank's heads; positions [B·S, K] every query's selected global positions."""
+        q [B·S, H, Dk] this rank's heads; kv [B, N·L, Dk] every rank's latent rows of the step's sequences
+        (``positions_by_key_gather``); positions [B·S, K] every query's selected global positions."""
         c = self.config
-        kv = gather_keys_by_position(latent_pool, key_slots, c.layout.interleave, c.group_name, c.layout.world)
         rows, counts = gathered_rows(positions, steps, kv.shape[1])
         out, lse = torch.ops.dcp.sparse_mla_attn(q, kv.reshape(-1, kv.shape[-1]), rows, counts, c.attn_scale,
                                                  c.latent_dim)

@@ -275,14 +275,31 @@ def gather_keys_by_position(index_pool: Tensor, key_slots: Tensor, interleave: i
     are filler that causality never allows). One all-gather of [B, L, Di] (an exact copy, whatever the dtype),
     then a reshape: local row l of rank r is position (l // I)·N·I + r·I + l % I, so the gathered
     [r, b, l // I, l % I] is [b, l // I, r, l % I] in position order (a permutation, no gather)."""
+    return gather_rows_wait(gather_rows_start(index_pool, key_slots, interleave, group_name, world), interleave, world)
+
+
+def gather_rows_start(pool: Tensor, key_slots: Tensor, interleave: int, group_name: str | None,
+                      world: int) -> Tensor:
+    """Issue ``gather_keys_by_position`` of ``pool``'s rows and return at once: the collective's output
+    [N, B, L, D], not waited on (``gather_rows_wait`` waits and orders it). What is issued in between runs while
+    the rows travel; on one NCCL stream, collectives issued in between queue behind it."""
     batch, local = key_slots.shape
     if local % interleave:
         raise ValueError(f"key_slots width {local} is not a multiple of the interleave {interleave}: "
                          "the local key range must be whole rounds of ownership (DCPLayout.local_bound)")
-    pool = index_pool if index_pool.shape[0] else index_pool.new_zeros(1, index_pool.shape[1])  # owns no row yet
-    mine = pool[key_slots.clamp(min=0).long()]  # [B, L, Di]
-    every = all_gather(mine.unsqueeze(0), 0, group_name, world)  # [N, B, L, Di]
-    width = mine.shape[-1]
+    pool = pool if pool.shape[0] else pool.new_zeros(1, pool.shape[1])  # owns no row yet
+    mine = pool[key_slots.clamp(min=0).long()].unsqueeze(0)  # [1, B, L, D]
+    if world == 1:
+        return mine
+    group_name = _named(group_name)
+    return collective(lambda t: c10d.all_gather_into_tensor(t.contiguous(), world, group_name), mine,
+                      "_c10d_functional.all_gather_into_tensor")
+
+
+def gather_rows_wait(pending: Tensor, interleave: int, world: int) -> Tensor:
+    """[N, B, L, D] from ``gather_rows_start`` -> [B, N·L, D] in global position order, once it has arrived."""
+    every = pending if world == 1 else collective(c10d.wait_tensor, pending, "_c10d_functional.all_gather_into_tensor")
+    _, batch, local, width = every.shape
     return (every.view(world, batch, local // interleave, interleave, width).permute(1, 2, 0, 3, 4)
             .reshape(batch, world * local, width))
 
@@ -311,10 +328,13 @@ def owned_slots(positions: Tensor, seq_index: Tensor, block_table: Tensor, rank:
 def key_gather_positions(
     index_q: Tensor, index_w: Tensor, index_pool: Tensor, key_slots: Tensor, allowed: Tensor,
     k: int, scale: float, rank: int, world: int, interleave: int, group_name: str | None,
-) -> Tensor:
+    rows_pool: Tensor | None = None, overlap: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Exact top-k over the whole DCP group by gathering the keys (docs/design.md §4.2): the selected global
     positions of every query of the step, [B·S, K] int32 (-1 = none), the same on every rank, the same rows as
-    ``distributed_topk`` over the scores of every rank.
+    ``distributed_topk`` over the scores of every rank; and, given ``rows_pool`` (the latent pool of the
+    latent-gather attention, §4.4), its rows of the step's sequences in position order ([B, N·L, D], as
+    ``gather_keys_by_position``), else None.
 
     index_q [B, S, Hi, Di], index_w [B, S, Hi] every query of the step (the same on every rank); key_slots
     [B, L] this rank's local key rows; allowed [B, ⌈S/N⌉, N·L] bool: may query ``query_share(S, rank, N)[j]``
@@ -325,11 +345,19 @@ def key_gather_positions(
        and fp32 accumulation of the candidate scheme: each (query, key) pair is scored once over the group);
     3. exact top-k per query, ties to the lower column = the lower position (the rule of ``topk_select``);
     4. all-gather the selected positions (int32, -1 = none).
+
+    ``overlap`` (CUDA): the rows of ``rows_pool`` are all-gathered from right after step 1 (the keys must have
+    arrived first: on NCCL's one stream a collective issued before them would delay them) and travel while
+    steps 2-3 run; step 4's all-gather queues behind them. Otherwise (gloo, where two collectives in flight
+    crashed ranks now and then) they are gathered after step 4.
     """
     batch, steps = index_q.shape[:2]
     share = query_share(steps, rank, world, index_q.device)
     rows = share.clamp(max=steps - 1)  # padding rows score a real query; ``allowed`` masks them out
     keys = gather_keys_by_position(index_pool, key_slots, interleave, group_name, world)  # [B, N·L, Di]
+    in_flight = None
+    if rows_pool is not None and overlap:
+        in_flight = gather_rows_start(rows_pool, key_slots, interleave, group_name, world)
     width = keys.shape[1]
     key_rows = (torch.arange(batch, device=keys.device)[:, None] * width
                 + torch.arange(width, device=keys.device)[None, :]).to(torch.int32)  # [B, N·L]
@@ -342,7 +370,12 @@ def key_gather_positions(
     positions = torch.where(top_scores > float("-inf"), top_idx, torch.full_like(top_idx, -1)).to(torch.int32)
     every = all_gather(positions.view(1, batch, -1, k), 0, group_name, world)  # [N, B, ⌈S/N⌉, K]
     # Query j·N + r of a sequence is rank r's share row j: [N, B, j, K] -> [B, j, N, K], then drop the padding.
-    return every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
+    selected = every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
+    if rows_pool is None:
+        return selected, None
+    if in_flight is None:
+        return selected, gather_keys_by_position(rows_pool, key_slots, interleave, group_name, world)
+    return selected, gather_rows_wait(in_flight, interleave, world)
 
 
 def gathered_rows(positions: Tensor, steps: int, width: int) -> tuple[Tensor, Tensor]:

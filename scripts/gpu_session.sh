@@ -55,6 +55,23 @@ for p in $PARTS; do case $p in
   kernels) TAIL=6 part kernels 150 $PYTEST tests/test_triton_kernels.py tests/test_ops.py ;;
   fp8) TAIL=30 part fp8 120 $PYTEST -s tests/test_fp8.py -k cuda ;;
   demo) TAIL=14 part demo 90 $RUN examples/generate.py --cudagraphs --max-new-tokens 64 ;;
+  # the prefill path (key-gather selection + latent-gather attention, the latents gathered while the selection
+  # computes) forced on every step, float32: every token must equal HF's
+  demo_kv) TAIL=14 DCP_SELECTION_SCHEME=key_gather DCP_ATTENTION_SCHEME=kv_gather part demo_kv 90 \
+             $RUN examples/generate.py --max-new-tokens 32 ;;
+  # all-gather bandwidth at DCP's sizes: NCCL's own protocol choice vs NCCL_PROTO=Simple (transports logged)
+  nccl) TAIL=12 NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT part nccl_default 60 $RUN benchmarks/bench_nccl_gather.py --out "$W/nccl"
+        grep -h -E "via|NCCL version|Channel 00" "$W/nccl_default.log" | sort -u | head -20
+        TAIL=12 NCCL_PROTO=Simple part nccl_simple 60 $RUN benchmarks/bench_nccl_gather.py --out "$W/nccl" ;;
+  e2e_prefill_simple) TAIL=18 NCCL_PROTO=Simple part e2e_prefill_simple 160 $RUN benchmarks/bench_e2e.py \
+                        --out "$W/e2e_prefill_simple" --modes dcp tp --compile eager --batch 8 --context 32768 \
+                        --layers 2 --warmup 2 --steps 5 --profile-prefill ;;
+  # decode under NCCL_PROTO=Simple (before recommending it for prefill): CUDA-graph steps, random fill
+  e2e_decode_simple) TAIL=14 NCCL_PROTO=Simple part e2e_decode_simple 150 $RUN benchmarks/bench_e2e.py \
+                       --out "$W/e2e_decode_simple" --modes dcp tp --compile cudagraphs --batch 8 64 \
+                       --context 32768 --layers 2 --fill random ;;
+  e2e_decode) TAIL=14 part e2e_decode 150 $RUN benchmarks/bench_e2e.py --out "$W/e2e_decode" --modes dcp tp \
+                --compile cudagraphs --batch 8 64 --context 32768 --layers 2 --fill random ;;
   bench_topk) TAIL=30 part bench_topk 120 python3 benchmarks/bench_local_topk.py ;;
   *) echo "unknown part $p" ;;
 esac; done

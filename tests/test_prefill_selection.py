@@ -420,7 +420,7 @@ def test_attention_by_latent_gather_equals_split_attention(with_sinks):
     the same positions as this rank's compacted slots (``attend``), left-padding-style -1s interleaved and a
     query with nothing selected included; with sinks, both scale by sigmoid(lse - sink)."""
     from dcp_compile.attention import AttentionConfig, DCPSparseMLA
-    from dcp_compile.ops.distributed import owned_slots
+    from dcp_compile.ops.distributed import gather_keys_by_position, owned_slots
 
     gen = torch.Generator().manual_seed(7)
     B, S, H, Dc, R, K, P = 2, 3, 4, 16, 8, 6, 4
@@ -439,7 +439,8 @@ def test_attention_by_latent_gather_equals_split_attention(with_sinks):
                              index_scale=1.0, layout=layout, rank=0, group_name=None)
     attention = DCPSparseMLA(config)
     sinks = torch.randn(H, generator=gen, dtype=torch.float64) if with_sinks else None
-    gathered = attention.attend_gathered(q, pool, key_slots, positions, S, sinks)
+    kv = gather_keys_by_position(pool, key_slots, 1, None, 1)
+    gathered = attention.attend_gathered(q, kv, positions, S, sinks)
     seq_index = torch.arange(B).repeat_interleave(S)
     slots, counts = owned_slots(positions, seq_index, block_table, 0, 1, 1, P)
     split = attention.attend(q, pool, slots, counts, sinks)

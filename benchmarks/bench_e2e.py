@@ -112,6 +112,9 @@ def parse_args(argv=None):
                    help="per mode, once the kernels are warm: torch.profiler over one prefill chunk (batch "
                    "max(--batch)) attending over min(--context) minus a chunk of cached positions: "
                    "profile_prefill_<mode>.txt, top ops by device and CPU time, kernel / NCCL / CPU ms")
+    p.add_argument("--trace-prefill", action="store_true",
+                   help="with --profile-prefill: every rank writes the chunk's Chrome trace "
+                   "(trace_prefill_<mode>_rank<r>.json; analyse with benchmarks/trace_collectives.py)")
     p.add_argument("--mask", action="store_true", help="pass the growing 2-D attention mask (a padded batch)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over decode steps, per mode x compile")
     p.add_argument("--profile-at", type=int, nargs=2, metavar=("BATCH", "CONTEXT"),
@@ -406,10 +409,12 @@ class ProfileSums(typing.NamedTuple):
     wall_ms: float           # host clock around the work, device synchronized before and after, under the profiler
 
 
-def profile_run(env, work, device_rows=30, cpu_rows=30) -> tuple[ProfileSums, str]:
+def profile_run(env, work, device_rows=30, cpu_rows=30, trace=None) -> tuple[ProfileSums, str]:
     """torch.profiler (CPU, and CUDA on GPUs) around ``work()`` on this rank (every rank runs it: the forwards'
     collectives need them all). Returns the sums and the text of two tables: the top ``device_rows`` ops by self
-    device time (self CPU time without CUDA) and the top ``cpu_rows`` by self CPU time."""
+    device time (self CPU time without CUDA) and the top ``cpu_rows`` by self CPU time. ``trace``: a path this
+    rank writes its Chrome trace to (every rank its own: the ranks share the host clock, so the traces line up and
+    show which rank a collective waited for)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -420,6 +425,8 @@ def profile_run(env, work, device_rows=30, cpu_rows=30) -> tuple[ProfileSums, st
         work()
         env.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     averages = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
     # NCCL kernels' time includes waiting for the other ranks (it runs until the slowest arrives): counted
@@ -452,10 +459,11 @@ def profile_decode(runner, cache, inputs, out_dir, tag):
     return (sums.kernel_ms / n if env.cuda else None), sums.cpu_ms / n, (sums.nccl_ms / n if env.cuda else None)
 
 
-def profile_prefill(runner, batch, context, gen, out_dir) -> dict:
+def profile_prefill(runner, batch, context, gen, out_dir, trace=False) -> dict:
     """torch.profiler over ONE prefill chunk (the benchmark's chunk at this batch and context) that attends over
     ``context - chunk`` cached positions: a fresh cache is prefilled to there unprofiled, then the last chunk runs
-    profiled. Writes profile_prefill_<mode>.txt (rank 0); returns the header's numbers and the sums."""
+    profiled. Writes profile_prefill_<mode>.txt (rank 0), with ``trace`` every rank's Chrome trace
+    (trace_prefill_<mode>_rank<r>.json); returns the header's numbers and the sums."""
     env = runner.env
     chunk = min(context, runner.prefill_chunk_positions(batch, context))
     before = context - chunk
@@ -463,7 +471,8 @@ def profile_prefill(runner, batch, context, gen, out_dir) -> dict:
     runner.prefill(cache, batch, before, gen)
     # start=before: runner.prefill steps by its chunk size from there, so exactly one forward of `chunk` positions
     sums, tables = profile_run(env, lambda: runner.prefill(cache, batch, context, gen, start=before),
-                               device_rows=40, cpu_rows=30)
+                               device_rows=40, cpu_rows=30,
+                               trace=out_dir / f"trace_prefill_{runner.mode}_rank{env.rank}.json" if trace else None)
     del cache
     gc.collect()
     if env.cuda:
@@ -760,7 +769,7 @@ def main(argv=None):
             else:
                 try:
                     results.setdefault("prefill_profile", {})[mode] = profile_prefill(runner, batch, context, gen,
-                                                                                     out_dir)
+                                                                                     out_dir, args.trace_prefill)
                 except Exception:  # noqa: BLE001 - the decode configs still run
                     tb = traceback.format_exc()
                     results["errors"].append(dict(mode=mode, phase="profile_prefill", rank=env.rank, tb=tb))

@@ -48,7 +48,7 @@ for p in $PARTS; do case $p in
   # (profile_prefill_<mode>.txt), each mode's first prefill cProfiled (first_use_profile_<mode>.txt)
   e2e_prefill) TAIL=18 part e2e_prefill 160 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
                  --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 \
-                 --profile-prefill --first-use-profile ;;
+                 --profile-prefill --trace-prefill --first-use-profile ;;
   slice) TAIL=40 part slice 280 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;
@@ -65,7 +65,7 @@ for p in $PARTS; do case $p in
         TAIL=12 NCCL_PROTO=Simple part nccl_simple 60 $RUN benchmarks/bench_nccl_gather.py --out "$W/nccl" ;;
   e2e_prefill_simple) TAIL=18 NCCL_PROTO=Simple part e2e_prefill_simple 160 $RUN benchmarks/bench_e2e.py \
                         --out "$W/e2e_prefill_simple" --modes dcp tp --compile eager --batch 8 --context 32768 \
-                        --layers 2 --warmup 2 --steps 5 --profile-prefill ;;
+                        --layers 2 --warmup 2 --steps 5 --profile-prefill --trace-prefill ;;
   # decode under NCCL_PROTO=Simple (before recommending it for prefill): CUDA-graph steps, random fill
   e2e_decode_simple) TAIL=14 NCCL_PROTO=Simple part e2e_decode_simple 150 $RUN benchmarks/bench_e2e.py \
                        --out "$W/e2e_decode_simple" --modes dcp tp --compile cudagraphs --batch 8 64 \

@@ -96,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--chunk", type=int, default=4096, help="prefill tokens per forward over the whole batch")
+    p.add_argument("--prefill-compile", default="eager", choices=["eager", "inductor"],
+                   help="the forward prefill runs through: eager, or torch.compile(inductor) as README's usage "
+                   "(its compile then counts as first use)")
     p.add_argument("--hf-prefill-gb", type=float, default=16.0,
                    help="HF prefill: bound on its [B, S, 64, T] fp32 indexer scores per chunk")
     p.add_argument("--warmup", type=int, default=5, help="decode steps before timing (CUDA graphs record here)")
@@ -337,17 +340,28 @@ class Runner:
         return self.model(input_ids=ids, cache=cache, position_ids=positions, attention_mask=mask,
                           use_cache=True, logits_to_keep=1)
 
+    def prefill_forward(self):
+        """The forward prefill chunks run through: the eager one, or with ``--prefill-compile inductor`` the
+        forward compiled as README's usage compiles it (``torch.compile(model.forward, backend="inductor")``,
+        automatic dynamic shapes: the chunks' growing context recompiles once, then stays symbolic)."""
+        if self.args.prefill_compile == "eager":
+            return self.eager_forward
+        if "prefill" not in self.compiled:
+            self.compiled["prefill"] = torch.compile(self.eager_forward, backend="inductor")
+        return self.compiled["prefill"]
+
     def prefill(self, cache, batch, context, gen, start=0):
-        """Chunks through the eager forward; returns the number of forwards."""
+        """Chunks through the prefill forward (``prefill_forward``); returns the number of forwards."""
         per_seq, forwards = self.prefill_chunk_positions(batch, context), 0
+        forward = self.prefill_forward()
         for s in range(start, context, per_seq):
             e = min(context, s + per_seq)
             ids = torch.randint(1, self.cfg.vocab_size, (batch, e - s), device=self.env.device, generator=gen)
             pos = torch.arange(s, e, device=self.env.device).expand(batch, -1)
             mask = torch.ones(batch, e, dtype=torch.long, device=self.env.device) if self.args.mask else None
             with torch.no_grad():
-                self.eager_forward(input_ids=ids, cache=cache, position_ids=pos, attention_mask=mask,
-                                   use_cache=True, logits_to_keep=1)
+                forward(input_ids=ids, cache=cache, position_ids=pos, attention_mask=mask, use_cache=True,
+                        logits_to_keep=1)
             forwards += 1
         return forwards
 
@@ -516,10 +530,16 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
     args, env = runner.args, runner.env
     extra = args.warmup + args.steps + (args.profile_steps if want_profile else 0)
     reset_peak(env)
+    random_fill = args.fill == "random" and runner.mode != "hf"
+    if args.prefill_compile != "eager" and not random_fill:
+        # A compiled prefill recompiles for a new cache's shapes (and once more as its context grows): one
+        # untimed prefill of the same shapes first, so that prefill_s is the compiled forward's, not the compiler's.
+        warm = runner.new_cache(batch, context + extra)
+        runner.prefill(warm, batch, context, gen)
+        del warm
     cache = runner.new_cache(batch, context + extra)
     env.synchronize()
     t0 = time.perf_counter()
-    random_fill = args.fill == "random" and runner.mode != "hf"
     if random_fill:
         runner.fill_random(cache, context, gen)
     elif recorder is not None:  # one recorded chunk first, the rest of the prefill as usual
@@ -544,7 +564,7 @@ def run_config(runner, batch, context, compiles, gen, out_dir, want_profile, rec
                 prefill_peak_bytes=prefill_peak, cache_bytes=cache_bytes,
                 prefill_recorded=recorder is not None,  # the recorder's copies are in this prefill_s
                 cache_bytes_per_token=cache_bytes / (batch * reserved_tokens), weight_bytes=runner.weight_bytes)
-    filled = "random fill (no prefill)" if random_fill else f"prefill {prefill_s:.2f} s ({forwards} forwards, eager)"
+    filled = "random fill (no prefill)" if random_fill else f"prefill {prefill_s:.2f} s ({forwards} forwards, {runner.args.prefill_compile})"
     env.log(f"  {runner.mode} B={batch} T={context}: {filled}, "
             f"cache {cache_bytes / 2**20:.1f} MiB/rank")
     if recorder is not None:

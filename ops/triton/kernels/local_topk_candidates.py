@@ -100,25 +100,6 @@ def local_topk_split_kernel(
 
 
 @triton.jit
-def refine_source(row, cand_values, cand_cols, off, L, in_bin, d0, buffered, BLOCK: tl.constexpr):
-    """One tile of a row's candidates: (score, key, valid, column), from the buffer (its first in_bin
-    entries) or, when not ``buffered``, from the row filtered by the bin d0. Column order either way."""
-    i = off + tl.arange(0, BLOCK)
-    if buffered:
-        valid = i < in_bin
-        x = tl.load(cand_values + i, mask=valid, other=0.0)
-        key = float_key(x)
-        col = tl.load(cand_cols + i, mask=valid, other=0)
-    else:
-        inside = i < L
-        x = tl.load(row + i, mask=inside, other=0.0)
-        key = float_key(x)
-        valid = inside & (coarse_digit(key) == d0)
-        col = i
-    return x, key, valid, col
-
-
-@triton.jit
 def local_topk_refine_kernel(
     SCORES, HIST, CAND_VALUES, CAND_COLS, VALUES, IDX,
     L, k, take, cap, stride_t, stride_vt, stride_it,
@@ -131,6 +112,11 @@ def local_topk_refine_kernel(
     d0, rem0, in_bin, buffered = threshold_bin(HIST + t * RADIX, take, cap)
     sure_total = take - rem0  # written by the split kernel, at outputs 0 .. sure_total - 1
     source_len = tl.where(buffered, in_bin, L)
+    # A tile's candidates, in column order: the buffer's first in_bin entries, or the row's elements in bin
+    # d0 (two predicated loads, one of them empty, rather than a branch; the loads are written out in each
+    # loop, not in a helper: Inductor's access analysis would take a helper's pointer arguments as written).
+    buffer_len = tl.where(buffered, in_bin, 0)
+    row_len = tl.where(buffered, 0, L)
     # The -inf bin holds one value: its chosen ones are its lowest columns, no search needed.
     search_len = tl.where(d0 == NEG_INF_BIN, 0, source_len)
 
@@ -138,14 +124,20 @@ def local_topk_refine_kernel(
     rem = rem0
     prefix = tl.zeros([], tl.uint32)
     for level in tl.static_range(KEY_LEVELS):
-        SHIFT: tl.constexpr = 24 - 8 * level
+        shift = 24 - 8 * level  # a constexpr (level is one)
         hist = tl.zeros([RADIX], tl.int32)
         off = tl.zeros([], tl.int32)
         while off < search_len:
-            _, key, valid, _ = refine_source(row, cand_values, cand_cols, off, L, in_bin, d0, buffered, BLOCK)
+            i = off + tl.arange(0, BLOCK)
+            in_buffer = i < buffer_len
+            in_row = i < row_len
+            x = tl.where(in_buffer, tl.load(cand_values + i, mask=in_buffer, other=0.0),
+                         tl.load(row + i, mask=in_row, other=0.0))
+            key = float_key(x)
+            valid = in_buffer | (in_row & (coarse_digit(key) == d0))
             if level > 0:
-                valid = valid & ((key >> (SHIFT + 8)) == prefix)
-            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), RADIX, mask=valid)
+                valid = valid & ((key >> (shift + 8)) == prefix)
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), RADIX, mask=valid)
             off += BLOCK
         d, rem, _ = pick_bin(hist, rem)
         prefix = (prefix << 8) | d.to(tl.uint32)
@@ -158,7 +150,14 @@ def local_topk_refine_kernel(
     ties_before = tl.zeros([], tl.int32)
     off = tl.zeros([], tl.int32)
     while (done < rem0) & (off < source_len):
-        x, key, valid, col = refine_source(row, cand_values, cand_cols, off, L, in_bin, d0, buffered, BLOCK)
+        i = off + tl.arange(0, BLOCK)
+        in_buffer = i < buffer_len
+        in_row = i < row_len
+        x = tl.where(in_buffer, tl.load(cand_values + i, mask=in_buffer, other=0.0),
+                     tl.load(row + i, mask=in_row, other=0.0))
+        key = float_key(x)
+        valid = in_buffer | (in_row & (coarse_digit(key) == d0))
+        col = tl.where(in_buffer, tl.load(cand_cols + i, mask=in_buffer, other=0), i)
         tie = valid & (key == threshold)
         tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0)  # 1-based among the candidates' ties
         chosen = (valid & (key > threshold)) | (tie & (tie_rank <= ties_to_take))

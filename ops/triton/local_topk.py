@@ -33,7 +33,9 @@ benchmark: 4 histogram passes of 8 key bits + a compaction, each reading the row
 
 Parallelism: passes 1 and 2 split a row over several programs (chunks of whole BLOCK tiles), so that 64 rows
 (or even one) fill an H200's 132 SMs. Fixed config, no autotuning: BLOCK = 4096 elements (16 per thread at 8
-warps); chunks per row = enough programs for ~4 per SM (``TARGET_PROGRAMS``), no chunk smaller than one tile.
+warps); chunks per row = enough programs for ~4 per SM (``TARGET_PROGRAMS``), no chunk smaller than one tile;
+the refinement's tile is 2048 (REFINE_BLOCK: its cost per level follows the tile, most rows have ~2-3K
+candidates).
 
 Capacity: ``cap`` = min(CAP, L) candidates per row (8 bytes each: value and int32 column). A quarter-octave
 bin holds ~2700 of 128K normal scores at k = 2048 (the bin of the 1.25 % quantile, [2, 2.5)), ~5-6K for a
@@ -58,6 +60,7 @@ RADIX = _RADIX.value  # bins per level (and of the coarse digit)
 
 LEVELS = 4  # the five-pass scheme's histogram levels
 BLOCK = 4096
+REFINE_BLOCK = 2048  # the refinement's tile: one program per row over ~0.3-16K candidates (usually ~2-3K)
 MAX_BLOCK = 32768  # the split kernel packs two in-tile ranks into one int32 (16 bits each)
 CAP = 16384  # candidates per row, see the module docstring
 TARGET_PROGRAMS = 4 * 132  # ~4 programs per SM of an H100 / H200
@@ -101,6 +104,7 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     if L >= 2**31 - 1:
         raise ValueError(f"local_topk: row length {L} must be < 2**31 - 1 (int32 counts)")
     x = common.unit_stride(scores.float())
+    refine_block = block or (INTERPRET_BLOCK if common.fixed_launch(device) else REFINE_BLOCK)
     if block is None:
         block = INTERPRET_BLOCK if common.fixed_launch(device) else BLOCK
     chunk_len, num_chunks = plan(T, L, block, chunks)
@@ -128,7 +132,7 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     common.launch(local_topk_refine_kernel)[(T,)](
         x, hist, cand_values, cand_cols, values, idx,
         L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=refine_block, num_warps=num_warps,
     )
     return values.to(scores.dtype), idx
 

@@ -87,14 +87,15 @@ def local_topk_split_kernel(
         cand = inside & (digit == cand_bin)
         # one scan for both ranks: a tile has < 2^16 elements, so the candidate count fits the high half
         packed = sure.to(tl.int32) + (cand.to(tl.int32) << 16)
-        rank = tl.cumsum(packed, 0)  # inclusive
-        sure_dst = sure_before + (rank & 0xFFFF) - 1
-        cand_dst = cand_before + (rank >> 16) - 1
-        tl.store(VALUES + t * stride_vt + sure_dst, x, mask=sure)
-        tl.store(IDX + t * stride_it + sure_dst, cols.to(tl.int64), mask=sure)
-        tl.store(CAND_VALUES + t * cap + cand_dst, x, mask=cand)
-        tl.store(CAND_COLS + t * cap + cand_dst, cols, mask=cand)
         total = tl.sum(packed, 0)
+        if total > 0:  # most tiles of a -inf tail (and of long rows with many chunks) have none: no scan
+            rank = tl.cumsum(packed, 0)  # inclusive
+            sure_dst = sure_before + (rank & 0xFFFF) - 1
+            cand_dst = cand_before + (rank >> 16) - 1
+            tl.store(VALUES + t * stride_vt + sure_dst, x, mask=sure)
+            tl.store(IDX + t * stride_it + sure_dst, cols.to(tl.int64), mask=sure)
+            tl.store(CAND_VALUES + t * cap + cand_dst, x, mask=cand)
+            tl.store(CAND_COLS + t * cap + cand_dst, cols, mask=cand)
         sure_before += total & 0xFFFF
         cand_before += total >> 16
 

@@ -2,7 +2,7 @@
 radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + candidate_keys
 + topk_select).
 
-    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints two tables, writes local_topk.json to $OUT
+    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints three tables, writes local_topk.json to $OUT
 
 All three local versions give the same columns (checked on data with many exact ties, as relu makes them).
 Decode shapes: T queries (batch) x L local keys, k = 2048; the sort versions see the row padded with k -inf
@@ -11,8 +11,15 @@ columns (as distributed_topk padded it before the kernel), the kernel pads virtu
 Selection table (world 1): local top-k + dcp::candidate_keys + dcp::topk_select at T x L, old = stable sort +
 the sort-based references, new = the three kernels. Floor = bytes the new path must move / HBM bandwidth: the
 scores read once (4·T·L) + candidates written and read back (T·k·(4 + 8) each way) + slots and counts
-written (4·T·(k + 1)); the kernel reads the scores 5 times (4 histogram passes + compaction), so expect
-at best ~20 % of that floor where the passes miss L2.
+written (4·T·(k + 1)).
+
+Scheme table: the radix kernel's two schemes (ops/triton/local_topk.py), five-pass (4 histogram passes +
+compaction: the row read 5 times, 6 launches) vs candidates (coarse histogram, split, refinement: the row read
+twice, 4 launches), each timed as CUDA-graph replays (launch overhead as in a decode graph), at T in {8, 64}
+x L in {10240, 40960, 163840}, k = 2048, on (a) indexer-like scores (sum over 64 heads of w_h·relu(q_h·k),
+weights of both signs, -inf on the last fifth: bucket padding), (b) random normal, (c) a narrow range (every
+score in [1, 1.01): one coarse bin, the candidate scheme's row fallback). Both schemes' sets are checked equal
+first. GB/s and % of floor count one read of the scores (4·T·L bytes).
 """
 import json
 import os
@@ -64,6 +71,52 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # µs
 
 
+def bench_graph(fn):
+    """µs per call of ``fn`` replayed in a CUDA graph (what a decode step sees: no Python, no launch cost)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def score_cases(T, L, dev, gen):
+    """The scheme table's distributions: name -> [T, L] fp32."""
+    H, D = 64, 32
+    q = torch.randn(T, H, D, device=dev, generator=gen)
+    keys = torch.randn(L, D, device=dev, generator=gen)
+    w = torch.randn(T, H, device=dev, generator=gen)
+    indexer = torch.zeros(T, L, device=dev)
+    for h in range(H):  # one head at a time: [T, L] temporaries only
+        indexer += w[:, h:h + 1] * torch.relu(q[:, h] @ keys.T)
+    indexer[:, L - L // 5:] = float("-inf")
+    return {
+        "indexer": indexer,
+        "normal": torch.randn(T, L, device=dev, generator=gen),
+        "narrow": 1.0 + 0.01 * torch.rand(T, L, device=dev, generator=gen),
+    }
+
+
+def scheme_table(dev, k, hbm):
+    from dcp_compile.ops.triton.local_topk import local_topk as kernel
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for T in (8, 64):
+        for L in (10240, 40960, 163840):
+            for name, x in score_cases(T, L, dev, gen).items():
+                old = kernel(x, k, scheme="five_pass")[1]
+                new = kernel(x, k)[1]
+                assert torch.equal(old, new.sort(-1).values), (T, L, name)
+                one_read = 4 * T * L
+                floor_us = one_read / hbm * 1e6
+                t_old = bench_graph(lambda: kernel(x, k, scheme="five_pass"))
+                t_new = bench_graph(lambda: kernel(x, k))
+                rows.append(dict(T=T, L=L, scores=name, five_pass_us=t_old, candidates_us=t_new,
+                                 five_pass_gbs=one_read / t_old / 1e3, candidates_gbs=one_read / t_new / 1e3,
+                                 floor_us=floor_us, five_pass_pct=100 * floor_us / t_old,
+                                 candidates_pct=100 * floor_us / t_new))
+    return rows
+
+
 def local_table(dev, k):
     rows = []
     for T in (1, 8, 64):
@@ -73,7 +126,7 @@ def local_table(dev, k):
             padded = F.pad(x, (0, k), value=float("-inf"))
             a = local_topk_tie_fill(padded, k)[1].sort(-1).values
             b = local_topk_sorted(padded, k)[1].sort(-1).values
-            c = local_topk_kernel(x, k)[1]  # column order
+            c = local_topk_kernel(x, k)[1].sort(-1).values  # the kernel's order is not the sort's
             assert torch.equal(a, b) and torch.equal(b, c), (T, L)
             rows.append(dict(
                 T=T, L=L,
@@ -122,9 +175,18 @@ def main():
     dev, k = "cuda", 2048
     name = torch.cuda.get_device_name()
     hbm = bandwidth(name)
+    scheme_rows = scheme_table(dev, k, hbm)
     local_rows = local_table(dev, k)
     select_rows = selection_table(dev, k, hbm)
     print(f"{name} (HBM {hbm / 1e12:.1f} TB/s), k = {k}\n")
+    print("radix kernel schemes, CUDA-graph replays (GB/s and % of floor: one read of the scores)\n"
+          "| T | L | scores | five-pass µs | GB/s | % floor | candidates µs | GB/s | % floor | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for r in scheme_rows:
+        print(f"| {r['T']} | {r['L']} | {r['scores']} | {r['five_pass_us']:.1f} | {r['five_pass_gbs']:.0f} | "
+              f"{r['five_pass_pct']:.0f} % | {r['candidates_us']:.1f} | {r['candidates_gbs']:.0f} | "
+              f"{r['candidates_pct']:.0f} % | {r['five_pass_us'] / r['candidates_us']:.2f}x |")
+    print()
     print("| T | L | stable sort µs | topk + tie fill µs | radix kernel µs | sort / kernel |\n|---|---|---|---|---|---|")
     for r in local_rows:
         print(f"| {r['T']} | {r['L']} | {r['sort_us']:.1f} | {r['topk_us']:.1f} | {r['kernel_us']:.1f} | "
@@ -137,7 +199,7 @@ def main():
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "local_topk.json"), "w") as f:
-        json.dump(dict(device=name, local=local_rows, selection=select_rows), f, indent=1)
+        json.dump(dict(device=name, schemes=scheme_rows, local=local_rows, selection=select_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -201,8 +201,9 @@ def _(q, w, k_pool, key_slots, allowed, scale):
 def _local_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """scores [T, L] (-inf = not a candidate, no NaN), k >= 1 -> values [T, k], columns [T, k] int64: the k
     highest of each row padded with k -inf columns (so L may be < k: columns >= L are that padding), equal
-    scores to the lower column. Order within a row is unspecified: score order on CPU / float64 (one stable
-    sort), column order from the Triton kernel (ops/triton/local_topk.py); the set is the same."""
+    scores to the lower column. Order within a row is unspecified but deterministic: score order on CPU /
+    float64 (one stable sort), the Triton kernel's documented order (ops/triton/local_topk.py); the set is the
+    same."""
     if _on_triton(scores):
         from .triton.local_topk import local_topk as kernel
 

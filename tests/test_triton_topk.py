@@ -5,7 +5,7 @@ first, equal scores to the lower column / position); topk_select's slots in the 
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU at small shapes with
 small tiles (several tiles and chunks per row); with CUDA the same tests run compiled, plus the real decode
-shapes (k = 2048, L up to 128K, T up to 64). Outputs are poisoned before each run (NaN floats, a sentinel
+shapes (k = 2048, L up to 160K, T up to 64). Outputs are poisoned before each run (NaN floats, a sentinel
 for integers), inputs are fresh and full of exact ties (quantized scores, relu zeros of both signs).
 """
 from __future__ import annotations
@@ -76,8 +76,35 @@ def wide_scores(T, L, gen):
 
 # ---------------------------------------------------------------------------------------- local_topk
 
+def coarse_digit(x):
+    """torch mirror of ``radix_select.coarse_digit`` on fp32 scores: what the documented output order of the
+    candidate scheme is stated in (0 = -inf, quarter-octave bins of magnitudes 2^-16 .. 2^16)."""
+    bits = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 2**31)  # float_key
+    top = key >> 21
+    positive = top >= 1024
+    mag = (torch.where(positive, top - 1024, 1023 - top) - 4 * (127 - 16)).clamp(0, 127)
+    digit = torch.where(positive, 128 + mag, 127 - mag)
+    return torch.where(torch.isneginf(x), 0, digit.clamp(min=1))
+
+
+def expected_order(x, idx):
+    """The documented order of a row's chosen columns (idx: the set): those above the bin of the k-th
+    element in column order, then that bin's chosen ones in column order, then padding columns (>= L)."""
+    T, L = x.shape
+    out = []
+    for t in range(T):
+        cols = idx[t].sort().values
+        real = cols[cols < L]
+        digits = coarse_digit(x[t, real].float())
+        d0 = digits.min() if len(real) else 0
+        out.append(torch.cat([real[digits > d0], real[digits == d0], cols[cols >= L]]))
+    return torch.stack(out)
+
+
 def check_local_topk(x, k, **kw):
-    """The kernel's columns are the stable sort's set, its values the scores at them, in column order."""
+    """The kernel's columns are the stable sort's set, its values the scores at them, in the documented order;
+    a second run gives the same output (the order is deterministic)."""
     values, idx = ltk.local_topk(x.to(DEV), k, **kw)
     T, L = x.shape
     assert values.shape == (T, k) and idx.shape == (T, k)
@@ -86,9 +113,12 @@ def check_local_topk(x, k, **kw):
     assert not torch.isnan(values).any(), "unwritten value"
     assert not (idx == INT_POISON).any(), "unwritten column"
     ref_values, ref_idx = local_topk_padded(x.cpu(), k)
-    assert torch.equal(idx, ref_idx.sort(-1).values), "not the stable sort's columns (in column order)"
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values), "not the stable sort's columns"
     padded = torch.nn.functional.pad(x.cpu(), (0, k), value=NEG_INF)
     assert torch.equal(values, torch.gather(padded, -1, idx))
+    assert torch.equal(idx, expected_order(x.cpu(), idx)), "not the documented order"
+    again_values, again_idx = ltk.local_topk(x.to(DEV), k, **kw)
+    assert torch.equal(again_idx.cpu(), idx) and torch.equal(again_values.cpu(), values), "not deterministic"
     return values, idx
 
 
@@ -98,11 +128,12 @@ def check_local_topk(x, k, **kw):
     (4, 129, 1, 3),       # k = 1
     (2, 200, 200, 1),     # k = L: everything, no padding
 ])
-def test_local_topk_ties(T, L, k, chunks):
+@pytest.mark.parametrize("cap", [None, 3])  # candidates in the buffer, or (mostly) overflowing it
+def test_local_topk_ties(T, L, k, chunks, cap):
     gen = torch.Generator().manual_seed(T * 1000 + L + k)
     x = tied_scores(T, L, gen)
     x[0] = NEG_INF                         # a row with no candidate: the first k columns
-    check_local_topk(x, k, chunks=chunks)
+    check_local_topk(x, k, chunks=chunks, cap=cap)
 
 
 def test_local_topk_fewer_columns_than_k():
@@ -115,6 +146,7 @@ def test_local_topk_fewer_columns_than_k():
     assert torch.isneginf(values[:, 70:]).all()
     check_local_topk(x[:, :5], 8)          # one partial tile
     check_local_topk(x[:, :0], 3)          # no column at all: only padding
+    check_local_topk(x, 150, cap=2)        # the lowest bin overflows: read from the row
 
 
 def test_local_topk_wide_range_and_signs():
@@ -124,6 +156,7 @@ def test_local_topk_wide_range_and_signs():
     x[2, ::7] = 0.0
     x[2, 3::7] = -0.0                      # the top 72 are +0.0 and -0.0: a tie, lower columns first
     check_local_topk(x, 33, chunks=3)
+    check_local_topk(x, 33, chunks=3, cap=4)
 
 
 def test_local_topk_all_equal_row():
@@ -133,12 +166,65 @@ def test_local_topk_all_equal_row():
     x[1, 100:] = 0.0
     _, idx = check_local_topk(x, 130, chunks=4)
     assert torch.equal(idx, torch.arange(130).expand(2, -1))
+    _, idx = check_local_topk(x, 130, chunks=4, cap=100)   # 260 in the bin > cap: the row fallback
+    assert torch.equal(idx, torch.arange(130).expand(2, -1))
 
 
 def test_local_topk_half_precision_scores():
     gen = torch.Generator().manual_seed(3)
     x = tied_scores(2, 150, gen).to(torch.bfloat16)
     check_local_topk(x, 20, chunks=2)
+    check_local_topk(tied_scores(2, 150, gen).half(), 20, chunks=2, cap=5)
+
+
+def test_local_topk_neg_inf_padding_and_relu_zeros():
+    """Fewer finite scores than k (a short sequence in a long bucket): the -inf bin is the threshold bin, its
+    chosen ones are its lowest columns (interleaved -inf too); many relu zeros of both signs tie at 0."""
+    gen = torch.Generator().manual_seed(11)
+    x = tied_scores(3, 400, gen, neg_inf_frac=0.5)
+    x[:, 120:] = NEG_INF                   # about 60 finite scores per row, k = 100
+    _, idx = check_local_topk(x, 100, chunks=3)
+    finite = torch.isfinite(x)
+    for t in range(3):
+        n = int(finite[t].sum())
+        assert torch.equal(idx[t, :n], finite[t].nonzero()[:, 0]), "every finite score first, in column order"
+    x = torch.relu(torch.randn(4, 300, generator=gen)) * torch.tensor([[1.0], [-1.0], [2.0], [-0.5]])
+    check_local_topk(x, 200, chunks=2)     # the zeros' bin holds the threshold: ~150 ties at it
+    check_local_topk(x, 200, chunks=2, cap=8)
+
+
+def test_local_topk_narrow_range_overflows():
+    """Scores in [1, 1.01): one coarse bin holds every element; with cap < L the refinement reads the row,
+    without (cap >= L) the buffer holds them: the same output either way, and several chunks."""
+    gen = torch.Generator().manual_seed(12)
+    x = 1.0 + 0.01 * torch.rand(3, 500, generator=gen)
+    x[1, ::3] = x[1, 0]                    # ties within the range
+    assert (coarse_digit(x) == coarse_digit(x[:1, :1])).all(), "the test needs one bin"
+    v_overflow, i_overflow = check_local_topk(x, 64, chunks=4, cap=100)
+    v_buffer, i_buffer = check_local_topk(x, 64, chunks=4)
+    assert torch.equal(i_overflow, i_buffer) and torch.equal(v_overflow, v_buffer)
+
+
+def test_local_topk_same_output_for_any_split_or_cap():
+    """The output order is defined by the data alone: tiles, chunks and the buffer's cap do not change it."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 700, generator=gen)
+    x = torch.where(torch.rand(3, 700, generator=gen) < 0.2, torch.round(x * 4) / 4, x)
+    base_v, base_i = check_local_topk(x, 90)
+    for kw in (dict(chunks=1), dict(chunks=5), dict(block=32, chunks=3), dict(cap=1), dict(cap=10, chunks=2)):
+        v, i = check_local_topk(x, 90, **kw)
+        assert torch.equal(i, base_i) and torch.equal(v, base_v), kw
+
+
+def test_local_topk_five_pass_scheme_same_set():
+    """The previous kernels (kept for the benchmark) still give the sort's set, in column order."""
+    gen = torch.Generator().manual_seed(14)
+    x = tied_scores(3, 300, gen)
+    values, idx = ltk.local_topk(x.to(DEV), 40, chunks=2, scheme="five_pass")
+    ref_values, ref_idx = local_topk_padded(x, 40)
+    assert torch.equal(idx.cpu(), ref_idx.sort(-1).values)
+    new_values, new_idx = ltk.local_topk(x.to(DEV), 40, chunks=2)
+    assert torch.equal(new_idx.sort(-1).values, idx)
 
 
 def test_local_topk_rejects_bad_arguments():
@@ -149,6 +235,12 @@ def test_local_topk_rejects_bad_arguments():
         ltk.local_topk(x.double(), 2)
     with pytest.raises(ValueError, match=r"\[T, L\]"):
         ltk.local_topk(x[0], 2)
+    with pytest.raises(ValueError, match="cap must be >= 1, got 0"):
+        ltk.local_topk(x, 2, cap=0)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        ltk.local_topk(x, 2, scheme="sort")
+    with pytest.raises(ValueError, match="block must be a power of two <= 32768, got 48"):
+        ltk.local_topk(x, 2, block=48)
 
 
 def test_plan_splits_rows_into_whole_tiles():
@@ -282,12 +374,28 @@ def test_topk_select_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------ GPU: real decode shapes
 
+def check_gpu_local_topk(x, k, **kw):
+    """On CUDA: the sort's set, the scores at the columns, the documented order, deterministic; and the same
+    set as the five-pass scheme."""
+    L = x.shape[1]
+    values, idx = ltk.local_topk(x, k, **kw)
+    ref_values, ref_idx = local_topk_padded(x, k)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
+    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu()))
+    again_values, again_idx = ltk.local_topk(x, k, **kw)
+    assert torch.equal(again_idx, idx) and torch.equal(again_values, values)
+    old_values, old_idx = ltk.local_topk(x, k, scheme="five_pass")
+    assert torch.equal(old_idx, idx.sort(-1).values)
+    return values, idx
+
+
 @gpu
 @pytest.mark.parametrize("T", [1, 8, 64])
-@pytest.mark.parametrize("L", [8192, 32768 + 123, 131072])
+@pytest.mark.parametrize("L", [8192, 10240, 32768 + 123, 131072, 163840])
 def test_local_topk_gpu_decode_shapes(T, L):
     """k = 2048 at decode shapes: the same set as the stable sort (on the GPU), ties from relu zeros and
-    quantized scores, a -inf tail (keys beyond the sequence)."""
+    quantized scores, a -inf tail (keys beyond the sequence), a row with fewer finite scores than k."""
     k = 2048
     gen = torch.Generator(device="cuda").manual_seed(T + L)
     x = torch.randn(T, L, device="cuda", generator=gen)
@@ -295,19 +403,35 @@ def test_local_topk_gpu_decode_shapes(T, L):
     x = torch.round(x * 64) / 64                        # ~600 levels: many exact ties at the threshold
     x[:, L - L // 5:] = NEG_INF
     x[0, : L // 2] = NEG_INF
-    values, idx = ltk.local_topk(x, k)
-    ref_values, ref_idx = local_topk_padded(x, k)
-    assert torch.equal(idx, ref_idx.sort(-1).values)
-    assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
+    if T > 1:
+        x[1, 1000:] = NEG_INF                           # 1000 finite scores < k: the -inf bin decides
+    check_gpu_local_topk(x, k)
+
+
+@gpu
+@pytest.mark.parametrize("T,L", [(8, 10240), (64, 163840)])
+def test_local_topk_gpu_indexer_like_and_overflow(T, L):
+    """Indexer-like scores (sum over 64 heads of w_h·relu(q_h·k), weights of both signs), random normal, and a
+    narrow range (every score in one coarse bin: the row fallback), also with a small cap."""
+    k, H, D = 2048, 64, 32
+    gen = torch.Generator(device="cuda").manual_seed(T * L)
+    q = torch.randn(T, H, D, device="cuda", generator=gen)
+    keys = torch.randn(L, D, device="cuda", generator=gen)
+    w = torch.randn(T, H, device="cuda", generator=gen)
+    indexer = torch.einsum("th,thl->tl", w, torch.relu(torch.einsum("thd,ld->thl", q, keys)))
+    indexer[:, L - L // 5:] = NEG_INF
+    check_gpu_local_topk(indexer, k)
+    check_gpu_local_topk(torch.randn(T, L, device="cuda", generator=gen), k)
+    narrow = 1.0 + 0.01 * torch.rand(T, L, device="cuda", generator=gen)
+    check_gpu_local_topk(narrow, k)
+    check_gpu_local_topk(indexer, k, cap=512)          # the overflow path on every row
 
 
 @gpu
 def test_local_topk_gpu_short_rows():
     """Prefill-like: a few keys per row (L < k), many rows."""
     x = tied_scores(300, 1000, torch.Generator().manual_seed(4)).cuda()
-    values, idx = ltk.local_topk(x, 2048)
-    ref_values, ref_idx = local_topk_padded(x, 2048)
-    assert torch.equal(idx, ref_idx.sort(-1).values)
+    check_gpu_local_topk(x, 2048)
 
 
 @gpu
@@ -346,8 +470,8 @@ def test_registered_topk_ops_on_cuda():
     gen = torch.Generator().manual_seed(8)
     x = tied_scores(4, 5000, gen).cuda()
     v, i = torch.ops.dcp.local_topk(x, 300)
-    assert torch.equal(i, i.sort(-1).values), "the kernel returns column order (the sort: score order)"
-    assert torch.equal(i, local_topk_padded(x, 300)[1].sort(-1).values)
+    assert torch.equal(i.cpu(), expected_order(x.cpu(), i.cpu())), "the kernel's order (the sort: score order)"
+    assert torch.equal(i.sort(-1).values, local_topk_padded(x, 300)[1].sort(-1).values)
     v64, i64 = torch.ops.dcp.local_topk(x.double(), 300)
     assert torch.equal(i64, local_topk_padded(x.double(), 300)[1])
     per_rank = local_candidates(4, 600, 100, 2, 1, gen)

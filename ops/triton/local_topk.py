@@ -1,29 +1,49 @@
-"""Exact top-k of each row, ties to the lower column: a radix select (Triton host wrapper; kernels in
-``kernels/local_topk.py``). Replaces the full stable sort (``ops/distributed.py: local_topk_sorted``) on CUDA.
+"""Exact top-k of each row, ties to the lower column: a radix select that reads the row twice (Triton host
+wrapper; kernels in ``kernels/local_topk_candidates.py``). Replaces the full stable sort
+(``ops/distributed.py: local_topk_sorted``) on CUDA.
 
 Meaning (the same as ``local_topk_sorted`` of the row padded with k -inf columns): for scores [T, L] fp32
 (-inf = not a candidate, no NaN) and k >= 1, the k columns of each row with the highest scores, equal scores
 to the lower column; L may be < k, then every column is chosen and then padding columns L .. k-1 with score
--inf (the caller maps their positions to a sentinel). -0.0 and +0.0 are equal scores. Output order: column
-order (the sort gives score order); the set is exactly the sort's. Downstream (``dcp::topk_select``)
-re-selects by (score, position), so the order does not matter there.
+-inf (the caller maps their positions to a sentinel). -0.0 and +0.0 are equal scores. The set is exactly the
+sort's. Output order (deterministic, no atomics decide it): first the columns above the threshold bin (see
+below) in column order, then the chosen ones of that bin in column order, then the padding columns; the
+sort gives score order. Downstream, ``dcp::candidate_keys`` sorts the candidates itself, and the key-gather
+selection's positions only set the summation order of the attention over them: deterministic is all that
+matters there.
 
-Algorithm: the threshold (the k-th largest score) is found digit by digit over the order-preserving uint32
-image of the score, 8 bits per level, by 4 histogram passes over the row; a 5th pass writes everything above
-the threshold plus the lowest-column ties at it (how many: known from the histograms), at their rank in
-column order. No host sync and no data-dependent shape: 6 launches (one memset of the histograms).
+Algorithm (candidate compaction, as production DSA top-k kernels do it), over the order-preserving uint32
+image of the score (``radix_select.float_key``):
 
-Parallelism: a row is split over several programs (chunks of whole BLOCK tiles), so that 64 rows (or even
-one) fill an H200's 132 SMs; the per-level histograms of a row are summed with atomics, and each chunk of
-the compaction finds where its output starts from the per-chunk suffix sums that the last histogram pass
-leaves (two int32 loads per earlier chunk, no scan kernel).
+1. ``local_topk_coarse_kernel``: the histogram of an 8-bit monotone coarse digit of every element
+   (``radix_select.coarse_digit``: sign, 5 exponent bits, 2 mantissa bits: a quarter octave per bin over
+   magnitudes 2^-16 .. 2^16; bin 0 = -inf alone), per row (atomics) and per chunk (suffix sums).
+2. ``local_topk_split_kernel``: the bin d0 that holds the k-th element; elements above it are written to the
+   output (positions from the earlier chunks' suffix sums: deterministic), those in it (the candidates) to
+   a per-row buffer of ``cap`` entries, in column order.
+3. ``local_topk_refine_kernel`` (one program per row): the 32-bit radix select over the candidates and the
+   chosen ones after the sure ones. If bin d0 holds more than ``cap`` elements (exact ties in a huge bin, a
+   narrow range of scores), nothing went to the buffer and this kernel reads the row (filtered by the bin):
+   always exact, slower only then. If d0 is the -inf bin (fewer than k finite scores), its chosen ones are
+   its lowest columns: a scan of the row's start, no search.
 
-Floor: every pass reads the row, 4·T·L bytes; at T = 64, L = 128K that is 33.5 MB, 7.0 µs at 4.8 TB/s (H200)
-per pass, 5 passes = 35 µs from HBM, less where a pass finds the row in L2 (50 MB). Fixed config, no
-autotuning: BLOCK = 4096 elements (16 per thread at 8 warps: the histogram and the cumsum stay in
-registers); chunks per row = enough programs for ~4 per SM (``TARGET_PROGRAMS``) but no chunk smaller
-than one tile. Those are bandwidth-bound passes with one tunable that matters (programs in flight), so a
-run-time autotune would buy little and would cost a first-call stall inside a decode graph.
+No host sync and no data-dependent shape or grid (the fallback is a branch on a loaded count): 4 launches
+(one memset of the histograms), where the five-pass scheme has 6 (``scheme="five_pass"``, kept for the
+benchmark: 4 histogram passes of 8 key bits + a compaction, each reading the row).
+
+Parallelism: passes 1 and 2 split a row over several programs (chunks of whole BLOCK tiles), so that 64 rows
+(or even one) fill an H200's 132 SMs. Fixed config, no autotuning: BLOCK = 4096 elements (16 per thread at 8
+warps); chunks per row = enough programs for ~4 per SM (``TARGET_PROGRAMS``), no chunk smaller than one tile;
+the refinement's tile is 2048 (REFINE_BLOCK: its cost per level follows the tile, most rows have ~2-3K
+candidates).
+
+Capacity: ``cap`` = min(CAP, L) candidates per row (8 bytes each: value and int32 column). A quarter-octave
+bin holds ~2700 of 128K normal scores at k = 2048 (the bin of the 1.25 % quantile, [2, 2.5)), ~5-6K for a
+score distribution whose mean is ~5 standard deviations off zero (a sum of positive relu terms); CAP = 16384
+keeps those in the buffer (1 MiB at T = 64, read back from L2), and L <= CAP never overflows.
+
+Floor: the row is read twice, 8·T·L bytes; at T = 64, L = 160K that is 84 MB, 17.5 µs at 4.8 TB/s (H200),
+less where the second pass finds the row in L2 (50 MB).
 """
 from __future__ import annotations
 
@@ -32,15 +52,21 @@ import triton
 
 from . import common
 from .kernels.local_topk import local_topk_compact_kernel, local_topk_histogram_kernel
+from .kernels.local_topk_candidates import (local_topk_coarse_kernel, local_topk_refine_kernel,
+                                            local_topk_split_kernel)
 from .kernels.radix_select import RADIX as _RADIX
 
-RADIX = _RADIX.value  # bins per level
+RADIX = _RADIX.value  # bins per level (and of the coarse digit)
 
-LEVELS = 4
+LEVELS = 4  # the five-pass scheme's histogram levels
 BLOCK = 4096
+REFINE_BLOCK = 2048  # the refinement's tile: one program per row over ~0.3-16K candidates (usually ~2-3K)
+MAX_BLOCK = 32768  # the split kernel packs two in-tile ranks into one int32 (16 bits each)
+CAP = 16384  # candidates per row, see the module docstring
 TARGET_PROGRAMS = 4 * 132  # ~4 programs per SM of an H100 / H200
 NUM_WARPS = 8
 INTERPRET_BLOCK = 64  # small tiles under the interpreter: tests then cover several tiles and chunks
+SCHEMES = ("candidates", "five_pass")
 
 
 def plan(T: int, L: int, block: int, chunks: int | None = None) -> tuple[int, int]:
@@ -51,15 +77,24 @@ def plan(T: int, L: int, block: int, chunks: int | None = None) -> tuple[int, in
     return tiles_per_chunk * block, triton.cdiv(tiles, tiles_per_chunk)
 
 
-def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks: int | None = None):
+def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks: int | None = None,
+               cap: int | None = None, scheme: str = "candidates"):
     """scores [T, L] (fp32; fp16/bf16 are widened exactly) -> (values [T, k] in scores' dtype, columns [T, k]
-    int64), see the module docstring. ``block`` / ``chunks`` (tests) fix the tile and the split of a row."""
+    int64), see the module docstring. ``block`` / ``chunks`` (tests) fix the tile and the split of a row,
+    ``cap`` (tests: a small one forces the overflow path) the candidates per row; ``scheme="five_pass"`` runs
+    the previous kernels (4 histogram passes + compaction, output in column order; kept for the benchmark)."""
     if scores.dim() != 2:
         raise ValueError(f"local_topk: scores must be [T, L], got shape {tuple(scores.shape)}")
     if k < 1:
         raise ValueError(f"local_topk: k must be >= 1, got {k}")
     if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"local_topk: scores must be fp32/fp16/bf16 (float64 uses the stable sort), got {scores.dtype}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"local_topk: scheme must be one of {SCHEMES}, got {scheme!r}")
+    if cap is not None and cap < 1:
+        raise ValueError(f"local_topk: cap must be >= 1, got {cap}")
+    if block is not None and not (1 <= block <= MAX_BLOCK and block & (block - 1) == 0):
+        raise ValueError(f"local_topk: block must be a power of two <= {MAX_BLOCK}, got {block}")
     T, L = scores.shape
     device = scores.device
     values = common.empty((T, k), torch.float32, device)
@@ -69,13 +104,46 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     if L >= 2**31 - 1:
         raise ValueError(f"local_topk: row length {L} must be < 2**31 - 1 (int32 counts)")
     x = common.unit_stride(scores.float())
+    refine_block = block or (INTERPRET_BLOCK if common.fixed_launch(device) else REFINE_BLOCK)
     if block is None:
         block = INTERPRET_BLOCK if common.fixed_launch(device) else BLOCK
     chunk_len, num_chunks = plan(T, L, block, chunks)
+    num_warps = 4 if common.fixed_launch(device) else NUM_WARPS
+    if scheme == "five_pass":
+        _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps)
+        return values.to(scores.dtype), idx
+
+    take = min(k, L)  # the real columns to select
+    cap = max(1, min(CAP if cap is None else cap, L))  # a bin never holds more than L: L <= CAP fits always
+    grid = (T, num_chunks)
+    hist = torch.zeros((T, RADIX), dtype=torch.int32, device=device)  # atomics add into it
+    chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
+    cand_values = common.empty((T, cap), torch.float32, device)  # entries 0 .. in_bin - 1 written when used
+    cand_cols = common.empty((T, cap), torch.int32, device)
+    common.launch(local_topk_coarse_kernel)[grid](
+        x, hist, chunk_suffix, L, x.stride(0), chunk_len, num_chunks,
+        BLOCK=block, num_warps=num_warps,
+    )
+    common.launch(local_topk_split_kernel)[grid](
+        x, hist, chunk_suffix, values, idx, cand_values, cand_cols,
+        L, take, cap, x.stride(0), values.stride(0), idx.stride(0), chunk_len, num_chunks,
+        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
+    )
+    common.launch(local_topk_refine_kernel)[(T,)](
+        x, hist, cand_values, cand_cols, values, idx,
+        L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
+        BLOCK=refine_block, num_warps=num_warps,
+    )
+    return values.to(scores.dtype), idx
+
+
+def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps):
+    """The previous scheme: 4 histogram passes (8 key bits each) + a compaction, each reading the row."""
+    T, L = x.shape
+    device = x.device
     hist = torch.zeros((T, LEVELS, RADIX), dtype=torch.int32, device=device)  # atomics add into it
     chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
     grid = (T, num_chunks)
-    num_warps = 4 if common.fixed_launch(device) else NUM_WARPS
     for level in range(LEVELS):
         common.launch(local_topk_histogram_kernel)[grid](
             x, hist, chunk_suffix, L, min(k, L), x.stride(0), chunk_len, num_chunks,
@@ -86,4 +154,3 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
         chunk_len, num_chunks,
         BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
     )
-    return values.to(scores.dtype), idx

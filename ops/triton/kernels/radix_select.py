@@ -48,3 +48,30 @@ def threshold_prefix(HIST_ROW, rem, LEVELS: tl.constexpr):
         d, rem, _ = pick_bin(hist, rem)
         prefix = (prefix << 8) | d.to(tl.uint32)
     return prefix, rem
+
+
+# --- the coarse digit of the candidate scheme (``local_topk_candidates.py``) --------------------------------
+# A monotone (non-decreasing) map of the uint32 key to 8 bits, so that one histogram pass finds a bin that
+# holds the k-th element and few others: every element of a higher bin is in, only that bin's elements
+# (the candidates) need the full key. The top 8 bits of the key would be sign + 7 exponent bits (bins of
+# 4 octaves, useless); instead, like an fp16 image: sign, 5 exponent bits (magnitudes 2^-16 .. 2^16, beyond
+# that clamped into the end bins) and 2 mantissa bits, i.e. bins of a quarter octave. Any monotone map is
+# correct (the bins only filter); this one keeps the threshold bin small for real score distributions.
+# Bin 0 is -inf alone: the -inf padding of short rows is a tie of its own (taken by lowest column, no select).
+COARSE_MAG_LOW = tl.constexpr(4 * (127 - 16))  # (biased exponent << 2 | 2 mantissa bits) of 2^-16
+NEG_INF_KEY = tl.constexpr(0x007FFFFF)  # float_key(-inf)
+NEG_INF_BIN = tl.constexpr(0)
+
+
+@triton.jit
+def coarse_digit(key):
+    """uint32 key (``float_key``) -> int32 bin in [0, RADIX): 0 = -inf only, 1 .. 127 negative (larger
+    magnitude lower), 128 .. 255 zero and positive; quarter-octave bins over magnitudes 2^-16 .. 2^16."""
+    top = (key >> 21).to(tl.int32)  # sign, 8 exponent bits, 2 mantissa bits: 0 .. 2047, monotone in key
+    positive = top >= 1024
+    # (exponent << 2 | mantissa) of |x| minus that of 2^-16, clamped to 7 bits; a negative key is ~bits, so
+    # there top = 1023 - (exponent << 2 | mantissa)
+    mag = tl.where(positive, top - 1024, 1023 - top) - COARSE_MAG_LOW
+    mag = tl.minimum(tl.maximum(mag, 0), 127)
+    digit = tl.where(positive, 128 + mag, 127 - mag)
+    return tl.where(key == NEG_INF_KEY, NEG_INF_BIN, tl.maximum(digit, 1))

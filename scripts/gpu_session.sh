@@ -66,6 +66,14 @@ for p in $PARTS; do case $p in
   e2e_prefill_simple) TAIL=18 NCCL_PROTO=Simple part e2e_prefill_simple 160 $RUN benchmarks/bench_e2e.py \
                         --out "$W/e2e_prefill_simple" --modes dcp tp --compile eager --batch 8 --context 32768 \
                         --layers 2 --warmup 2 --steps 5 --profile-prefill --trace-prefill ;;
+  # prefill at a production chunk (16K tokens a forward: vLLM / SGLang budgets), eager; and prefill through the
+  # compiled forward (README's usage), 4K-token chunks
+  e2e_prefill_16k) TAIL=18 part e2e_prefill_16k 150 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill_16k" \
+                     --modes dcp tp --compile eager --batch 8 --context 32768 --layers 2 --warmup 2 --steps 5 \
+                     --chunk 16384 --profile-prefill --trace-prefill ;;
+  e2e_prefill_compiled) TAIL=18 part e2e_prefill_compiled 220 $RUN benchmarks/bench_e2e.py \
+                          --out "$W/e2e_prefill_compiled" --modes dcp tp --compile eager --batch 8 --context 32768 \
+                          --layers 2 --warmup 2 --steps 5 --prefill-compile inductor --profile-prefill --trace-prefill ;;
   # decode under NCCL_PROTO=Simple (before recommending it for prefill): CUDA-graph steps, random fill
   e2e_decode_simple) TAIL=14 NCCL_PROTO=Simple part e2e_decode_simple 150 $RUN benchmarks/bench_e2e.py \
                        --out "$W/e2e_decode_simple" --modes dcp tp --compile cudagraphs --batch 8 64 \

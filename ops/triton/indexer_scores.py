@@ -1,10 +1,11 @@
-"""DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Two kernels, by
+"""DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Three kernels, by
 shape class: decode (S = 1, memory-bound: the gather of the keys) either ``kernels/indexer_scores.py``, one
 key tile a program, or ``kernels/indexer_scores_decode.py``, one sequence's run of pipelined key tiles a
 program with the grid sized to the SMs (which one: ``DECODE_TABLE``, ``choose_decode_config``); prefill
 (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
-pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The local top-k that follows is ``dcp::local_topk`` (ties to the
-lower position: a radix select on CUDA, ``ops/triton/local_topk.py``; a stable sort elsewhere).
+pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The
+local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
+``ops/triton/local_topk.py``; a stable sort elsewhere).
 
 Precision: products and sums in fp32. bf16/fp16 operands go to the tensor cores as they are (every such
 product is exact in fp32); fp32 operands (or mixed dtypes, cast to fp32) use IEEE fp32 dots, so no tf32

@@ -3,8 +3,9 @@ kernel, its configs, the key-tile loop kernel's configs, and what a kernel movin
 
 Shapes: DeepSeek-V3.2's indexer (64 heads × 128, bf16 query and keys, fp32 head weights and scores), B ∈ {1, 8,
 16, 64} sequences × L ∈ {10240, 40960} local keys (32K / 128K contexts on 4 DCP ranks, the capacity bucket's
-width), 8 × 2560 and 1 × 2560 (an 8K context on 4 ranks; a decode with no prefill behind it), every key
-present; and the recorded decode call (bench_e2e --record on 4 × H200, 8 × 32K context): 8 × 10240 with the
+width), 8 × 2560 and 1 × 2560 (an 8K context on 4 ranks; a decode with no prefill behind it), 64 × 163840 (128K
+on one rank: the largest decode call, where the one-tile kernel is at ~99 % and the loop kernel must not lose),
+every key present; and the recorded decode call (bench_e2e --record on 4 × H200, 8 × 32K context): 8 × 10240 with the
 bucket's last 20 % of slots -1 and not allowed (the kernels load no key there). Keys live on random 64-key
 pages of a pool, as the paged cache lays them out.
 
@@ -53,7 +54,8 @@ PAGE = 64
 L2_BYTES = 50 * 2 ** 20
 # (B, L, fraction of each sequence's keys present: the rest is the bucket's tail, slot -1 and not allowed)
 CASES = [(1, 2560, 1.0), (8, 2560, 1.0), (1, 10240, 1.0), (8, 10240, 1.0), (8, 10240, 0.8), (16, 10240, 1.0),
-         (64, 10240, 1.0), (1, 40960, 1.0), (8, 40960, 1.0), (16, 40960, 1.0), (64, 40960, 1.0)]
+         (64, 10240, 1.0), (1, 40960, 1.0), (8, 40960, 1.0), (16, 40960, 1.0), (64, 40960, 1.0),
+         (64, 163840, 1.0)]
 QUICK_CASES = [(8, 2560, 1.0), (8, 10240, 0.8), (64, 10240, 1.0)]
 RECORDED = (8, 10240, 0.8)
 ONE_TILE_GRID = list(itertools.product((32, 64, 128, 256), (2, 4, 8), (3,)))

@@ -204,6 +204,73 @@ def test_indexer_interpreter(Hi, S):
     check_indexer(q, w, k_pool, key_slots, allowed, 32 ** -0.5, 1e-5)
 
 
+
+# The decode loop kernel (kernels/indexer_scores_decode.py): (B, L, Hi, tiles). Under the interpreter the key
+# tile is 16, so L = 37 is 3 tiles (the last one partial); tiles 0 takes the interpreter's 2 a program (a
+# short last run), 1 a program each, 5 more than a sequence has (one run, cut short).
+LOOP_CASES = [(2, 37, 16, 0), (2, 37, 3, 1), (1, 37, 16, 5), (1, 70, 64, 3), (3, 16, 1, 0)]
+
+
+@cpu_only
+@pytest.mark.parametrize("B,L,Hi,tiles", LOOP_CASES)
+@pytest.mark.parametrize("scale", [32 ** -0.5, -0.3])
+def test_indexer_decode_loop_interpreter(B, L, Hi, tiles, scale):
+    """Masks, -1 slots (a tail and one inside), a sequence with no allowed key, negative weights and scale."""
+    gen = torch.Generator().manual_seed(100 * B + L + Hi + tiles)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, Hi, 32, L, 90, torch.float32, "cpu", gen)
+    check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=idx.DecodeConfig(128, 4, 3, 2, tiles))
+
+
+@cpu_only
+def test_indexer_decode_loop_interpreter_slot_without_allowed_key():
+    """A key that exists but is not allowed is -inf, and so is an allowed key without a slot."""
+    gen = torch.Generator().manual_seed(7)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(2, 1, 8, 32, 40, 90, torch.float32, "cpu", gen)
+    allowed[:] = True
+    allowed[1, 0, 5:21] = False                       # a whole 16-key tile and a bit of its neighbours
+    key_slots[1, 30] = -1
+    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2, config=idx.DecodeConfig(128, 4, 3, 2, 1))
+    assert torch.isneginf(out[1, 0, 5:21]).all() and torch.isneginf(out[1, 0, 30])
+    check_indexer(q, w, k_pool, key_slots, allowed, 0.2, 1e-5, config=idx.DecodeConfig(128, 4, 3, 2, 1))
+
+
+def test_indexer_decode_loop_rejects_prefill():
+    gen = torch.Generator().manual_seed(8)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(1, 2, 4, 32, 20, 40, torch.float32, DEV, gen)
+    with pytest.raises(ValueError, match="S = 2"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2, config=idx.DecodeConfig(128, 4, 3, 2))
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("programs_per_sm", [1, 2, 3])
+def test_decode_tiles_one_wave_covering_every_tile(sms, programs_per_sm):
+    """The loop kernel's runs cover each sequence's tiles, and the grid stays within programs_per_sm · sms
+    programs unless the batch alone is larger (then one run a sequence)."""
+    target = programs_per_sm * sms
+    for B in (1, 2, 7, 8, 16, 64, 300):
+        for n_lt in (1, 5, 20, 80, 81, 320, 1280):
+            tiles = idx.decode_tiles(B, n_lt, sms, programs_per_sm)
+            runs = triton.cdiv(n_lt, tiles)
+            assert tiles >= 1 and runs * tiles >= n_lt and (runs - 1) * tiles < n_lt, (B, n_lt, tiles)
+            assert B * runs <= max(B, target), (B, n_lt, tiles, runs)
+    assert idx.decode_tiles(8, 80, 132, 2) == 3 and idx.decode_tiles(64, 80, 132, 2) == 20
+
+
+def test_choose_decode_config_table(monkeypatch):
+    """Tensor-core decode takes the table's loop config (warps doubled above 64 heads); fp32 dots and a batch
+    above DECODE_LOOP_MAX_TILES the one-tile kernel's choose_config."""
+    loop = idx.DECODE_TABLE["tensor_cores"]
+    assert isinstance(loop, idx.DecodeConfig)
+    assert idx.choose_decode_config(8, 10240, 64, False) == loop
+    assert idx.choose_decode_config(8, 10240, 128, False).num_warps >= 8
+    assert idx.choose_decode_config(8, 10240, 64, True) == idx.choose_config(1, 64, True)
+    monkeypatch.setattr(idx, "DECODE_LOOP_MAX_TILES", 8 * 80)
+    assert idx.choose_decode_config(8, 80 * loop.block_l, 64, False) == loop
+    assert idx.choose_decode_config(8, 80 * loop.block_l + 1, 64, False) == idx.choose_config(1, 64, False)
+    monkeypatch.setitem(idx.DECODE_TABLE, "tensor_cores", None)
+    assert idx.choose_decode_config(1, 100, 64, False) == idx.choose_config(1, 64, False)
+
+
 # ----------------------------------------------------------------------------------------- GPU tests
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -267,6 +334,47 @@ def test_indexer_gpu(S, dtype, tol):
     gen = torch.Generator().manual_seed(S)
     q, w, k_pool, key_slots, allowed = make_indexer_inputs(3, S, 64, 128, 1000, 5000, dtype, "cuda", gen)
     check_indexer(q, w, k_pool, key_slots, allowed, 128 ** -0.5, tol)
+
+
+
+ONE_TILE_DECODE = (128, 4, 3)   # the one-tile kernel's decode config before the loop kernel
+
+
+@gpu
+@pytest.mark.parametrize("B,L", [(1, 1000), (3, 4099), (8, 10240)])
+@pytest.mark.parametrize("loop", [idx.DecodeConfig(128, 4, 3, 2), idx.DecodeConfig(128, 4, 3, 2, 1),
+                                  idx.DecodeConfig(128, 4, 2, 1, 7), idx.DecodeConfig(128, 4, 4, 3)])
+def test_indexer_decode_loop_gpu_bit_identical(B, L, loop):
+    """The decode loop kernel at the one-tile kernel's tile and warps gives its scores bit for bit, in the
+    model's dtypes (bf16 q and keys, fp32 weights; 64 heads × 128), and both match the float64 oracle."""
+    gen = torch.Generator().manual_seed(B * 31 + L + loop.num_stages + loop.tiles)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, 64, 128, L, 2 * L, torch.bfloat16, "cuda", gen)
+    scale = 128 ** -0.5
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=ONE_TILE_DECODE)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=loop)
+    assert not torch.isnan(got).any(), "unwritten or NaN output"
+    assert torch.equal(got, ref), f"max |diff| {(got - ref).nan_to_num().abs().max().item():.3g}"
+    if L <= 4099:
+        check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=loop)
+
+
+@gpu
+def test_indexer_decode_table_gpu_bit_identical():
+    """The table's decode path (whatever DECODE_TABLE picks) gives the one-tile kernel's bits."""
+    gen = torch.Generator().manual_seed(77)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(8, 1, 64, 128, 2560, 5000, torch.bfloat16, "cuda", gen)
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=ONE_TILE_DECODE)
+    assert torch.equal(idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1), ref)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_indexer_decode_loop_gpu_dtypes(dtype):
+    """The loop kernel in the other dtypes (fp32: IEEE dots; fp16: tensor cores), against the oracle."""
+    gen = torch.Generator().manual_seed(5)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(3, 1, 64, 128, 1000, 3000, dtype, "cuda", gen)
+    cfg = idx.DecodeConfig(32, 4, 2, 2) if dtype == torch.float32 else idx.DecodeConfig(128, 4, 3, 2)
+    check_indexer(q, w, k_pool, key_slots, allowed, 128 ** -0.5, 1e-5, config=cfg)
 
 
 @gpu

@@ -1,9 +1,11 @@
-"""DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Two kernels, by
-shape class: decode (S = 1, memory-bound: the gather of the keys) ``kernels/indexer_scores.py``, one key
-tile a program; prefill (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a
-program looping over pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels'
-docstrings. The local top-k that follows is ``dcp::local_topk`` (ties to the
-lower position: a radix select on CUDA, ``ops/triton/local_topk.py``; a stable sort elsewhere).
+"""DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Three kernels, by
+shape class: decode (S = 1, memory-bound: the gather of the keys) either ``kernels/indexer_scores.py``, one
+key tile a program, or ``kernels/indexer_scores_decode.py``, one sequence's run of pipelined key tiles a
+program with the grid sized to the SMs (which one: ``DECODE_TABLE``, ``choose_decode_config``); prefill
+(S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
+pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The
+local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
+``ops/triton/local_topk.py``; a stable sort elsewhere).
 
 Precision: products and sums in fp32. bf16/fp16 operands go to the tensor cores as they are (every such
 product is exact in fp32); fp32 operands (or mixed dtypes, cast to fp32) use IEEE fp32 dots, so no tf32
@@ -19,6 +21,7 @@ can be checked against it on a new GPU. The prefill configs are swept by ``bench
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -27,6 +30,7 @@ import triton
 
 from . import common
 from .kernels.indexer_scores import indexer_scores_kernel
+from .kernels.indexer_scores_decode import indexer_scores_decode_kernel
 from .kernels.indexer_scores_prefill import indexer_scores_prefill_kernel
 
 
@@ -66,6 +70,72 @@ def choose_config(block_s: int, block_hi: int, fp32_dots: bool) -> tuple[int, in
     if fp32_dots:
         return 32, (8 if rows > 64 else 4), 2
     return 128, (8 if rows > 64 else 4), 3
+
+
+class DecodeConfig(NamedTuple):
+    """Launch config of the decode kernel's key-tile loop (``kernels/indexer_scores_decode.py``, S = 1)."""
+    block_l: int          # keys a tile: the dot's N
+    num_warps: int
+    num_stages: int       # key tiles in flight (Triton software-pipelines the loop's slot and key loads)
+    programs_per_sm: int  # the grid: about this many programs an SM, one wave if they fit (``decode_tiles``)
+    tiles: int = 0        # key tiles a program, overriding programs_per_sm (tests, sweeps); 0: from the SMs
+
+
+# The decode (S = 1) kernel by operand class: the one place to flip after benchmarks/tune_indexer_decode.py.
+# A DecodeConfig runs the key-tile loop kernel (its warps doubled above 64 index heads, as ``choose_config``
+# does); None the one-tile kernel at ``choose_config``'s config (the decode path before the loop kernel).
+# - tensor cores (bf16/fp16 operands): the loop kernel at the one-tile kernel's tile and warps (128 keys, 4
+#   warps: the same dot and head-sum order, so the same bits), 3 stages (two key tiles in flight: 16 KB of q
+#   + 2 × 32 KB of key buffers, so two programs fit an SM), 2 programs an SM. Chosen by reasoning, not yet
+#   timed: the one-tile kernel is at ~42 % of the floor at 8 × 10240 keys (latency-bound: one dependent
+#   slot -> key chain a program, the query reloaded for every tile, ~1.5 waves), at 85-99 % from 64 × 10K
+#   keys up, where the loop kernel should be no slower (its runs are 20+ pipelined tiles long).
+# - IEEE fp32 dots (FMA: tests, float32 models): the one-tile kernel; not a performance target, and the
+#   loop kernel's fp32 configs are not swept.
+DECODE_TABLE = {
+    "tensor_cores": DecodeConfig(128, 4, 3, 2),
+    "fp32_dots": None,
+}
+# The loop kernel only while the batch has at most this many key tiles (B · ceil(L / block_l)); above, the
+# one-tile kernel at ``choose_config``'s config. None: no limit. A bound on shapes only: under torch.compile
+# a guard on B and L, never on data.
+DECODE_LOOP_MAX_TILES: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """The SM count of a CUDA device (the loop kernel's grid is sized to it)."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_decode_config(B: int, L: int, block_hi: int, fp32_dots: bool):
+    """The decode (S = 1) launch config by shape class: ``DECODE_TABLE``'s entry for the operands, or the
+    one-tile kernel's ``choose_config`` where that entry is None or the batch has more than
+    ``DECODE_LOOP_MAX_TILES`` key tiles. A ``DecodeConfig`` (loop kernel) or (BLOCK_L, num_warps,
+    num_stages) (one-tile kernel)."""
+    cfg = DECODE_TABLE["fp32_dots" if fp32_dots else "tensor_cores"]
+    one_tile = choose_config(1, block_hi, fp32_dots)
+    if cfg is None:
+        return one_tile
+    if DECODE_LOOP_MAX_TILES is not None and B * triton.cdiv(L, cfg.block_l) > DECODE_LOOP_MAX_TILES:
+        return one_tile
+    if block_hi > 64:  # M = 128 rows of the dot: the one-tile kernel's register load a thread at 8 warps
+        cfg = cfg._replace(num_warps=max(cfg.num_warps, 8))
+    return cfg
+
+
+def decode_tiles(B: int, n_lt: int, sms: int, programs_per_sm: int) -> int:
+    """Key tiles a program of the loop kernel, for B sequences of n_lt tiles each: each sequence's tiles in
+    max(1, ⌊programs_per_sm · sms / B⌋) runs of equal length (the last one shorter), so the grid, B runs a
+    sequence, stays within programs_per_sm · sms programs (rounding the runs up instead would add a second
+    wave of full-length runs) unless B alone is larger. Branch-free on B and L (torch.sym_max): no guard
+    under torch.compile. E.g. 132 SMs, 2 a SM: 8 × 80 tiles -> 3 a program, 216 programs; 64 × 80 -> 20, 256."""
+    runs = torch.sym_max(1, (programs_per_sm * sms) // B)
+    return triton.cdiv(n_lt, runs)
 
 
 class PrefillConfig(NamedTuple):
@@ -122,19 +192,27 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     key_slots [B, L] int32 (row of k_pool for local key l of sequence b; -1 = no key), allowed [B, S, L] bool.
     out[b,s,l] = Σ_h w[b,s,h] * relu(scale * (q[b,s,h,:]·k_pool[key_slots[b,l],:])) computed in fp32,
     and -inf where not allowed[b,s,l] or key_slots[b,l] < 0. Returns [B, S, L] fp32. P may be 0 (every slot
-    is then -1). S = 1 runs the decode kernel, S > 1 the prefill kernel. Keyword-only overrides (tests,
-    benchmarks): ``block_l`` the key tile; ``config`` a ``PrefillConfig`` (5 numbers: the prefill kernel,
-    whatever S) or (BLOCK_L, num_warps, num_stages) (the one-tile decode kernel, whatever S); ``tune``
-    Triton's autotuner over the decode kernel instead of its table (S = 1 only; not traceable). Under the
-    Triton interpreter the warps and stages of ``config`` are ignored."""
-    if config is not None and len(config) not in (3, 5):
-        raise ValueError(f"config {config!r}: (BLOCK_L, num_warps, num_stages) for the decode kernel or "
+    is then -1). S = 1 runs a decode kernel (``choose_decode_config``: the key-tile loop or the one-tile
+    kernel), S > 1 the prefill kernel. Keyword-only overrides (tests, benchmarks): ``block_l`` the key tile;
+    ``config`` a ``DecodeConfig`` (the decode loop kernel; S = 1 only), a ``PrefillConfig`` (5 numbers: the
+    prefill kernel, whatever S) or (BLOCK_L, num_warps, num_stages) (the one-tile decode kernel, whatever S);
+    ``tune`` Triton's autotuner over the one-tile kernel instead of the table (S = 1 only; not traceable).
+    Under the Triton interpreter the warps and stages of ``config`` are ignored."""
+    loop_config = isinstance(config, DecodeConfig)
+    if config is not None and not loop_config and len(config) not in (3, 5):
+        raise ValueError(f"config {config!r}: DecodeConfig(block_l, num_warps, num_stages, programs_per_sm, "
+                         "tiles) or (BLOCK_L, num_warps, num_stages) for a decode kernel, or "
                          "PrefillConfig(block_s, block_l, num_warps, num_stages, tiles) for the prefill kernel")
     _check(q, w, k_pool, key_slots, allowed)
     B, S, Hi, Di = q.shape
     L = key_slots.shape[1]
     device = q.device
-    prefill = len(config) == 5 if config is not None else S != 1
+    if loop_config and S != 1:
+        raise ValueError(f"config {config!r} is the decode loop kernel's, which scores one query a sequence "
+                         f"(S = 1), not S = {S}")
+    if tune and loop_config:
+        raise ValueError("tune=True autotunes the one-tile decode kernel; a DecodeConfig picks the loop kernel")
+    prefill = (not loop_config and len(config) == 5) if config is not None else S != 1
     if tune and prefill:
         raise ValueError(f"tune=True autotunes the decode kernel (S = 1), not S = {S}: "
                          "benchmarks/tune_indexer.py sweeps the prefill kernel's configs")
@@ -162,6 +240,13 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
         _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, meta, block_l, config)
         return out
 
+    if config is None and S == 1 and not tune:
+        config = choose_decode_config(B, L, BLOCK_HI, fp32_dots)
+    if isinstance(config, DecodeConfig):
+        _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, config)
+        return out
+
+    # The one-tile kernel (decode by the table or a 3-number config; any S given a 3-number config).
     # M side of the dot = BLOCK_S × BLOCK_HI; ≤ 128 rows (registers), ≥ 1 query. Two shape classes, decode
     # (S = 1) and the rest, so a dynamic S (prefill under torch.compile) never needs a guard on its value.
     BLOCK_S = 1 if S == 1 else max(1, 128 // BLOCK_HI)
@@ -181,6 +266,27 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     common.launch(indexer_scores_kernel)[(B * n_sb * triton.cdiv(L, bl),)](
         *args, **meta, BLOCK_L=bl, TUNE_BUCKET=0, **launch)
     return out
+
+
+def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, cfg: DecodeConfig):
+    """The decode loop kernel's launch: one program a (sequence, run of ``tiles`` key tiles)."""
+    B, _, Hi, _ = q.shape
+    L = key_slots.shape[1]
+    if cfg.tiles < 0 or cfg.programs_per_sm < 1:
+        raise ValueError(f"{cfg!r}: tiles >= 0 (0: from the SM count) and programs_per_sm >= 1")
+    if common.fixed_launch(q.device):
+        # the interpreter: small tiles, several runs a sequence, short last runs even at test sizes
+        bl, tiles, launch = block_l or 16, cfg.tiles or 2, {}
+    else:
+        bl = block_l or cfg.block_l
+        tiles = cfg.tiles or decode_tiles(B, triton.cdiv(L, bl), num_sms(q.device), cfg.programs_per_sm)
+        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _power_of_two("block_l", bl, 16)  # tl.dot needs 16 columns at least
+    n_chunks = triton.cdiv(triton.cdiv(L, bl), tiles)
+    common.launch(indexer_scores_decode_kernel)[(B * n_chunks,)](
+        q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles,
+        q.stride(0), q.stride(2), w.stride(0), k_pool.stride(0), key_slots.stride(0), allowed_u8.stride(0),
+        out.stride(0), **meta, BLOCK_L=bl, **launch)
 
 
 def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, meta, block_l, config):

@@ -139,31 +139,51 @@ def local_table(dev, k):
 
 def selection_table(dev, k, hbm):
     rows = []
-    for T in (1, 8, 64):
-        for L in (8192, 32768, 131072):
-            x = torch.randn(T, L, device=dev)
-            x = torch.where(torch.rand_like(x) < 0.3, torch.zeros_like(x), x)
-            positions = F.pad(torch.arange(L, device=dev), (0, k), value=2**31 - 2)
-            seq_index = torch.arange(T, device=dev)
-            block_table = torch.arange(T * triton_cdiv(L, 64), device=dev, dtype=torch.int32).view(T, -1)
+    for T, L in [(T, L) for T in (1, 8, 64) for L in (8192, 32768, 131072)] + [(64, 163840)]:
+        x = torch.randn(T, L, device=dev)
+        x = torch.where(torch.rand_like(x) < 0.3, torch.zeros_like(x), x)
+        positions = F.pad(torch.arange(L, device=dev), (0, k), value=2**31 - 2)
+        seq_index = torch.arange(T, device=dev)
+        block_table = torch.arange(T * triton_cdiv(L, 64), device=dev, dtype=torch.int32).view(T, -1)
 
-            def old():
-                v, i = local_topk_sorted(F.pad(x, (0, k), value=float("-inf")), k)
-                keys = reference.candidate_keys(v, positions[i])[None]
-                return reference.topk_select(keys, seq_index, block_table, k, 0, 1, 1, 64)
+        def old():
+            v, i = local_topk_sorted(F.pad(x, (0, k), value=float("-inf")), k)
+            keys = reference.candidate_keys(v, positions[i])[None]
+            return reference.topk_select(keys, seq_index, block_table, k, 0, 1, 1, 64)
 
-            def new():
-                v, i = local_topk_kernel(x, k)
-                keys = torch.ops.dcp.candidate_keys(v, positions[i])[None]
-                return topk_select_kernel(keys, seq_index, block_table, k, 0, 1, 1, 64)
+        def new():
+            v, i = local_topk_kernel(x, k)
+            keys = torch.ops.dcp.candidate_keys(v, positions[i])[None]
+            return topk_select_kernel(keys, seq_index, block_table, k, 0, 1, 1, 64)
 
-            (so, co), (sn, cn) = old(), new()
-            assert torch.equal(co, cn) and torch.equal(so, sn), (T, L)
-            floor_bytes = 4 * T * L + 2 * T * k * 12 + 4 * T * (k + 1)
-            floor_us = floor_bytes / hbm * 1e6
-            t_old, t_new = bench(old), bench(new)
-            rows.append(dict(T=T, L=L, old_us=t_old, new_us=t_new, floor_us=floor_us,
-                             pct_of_floor=100 * floor_us / t_new))
+        (so, co), (sn, cn) = old(), new()
+        assert torch.equal(co, cn) and torch.equal(so, sn), (T, L)
+        floor_bytes = 4 * T * L + 2 * T * k * 12 + 4 * T * (k + 1)
+        floor_us = floor_bytes / hbm * 1e6
+        t_old, t_new = bench(old), bench_graph(new)  # the kernels as a decode graph replays them
+        rows.append(dict(T=T, L=L, old_us=t_old, new_us=t_new, floor_us=floor_us,
+                         pct_of_floor=100 * floor_us / t_new))
+    return rows
+
+
+def kernel_breakdown(dev, k, cases=((8, 10240, "indexer"), (64, 163840, "indexer"), (64, 163840, "narrow"))):
+    """Device µs per kernel of one ``local_topk`` call (torch.profiler over 20 calls, averaged), per case: which
+    pass costs what (the histogram passes are compute-bound on ``tl.histogram``'s warp ballots)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device=dev).manual_seed(1)
+    rows = []
+    for T, L, name in cases:
+        x = score_cases(T, L, dev, gen)[name]
+        for _ in range(3):
+            local_topk_kernel(x, k)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                local_topk_kernel(x, k)
+            torch.cuda.synchronize()
+        per = {e.key: e.self_device_time_total / 20 for e in prof.key_averages() if e.self_device_time_total > 0}
+        rows.append(dict(T=T, L=L, scores=name, kernels_us=per))
     return rows
 
 
@@ -178,6 +198,7 @@ def main():
     scheme_rows = scheme_table(dev, k, hbm)
     local_rows = local_table(dev, k)
     select_rows = selection_table(dev, k, hbm)
+    breakdown = kernel_breakdown(dev, k)
     print(f"{name} (HBM {hbm / 1e12:.1f} TB/s), k = {k}\n")
     print("radix kernel schemes, CUDA-graph replays (GB/s and % of floor: one read of the scores)\n"
           "| T | L | scores | five-pass µs | GB/s | % floor | candidates µs | GB/s | % floor | speed-up |\n"
@@ -191,7 +212,11 @@ def main():
     for r in local_rows:
         print(f"| {r['T']} | {r['L']} | {r['sort_us']:.1f} | {r['topk_us']:.1f} | {r['kernel_us']:.1f} | "
               f"{r['sort_us'] / r['kernel_us']:.1f}x |")
-    print("\nselection (local top-k + topk_select, world 1)\n"
+    print("\nlocal_topk per kernel (torch.profiler, µs per call)")
+    for r in breakdown:
+        parts = ", ".join(f"{key.split('(')[0]} {us:.1f}" for key, us in sorted(r["kernels_us"].items(), key=lambda kv: -kv[1]))
+        print(f"  T={r['T']} L={r['L']} {r['scores']}: {parts}")
+    print("\nselection (local top-k + candidate_keys + topk_select, world 1; kernels as CUDA-graph replays)\n"
           "| T | L | sort + reference µs | kernels µs | floor µs | % of floor |\n|---|---|---|---|---|---|")
     for r in select_rows:
         print(f"| {r['T']} | {r['L']} | {r['old_us']:.1f} | {r['new_us']:.1f} | {r['floor_us']:.1f} | "
@@ -199,7 +224,8 @@ def main():
     out = os.environ.get("OUT", "benchmarks/out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "local_topk.json"), "w") as f:
-        json.dump(dict(device=name, schemes=scheme_rows, local=local_rows, selection=select_rows), f, indent=1)
+        json.dump(dict(device=name, schemes=scheme_rows, local=local_rows, selection=select_rows,
+                       kernel_breakdown=breakdown), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,12 @@ for p in $PARTS; do case $p in
                        --context 32768 --layers 2 --fill random ;;
   e2e_decode) TAIL=14 part e2e_decode 150 $RUN benchmarks/bench_e2e.py --out "$W/e2e_decode" --modes dcp tp \
                 --compile cudagraphs --batch 8 64 --context 32768 --layers 2 --fill random ;;
-  bench_topk) TAIL=30 part bench_topk 120 python3 benchmarks/bench_local_topk.py ;;
+  bench_topk) TAIL=45 part bench_topk 150 python3 benchmarks/bench_local_topk.py ;;
+  # the decode indexer's looped kernel: bit-identity with the one-tile kernel, then the sweep at model shapes
+  indexer_decode) TAIL=6 part indexer_decode_tests 150 $PYTEST tests/test_triton_kernels.py -k "indexer or decode"
+                  TAIL=40 part tune_indexer_decode 200 python3 benchmarks/tune_indexer_decode.py --out "$W/tune_indexer_decode" ;;
+  # README's usage on the GPUs: torch.compile(model.forward) for prefill and decode, parity with HF
+  demo_compile) TAIL=14 part demo_compile 150 $RUN examples/generate.py --compile --max-new-tokens 16 ;;
   *) echo "unknown part $p" ;;
 esac; done
 rm -f "$W"/*/calls.pt.tmp

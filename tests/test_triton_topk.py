@@ -88,17 +88,24 @@ def coarse_digit(x):
     return torch.where(torch.isneginf(x), 0, digit.clamp(min=1))
 
 
-def expected_order(x, idx):
+def expected_order(x, idx, cap=None):
     """The documented order of a row's chosen columns (idx: the set): those above the bin of the k-th
-    element in column order, then that bin's chosen ones in column order, then padding columns (>= L)."""
+    element in column order, then that bin's chosen ones in column order, then padding columns (>= L); a row
+    whose bin overflows the candidate buffer (more than min(cap, L) finite elements in it: the five-pass
+    fallback) in plain column order."""
     T, L = x.shape
+    cap = min(ltk.CAP if cap is None else cap, L)
     out = []
     for t in range(T):
         cols = idx[t].sort().values
         real = cols[cols < L]
         digits = coarse_digit(x[t, real].float())
         d0 = digits.min() if len(real) else 0
-        out.append(torch.cat([real[digits > d0], real[digits == d0], cols[cols >= L]]))
+        in_bin = int((coarse_digit(x[t].float()) == d0).sum())
+        if d0 != 0 and in_bin > cap:
+            out.append(cols)
+        else:
+            out.append(torch.cat([real[digits > d0], real[digits == d0], cols[cols >= L]]))
     return torch.stack(out)
 
 
@@ -116,7 +123,7 @@ def check_local_topk(x, k, **kw):
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values), "not the stable sort's columns"
     padded = torch.nn.functional.pad(x.cpu(), (0, k), value=NEG_INF)
     assert torch.equal(values, torch.gather(padded, -1, idx))
-    assert torch.equal(idx, expected_order(x.cpu(), idx)), "not the documented order"
+    assert torch.equal(idx, expected_order(x.cpu(), idx, kw.get("cap"))), "not the documented order"
     again_values, again_idx = ltk.local_topk(x.to(DEV), k, **kw)
     assert torch.equal(again_idx.cpu(), idx) and torch.equal(again_values.cpu(), values), "not deterministic"
     return values, idx
@@ -202,18 +209,25 @@ def test_local_topk_narrow_range_overflows():
     assert (coarse_digit(x) == coarse_digit(x[:1, :1])).all(), "the test needs one bin"
     v_overflow, i_overflow = check_local_topk(x, 64, chunks=4, cap=100)
     v_buffer, i_buffer = check_local_topk(x, 64, chunks=4)
-    assert torch.equal(i_overflow, i_buffer) and torch.equal(v_overflow, v_buffer)
+    # the same set and values; the order is each path's documented one (the fallback: column order)
+    assert torch.equal(i_overflow, i_overflow.sort(-1).values)
+    assert torch.equal(i_overflow, i_buffer.sort(-1).values)
+    assert torch.equal(v_overflow, torch.gather(x, -1, i_overflow))
 
 
 def test_local_topk_same_output_for_any_split_or_cap():
-    """The output order is defined by the data alone: tiles, chunks and the buffer's cap do not change it."""
+    """The output order is defined by the data (and whether the threshold bin overflows the buffer's cap)
+    alone: tiles and chunks do not change it; a cap it overflows gives the same set in column order."""
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(3, 700, generator=gen)
     x = torch.where(torch.rand(3, 700, generator=gen) < 0.2, torch.round(x * 4) / 4, x)
     base_v, base_i = check_local_topk(x, 90)
-    for kw in (dict(chunks=1), dict(chunks=5), dict(block=32, chunks=3), dict(cap=1), dict(cap=10, chunks=2)):
+    for kw in (dict(chunks=1), dict(chunks=5), dict(block=32, chunks=3)):
         v, i = check_local_topk(x, 90, **kw)
         assert torch.equal(i, base_i) and torch.equal(v, base_v), kw
+    for kw in (dict(cap=1), dict(cap=10, chunks=2)):
+        v, i = check_local_topk(x, 90, **kw)
+        assert torch.equal(i, base_i.sort(-1).values) and torch.equal(v, torch.gather(x, -1, i)), kw
 
 
 def test_local_topk_five_pass_scheme_same_set():
@@ -382,7 +396,7 @@ def check_gpu_local_topk(x, k, **kw):
     ref_values, ref_idx = local_topk_padded(x, k)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
-    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu()))
+    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu(), kw.get("cap")))
     again_values, again_idx = ltk.local_topk(x, k, **kw)
     assert torch.equal(again_idx, idx) and torch.equal(again_values, values)
     old_values, old_idx = ltk.local_topk(x, k, scheme="five_pass")

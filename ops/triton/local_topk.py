@@ -22,14 +22,18 @@ image of the score (``radix_select.float_key``):
    output (positions from the earlier chunks' suffix sums: deterministic), those in it (the candidates) to
    a per-row buffer of ``cap`` entries, in column order.
 3. ``local_topk_refine_kernel`` (one program per row): the 32-bit radix select over the candidates and the
-   chosen ones after the sure ones. If bin d0 holds more than ``cap`` elements (exact ties in a huge bin, a
-   narrow range of scores), nothing went to the buffer and this kernel reads the row (filtered by the bin):
-   always exact, slower only then. If d0 is the -inf bin (fewer than k finite scores), its chosen ones are
+   chosen ones after the sure ones. If d0 is the -inf bin (fewer than k finite scores), its chosen ones are
    its lowest columns: a scan of the row's start, no search.
+4. Overflow: if bin d0 holds more than ``cap`` elements (exact ties in a huge bin, a narrow range of scores),
+   nothing went to the buffer; the five-pass kernels (``scheme="five_pass"``: 4 histogram passes of 8 key
+   bits + a compaction, each reading the row, split over chunks) then select that row, launched *gated*:
+   every program of a row that did not overflow returns at once. Launched only where a row can overflow
+   (L > cap: rows of at most CAP keys, as decode's at 32K context on 4 ranks, never do). Measured on an H200
+   at 64 x 160K narrow-range scores: a serial per-row scan of the row here took 1.15 ms, 4 x the five-pass
+   scheme (benchmarks/RESULTS.md).
 
 No host sync and no data-dependent shape or grid (the fallback is a branch on a loaded count): 4 launches
-(one memset of the histograms), where the five-pass scheme has 6 (``scheme="five_pass"``, kept for the
-benchmark: 4 histogram passes of 8 key bits + a compaction, each reading the row).
+(one memset of the histograms) + 6 gated ones where L > cap; the five-pass scheme alone has 6.
 
 Parallelism: passes 1 and 2 split a row over several programs (chunks of whole BLOCK tiles), so that 64 rows
 (or even one) fill an H200's 132 SMs. Fixed config, no autotuning: BLOCK = 4096 elements (16 per thread at 8
@@ -134,23 +138,29 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
         L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
         BLOCK=refine_block, num_warps=num_warps,
     )
+    if L > cap:  # a row's threshold bin may overflow the buffer: those rows by the five-pass kernels, gated
+        _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, gate=(hist, cap))
     return values.to(scores.dtype), idx
 
 
-def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps):
-    """The previous scheme: 4 histogram passes (8 key bits each) + a compaction, each reading the row."""
+def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, gate=None):
+    """The previous scheme: 4 histogram passes (8 key bits each) + a compaction, each reading the row. With
+    ``gate`` = (the candidate scheme's coarse histograms, its cap), only the rows whose threshold bin overflowed
+    the candidate buffer (the others' programs return at once): the candidate scheme's fallback, split over
+    chunks as the other passes (a narrow range of scores costs ~1.1 x the five-pass scheme, not a serial scan)."""
     T, L = x.shape
     device = x.device
+    coarse, cap = gate if gate is not None else (x, 0)  # ungated: never read
     hist = torch.zeros((T, LEVELS, RADIX), dtype=torch.int32, device=device)  # atomics add into it
     chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
     grid = (T, num_chunks)
     for level in range(LEVELS):
         common.launch(local_topk_histogram_kernel)[grid](
-            x, hist, chunk_suffix, L, min(k, L), x.stride(0), chunk_len, num_chunks,
-            LEVEL=level, BLOCK=block, num_warps=num_warps,
+            x, hist, chunk_suffix, coarse, L, min(k, L), cap, x.stride(0), chunk_len, num_chunks,
+            LEVEL=level, BLOCK=block, GATED=gate is not None, num_warps=num_warps,
         )
     common.launch(local_topk_compact_kernel)[grid](
-        x, hist, chunk_suffix, values, idx, L, k, min(k, L), x.stride(0), values.stride(0), idx.stride(0),
-        chunk_len, num_chunks,
-        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
+        x, hist, chunk_suffix, coarse, values, idx, L, k, min(k, L), cap, x.stride(0), values.stride(0),
+        idx.stride(0), chunk_len, num_chunks,
+        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), GATED=gate is not None, num_warps=num_warps,
     )

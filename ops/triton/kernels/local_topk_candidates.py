@@ -8,10 +8,13 @@ candidate scheme (host wrapper and design: ``ops/triton/local_topk.py``). Three 
 - ``local_topk_split_kernel`` (grid row x chunk): the bin d0 that holds the k-th element (from the totals);
   elements above d0 are in for sure: written to the output at their rank in column order; the elements of
   bin d0 (the candidates) to the row's candidate buffer (capacity ``cap``), also in column order, unless they
-  do not fit (then the refinement reads the row again) or d0 is the -inf bin (ties only: no buffer needed).
+  do not fit (overflow: the row is then selected by the five-pass kernels of ``local_topk.py``, launched
+  gated after these) or d0 is the -inf bin (ties only: no buffer needed).
 - ``local_topk_refine_kernel`` (grid row): the radix select of the full 32-bit key over the candidates
   (4 levels of 8 bits, in one program, no atomics), then the chosen candidates (ties to the lower column)
-  after the sure ones, in column order; the -inf padding columns L .. k-1 when L < k.
+  after the sure ones, in column order; the -inf padding columns L .. k-1 when L < k. An overflowing row
+  returns at once (the gated five-pass kernels select it, split over chunks); a row whose threshold is
+  -inf takes its lowest -inf columns from a scan of the row's start.
 """
 import triton
 import triton.language as tl
@@ -111,6 +114,8 @@ def local_topk_refine_kernel(
     cand_values = CAND_VALUES + t * cap
     cand_cols = CAND_COLS + t * cap
     d0, rem0, in_bin, buffered = threshold_bin(HIST + t * RADIX, take, cap)
+    if (not buffered) & (d0 != NEG_INF_BIN):
+        return  # overflow: the five-pass kernels, launched gated after this one, select this row
     sure_total = take - rem0  # written by the split kernel, at outputs 0 .. sure_total - 1
     source_len = tl.where(buffered, in_bin, L)
     # A tile's candidates, in column order: the buffer's first in_bin entries, or the row's elements in bin

@@ -75,3 +75,12 @@ def coarse_digit(key):
     mag = tl.minimum(tl.maximum(mag, 0), 127)
     digit = tl.where(positive, 128 + mag, 127 - mag)
     return tl.where(key == NEG_INF_KEY, NEG_INF_BIN, tl.maximum(digit, 1))
+
+
+@triton.jit
+def coarse_overflow(COARSE_ROW, take, cap):
+    """True where the candidate scheme's threshold bin (``local_topk_candidates.threshold_bin``, from the
+    row's coarse histogram COARSE_ROW [RADIX]) holds more than ``cap`` elements of finite score: too many for
+    the candidate buffer, so that row is selected by the five-pass kernels instead (``local_topk.py``)."""
+    d0, _, in_bin = pick_bin(tl.load(COARSE_ROW + tl.arange(0, RADIX)), take)
+    return (in_bin > cap) & (d0 != NEG_INF_BIN)

@@ -205,9 +205,9 @@ def _local_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     float64 (one stable sort), the Triton kernel's documented order (ops/triton/local_topk.py); the set is the
     same."""
     if _on_triton(scores):
-        from .triton.local_topk import local_topk as kernel
+        from .triton.local_topk import choose_scheme, local_topk as kernel
 
-        return kernel(scores, k)
+        return kernel(scores, k, scheme=choose_scheme(*scores.shape))
     return local_topk_padded(scores, k)
 
 

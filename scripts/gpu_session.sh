@@ -32,6 +32,10 @@ for p in $PARTS; do case $p in
   e2e_long) TAIL=30 part e2e_long 230 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long" --modes dcp tp \
               --compile cudagraphs --batch 8 64 --context 32768 131072 --layers 2 --fill random \
               --profile --profile-at 64 131072 --first-use-profile ;;
+  # decode at 64 x 128K only (the selection target's shape): DCP N vs TP N, CUDA graphs, profiled
+  e2e_long64) TAIL=20 part e2e_long64 200 $RUN benchmarks/bench_e2e.py --out "$W/e2e_long64" --modes dcp tp \
+                --compile cudagraphs --batch 64 --context 131072 --layers 2 --fill random \
+                --profile --profile-at 64 131072 ;;
   # A/B of the merge (docs/design.md §4.6) at small batch, where DCP's extra collectives cost most: the
   # default reduce-scatter, then the one all-to-all, same configs, same call (random fill: no prefill)
   e2e_merge) for m in reduce_scatter all_to_all; do

@@ -257,10 +257,12 @@ def test_decode_tiles_one_wave_covering_every_tile(sms, programs_per_sm):
 
 
 def test_choose_decode_config_table(monkeypatch):
-    """Tensor-core decode takes the table's loop config (warps doubled above 64 heads); fp32 dots and a batch
-    above DECODE_LOOP_MAX_TILES the one-tile kernel's choose_config."""
-    loop = idx.DECODE_TABLE["tensor_cores"]
-    assert isinstance(loop, idx.DecodeConfig)
+    """Tensor-core decode takes the table's loop config when it has one (warps doubled above 64 heads); fp32
+    dots, a batch above DECODE_LOOP_MAX_TILES and a None entry (the table as shipped, measured) the one-tile
+    kernel's choose_config."""
+    assert idx.choose_decode_config(8, 10240, 64, False) == idx.choose_config(1, 64, False)  # as shipped
+    loop = idx.DecodeConfig(64, 4, 2, 4)
+    monkeypatch.setitem(idx.DECODE_TABLE, "tensor_cores", loop)
     assert idx.choose_decode_config(8, 10240, 64, False) == loop
     assert idx.choose_decode_config(8, 10240, 128, False).num_warps >= 8
     assert idx.choose_decode_config(8, 10240, 64, True) == idx.choose_config(1, 64, True)

@@ -257,6 +257,12 @@ def test_local_topk_rejects_bad_arguments():
         ltk.local_topk(x, 2, block=48)
 
 
+def test_scheme_chosen_by_shape():
+    """dcp::local_topk runs the candidate scheme on many long rows, the five-pass scheme elsewhere."""
+    assert ltk.choose_scheme(64, 40960) == "candidates" and ltk.choose_scheme(1024, 32768) == "candidates"
+    assert ltk.choose_scheme(8, 163840) == "five_pass" and ltk.choose_scheme(64, 10240) == "five_pass"
+
+
 def test_plan_splits_rows_into_whole_tiles():
     assert ltk.plan(64, 131072, 4096) == (16384, 8)              # 32 tiles, ~9 programs per row wanted
     assert ltk.plan(64, 131072 + 123, 4096) == (16384, 9)        # 33 tiles: the last chunk has one
@@ -484,7 +490,8 @@ def test_registered_topk_ops_on_cuda():
     gen = torch.Generator().manual_seed(8)
     x = tied_scores(4, 5000, gen).cuda()
     v, i = torch.ops.dcp.local_topk(x, 300)
-    assert torch.equal(i.cpu(), expected_order(x.cpu(), i.cpu())), "the kernel's order (the sort: score order)"
+    _, want = ltk.local_topk(x, 300, scheme=ltk.choose_scheme(*x.shape))
+    assert torch.equal(i, want), "the kernel's order, of the scheme chosen for the shape (the sort: score order)"
     assert torch.equal(i.sort(-1).values, local_topk_padded(x, 300)[1].sort(-1).values)
     v64, i64 = torch.ops.dcp.local_topk(x.double(), 300)
     assert torch.equal(i64, local_topk_padded(x.double(), 300)[1])

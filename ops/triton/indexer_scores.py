@@ -84,16 +84,16 @@ class DecodeConfig(NamedTuple):
 # The decode (S = 1) kernel by operand class: the one place to flip after benchmarks/tune_indexer_decode.py.
 # A DecodeConfig runs the key-tile loop kernel (its warps doubled above 64 index heads, as ``choose_config``
 # does); None the one-tile kernel at ``choose_config``'s config (the decode path before the loop kernel).
-# - tensor cores (bf16/fp16 operands): the loop kernel at the one-tile kernel's tile and warps (128 keys, 4
-#   warps: the same dot and head-sum order, so the same bits), 3 stages (two key tiles in flight: 16 KB of q
-#   + 2 × 32 KB of key buffers, so two programs fit an SM), 2 programs an SM. Chosen by reasoning, not yet
-#   timed: the one-tile kernel is at ~42 % of the floor at 8 × 10240 keys (latency-bound: one dependent
-#   slot -> key chain a program, the query reloaded for every tile, ~1.5 waves), at 85-99 % from 64 × 10K
-#   keys up, where the loop kernel should be no slower (its runs are 20+ pipelined tiles long).
+# - tensor cores (bf16/fp16 operands): the one-tile kernel. Measured (benchmarks/RESULTS.md, session 6,
+#   tune_indexer_decode.py on an H200): the loop kernel (128 or 64 keys, 2-4 programs an SM) is bit-identical
+#   and 0.75-0.90 x the one-tile kernel's time at small batches with every key live, but 1.15 x at the
+#   recorded decode call (8 x 10240 keys, 20 % of them past the sequences: the one-tile kernel skips a tile
+#   with no live key, the pipelined loop cannot), and within 2 % from 64 x 10K keys up. A plain copy of the
+#   op's bytes reaches 79-81 % of the floor at 8 x 10240, the one-tile kernel 51-55 %.
 # - IEEE fp32 dots (FMA: tests, float32 models): the one-tile kernel; not a performance target, and the
 #   loop kernel's fp32 configs are not swept.
 DECODE_TABLE = {
-    "tensor_cores": DecodeConfig(128, 4, 3, 2),
+    "tensor_cores": None,  # the loop kernel's best: DecodeConfig(64, 4, 2, 4)
     "fp32_dots": None,
 }
 # The loop kernel only while the batch has at most this many key tiles (B · ceil(L / block_l)); above, the

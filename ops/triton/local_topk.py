@@ -73,6 +73,21 @@ INTERPRET_BLOCK = 64  # small tiles under the interpreter: tests then cover seve
 SCHEMES = ("candidates", "five_pass")
 
 
+# Where the candidate scheme is faster (benchmarks/RESULTS.md, session 6, H200, CUDA-graph replays, k = 2048):
+# with many rows and long ones. Its refinement runs one program per row, so few rows leave the GPU idle
+# (T = 8: 36 vs 27 µs at L = 40960, 74 vs 56 at 163840), and short rows gain little; at T = 64 it takes
+# 79 vs 92 µs at L = 40960 and 189 vs 278 at 163840 on indexer-like scores. Narrow-range scores overflow
+# its buffer and cost ~1.4 x the five-pass scheme there (391 vs 284 µs at 64 x 163840).
+CANDIDATES_MIN_ROWS = 64
+CANDIDATES_MIN_COLUMNS = 32768
+
+
+def choose_scheme(T, L) -> str:
+    """The scheme ``dcp::local_topk`` runs for a [T, L] row block: a choice on static sizes (both schemes are
+    exact and select the same set; only their output order differs, and it is deterministic either way)."""
+    return "candidates" if T >= CANDIDATES_MIN_ROWS and L >= CANDIDATES_MIN_COLUMNS else "five_pass"
+
+
 def plan(T: int, L: int, block: int, chunks: int | None = None) -> tuple[int, int]:
     """(chunk_len, num_chunks) of a row: whole tiles per chunk; ``chunks`` (tests) asks for that many."""
     tiles = max(1, triton.cdiv(L, block))

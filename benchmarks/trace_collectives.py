@@ -9,13 +9,16 @@ host clock, so the k-th NCCL kernel of every rank is one collective: per collect
 relative to the earliest, the wait for the last rank (latest launch - own launch) and the transfer (own end - latest
 launch), and per rank the compute stream's busy time (kernels not NCCL's) and its idle time within the step.
 """
+import gzip
 import json
 import sys
 from pathlib import Path
 
 
 def kernels(path):
-    events = json.loads(Path(path).read_text())["traceEvents"]
+    """The kernel events of one rank's trace (.json, or .json.gz as gpu_session.sh packs them), by start."""
+    raw = Path(path).read_bytes()
+    events = json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)["traceEvents"]
     out = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     return sorted(out, key=lambda e: e["ts"])
 

@@ -446,3 +446,28 @@ def test_attention_by_latent_gather_equals_split_attention(with_sinks):
     split = attention.attend(q, pool, slots, counts, sinks)
     torch.testing.assert_close(gathered, split, rtol=1e-12, atol=1e-12)
     assert (gathered[1] == 0).all() and gathered.abs().sum() > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_key_gather_positions_returns_the_latent_rows(overlap):
+    """``key_gather_positions(rows_pool=...)`` returns the latent pool's rows of the step's sequences in position
+    order next to the same positions as without it, whether the rows are gathered after the selection or issued
+    right after the keys and waited on at the end (``overlap``, the CUDA path; one rank here: the start / wait
+    pair without a group)."""
+    from dcp_compile.ops.distributed import gather_keys_by_position, key_gather_positions
+
+    gen = torch.Generator().manual_seed(3)
+    B, S, Hi, Di, L, K, D = 2, 5, 3, 8, 12, 4, 6
+    index_pool = torch.randn(40, Di, generator=gen)
+    latent_pool = torch.randn(40, D, generator=gen)
+    key_slots = torch.stack([torch.randperm(40, generator=gen)[:L] for _ in range(B)]).int()
+    key_slots[1, -3:] = -1  # past the second sequence
+    q = torch.randn(B, S, Hi, Di, generator=gen)
+    w = torch.randn(B, S, Hi, generator=gen)
+    allowed = torch.rand(B, S, L, generator=gen) < 0.8
+    args = (q, w, index_pool, key_slots, allowed, K, 0.5, 0, 1, 1, None)
+    positions, none = key_gather_positions(*args)
+    with_rows, rows = key_gather_positions(*args, rows_pool=latent_pool, overlap=overlap)
+    assert none is None and torch.equal(positions, with_rows)
+    assert torch.equal(rows, gather_keys_by_position(latent_pool, key_slots, 1, None, 1))
+    assert torch.equal(rows[0], latent_pool[key_slots[0].long()])

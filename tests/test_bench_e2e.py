@@ -179,3 +179,22 @@ def test_smoke_random_fill(tmp_path):
         assert r["step_ms_median"] > 0 and r["cache_bytes_max_rank"] > 0
     assert rows["hf"]["fill"] == "prefill" and rows["hf"]["prefill_s"] > 0
     assert "random fill" in proc.stdout
+
+
+def test_smoke_compiled_prefill_and_traces(tmp_path):
+    """--prefill-compile inductor: prefill chunks through torch.compile(model.forward) (README's usage), over
+    the first-use caches and then a new one (the recompiles), timed after an untimed prefill of the same shapes;
+    --trace-prefill: every rank writes its Chrome trace of the profiled chunk."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(BENCH / "bench_e2e.py"), "--smoke", "--modes", "dcp", "--batch", "2", "--context", "72",
+           "--prefill-compile", "inductor", "--profile-prefill", "--trace-prefill", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_e2e --prefill-compile failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and row["prefill_s"] > 0 and row["prefill_forwards"] > 1
+    assert "forwards, inductor)" in proc.stdout
+    for rank in range(2):
+        trace = json.loads((tmp_path / f"trace_prefill_dcp_rank{rank}.json").read_text())
+        assert trace["traceEvents"], f"rank {rank}: empty trace"

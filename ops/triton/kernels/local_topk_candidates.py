@@ -19,7 +19,7 @@ candidate scheme (host wrapper and design: ``ops/triton/local_topk.py``). Three 
 import triton
 import triton.language as tl
 
-from .radix_select import NEG_INF_BIN, NEG_INF_KEY, RADIX, coarse_digit, float_key, pick_bin
+from .radix_select import NEG_INF_BIN, NEG_INF_KEY, RADIX, coarse_digit, float_key, pick_bin, threshold_bin
 
 KEY_LEVELS = tl.constexpr(4)  # the refinement's radix levels: 32-bit key, 8-bit digits
 
@@ -47,16 +47,6 @@ def local_topk_coarse_kernel(
     base = CHUNK_SUFFIX + (t * num_chunks + chunk) * (RADIX + 1)
     tl.store(base + bins, tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist)
     tl.store(base + RADIX, 0)
-
-
-@triton.jit
-def threshold_bin(HIST_ROW, take, cap):
-    """From a row's coarse histogram: (d0, rem, in_bin, buffered): the bin d0 that holds the take-th largest
-    element, how many of its in_bin elements are in (the take - rem elements of higher bins all are), and
-    whether they go through the candidate buffer; if not (they overflow its cap, or d0 is the -inf bin),
-    the refinement reads them from the row."""
-    d0, rem, in_bin = pick_bin(tl.load(HIST_ROW + tl.arange(0, RADIX)), take)
-    return d0, rem, in_bin, (in_bin <= cap) & (d0 != NEG_INF_BIN)
 
 
 @triton.jit

@@ -78,9 +78,18 @@ def coarse_digit(key):
 
 
 @triton.jit
+def threshold_bin(HIST_ROW, take, cap):
+    """From a row's coarse histogram: (d0, rem, in_bin, buffered): the bin d0 that holds the take-th largest
+    element, how many of its in_bin elements are in (the take - rem elements of higher bins all are), and
+    whether they go through the candidate buffer (not if they overflow its cap, or d0 is the -inf bin)."""
+    d0, rem, in_bin = pick_bin(tl.load(HIST_ROW + tl.arange(0, RADIX)), take)
+    return d0, rem, in_bin, (in_bin <= cap) & (d0 != NEG_INF_BIN)
+
+
+@triton.jit
 def coarse_overflow(COARSE_ROW, take, cap):
-    """True where the candidate scheme's threshold bin (``local_topk_candidates.threshold_bin``, from the
-    row's coarse histogram COARSE_ROW [RADIX]) holds more than ``cap`` elements of finite score: too many for
-    the candidate buffer, so that row is selected by the five-pass kernels instead (``local_topk.py``)."""
-    d0, _, in_bin = pick_bin(tl.load(COARSE_ROW + tl.arange(0, RADIX)), take)
-    return (in_bin > cap) & (d0 != NEG_INF_BIN)
+    """True where the candidate scheme's threshold bin (``threshold_bin`` of the row's coarse histogram
+    COARSE_ROW [RADIX]) holds more than ``cap`` elements of finite score: too many for the candidate buffer,
+    so that row is selected by the five-pass kernels instead (``local_topk.py``)."""
+    d0, _, _, buffered = threshold_bin(COARSE_ROW, take, cap)
+    return (not buffered) & (d0 != NEG_INF_BIN)

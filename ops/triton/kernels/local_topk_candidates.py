@@ -107,30 +107,26 @@ def local_topk_refine_kernel(
     if (not buffered) & (d0 != NEG_INF_BIN):
         return  # overflow: the five-pass kernels, launched gated after this one, select this row
     sure_total = take - rem0  # written by the split kernel, at outputs 0 .. sure_total - 1
+    # Here the row is buffered, or its threshold is the -inf bin (never buffered). A tile's candidates, in column
+    # order: the buffer's first in_bin entries, or the row's -inf elements (two predicated loads, one of them
+    # empty, rather than a branch; the loads are written out, not in a helper: Inductor's access analysis would
+    # take a helper's pointer arguments as written).
     source_len = tl.where(buffered, in_bin, L)
-    # A tile's candidates, in column order: the buffer's first in_bin entries, or the row's elements in bin
-    # d0 (two predicated loads, one of them empty, rather than a branch; the loads are written out in each
-    # loop, not in a helper: Inductor's access analysis would take a helper's pointer arguments as written).
     buffer_len = tl.where(buffered, in_bin, 0)
     row_len = tl.where(buffered, 0, L)
-    # The -inf bin holds one value: its chosen ones are its lowest columns, no search needed.
-    search_len = tl.where(d0 == NEG_INF_BIN, 0, source_len)
 
-    # The rem0-th largest key among the candidates, 8 bits a level (their coarse bin fixes no key bits).
+    # The rem0-th largest key among the buffered candidates, 8 bits a level (their coarse bin fixes no key
+    # bits). The -inf bin holds one value: its chosen ones are its lowest columns, no search (buffer_len = 0).
     rem = rem0
     prefix = tl.zeros([], tl.uint32)
     for level in tl.static_range(KEY_LEVELS):
         shift = 24 - 8 * level  # a constexpr (level is one)
         hist = tl.zeros([RADIX], tl.int32)
         off = tl.zeros([], tl.int32)
-        while off < search_len:
+        while off < buffer_len:
             i = off + tl.arange(0, BLOCK)
-            in_buffer = i < buffer_len
-            in_row = i < row_len
-            x = tl.where(in_buffer, tl.load(cand_values + i, mask=in_buffer, other=0.0),
-                         tl.load(row + i, mask=in_row, other=0.0))
-            key = float_key(x)
-            valid = in_buffer | (in_row & (coarse_digit(key) == d0))
+            valid = i < buffer_len
+            key = float_key(tl.load(cand_values + i, mask=valid, other=0.0))
             if level > 0:
                 valid = valid & ((key >> (shift + 8)) == prefix)
             hist += tl.histogram(((key >> shift) & 255).to(tl.int32), RADIX, mask=valid)

@@ -373,8 +373,8 @@ def key_gather_positions(
     selected = every.permute(1, 2, 0, 3).reshape(batch, -1, k)[:, :steps].reshape(batch * steps, k)
     if rows_pool is None:
         return selected, None
-    if in_flight is None:
-        return selected, gather_keys_by_position(rows_pool, key_slots, interleave, group_name, world)
+    if in_flight is None:  # not overlapped: issued now, after the positions' all-gather
+        in_flight = gather_rows_start(rows_pool, key_slots, interleave, group_name, world)
     return selected, gather_rows_wait(in_flight, interleave, world)
 
 

@@ -1,19 +1,22 @@
-"""Exact top-k of each row, ties to the lower column: a radix select that reads the row twice (Triton host
-wrapper; kernels in ``kernels/local_topk_candidates.py``). Replaces the full stable sort
-(``ops/distributed.py: local_topk_sorted``) on CUDA.
+"""Exact top-k of each row, ties to the lower column: a radix select, two schemes (Triton host wrapper;
+kernels in ``kernels/local_topk_candidates.py`` and ``kernels/local_topk.py``). Replaces the full stable sort
+(``ops/distributed.py: local_topk_sorted``) on CUDA. ``dcp::local_topk`` picks the scheme by shape
+(``choose_scheme``): the candidate scheme below, which reads the row twice, on many long rows; elsewhere the
+five-pass scheme (4 histogram passes of 8 key bits + a compaction, each reading the row, split over chunks).
 
 Meaning (the same as ``local_topk_sorted`` of the row padded with k -inf columns): for scores [T, L] fp32
 (-inf = not a candidate, no NaN) and k >= 1, the k columns of each row with the highest scores, equal scores
 to the lower column; L may be < k, then every column is chosen and then padding columns L .. k-1 with score
 -inf (the caller maps their positions to a sentinel). -0.0 and +0.0 are equal scores. The set is exactly the
-sort's. Output order (deterministic, no atomics decide it): first the columns above the threshold bin (see
-below) in column order, then the chosen ones of that bin in column order, then the padding columns; the
+sort's. Output order (deterministic, no atomics decide it): the candidate scheme writes first the columns
+above the threshold bin (see below) in column order, then the chosen ones of that bin in column order, then
+the padding columns; the five-pass scheme (and the candidate scheme's overflowing rows) column order; the
 sort gives score order. Downstream, ``dcp::candidate_keys`` sorts the candidates itself, and the key-gather
 selection's positions only set the summation order of the attention over them: deterministic is all that
 matters there.
 
-Algorithm (candidate compaction, as production DSA top-k kernels do it), over the order-preserving uint32
-image of the score (``radix_select.float_key``):
+The candidate scheme (candidate compaction, as production DSA top-k kernels do it), over the order-preserving
+uint32 image of the score (``radix_select.float_key``):
 
 1. ``local_topk_coarse_kernel``: the histogram of an 8-bit monotone coarse digit of every element
    (``radix_select.coarse_digit``: sign, 5 exponent bits, 2 mantissa bits: a quarter octave per bin over

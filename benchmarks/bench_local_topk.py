@@ -2,7 +2,9 @@
 radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + candidate_keys
 + topk_select).
 
-    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints three tables, writes local_topk.json to $OUT
+    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints the tables, writes local_topk.json to $OUT
+    python benchmarks/bench_local_topk.py --parts schemes breakdown   # some tables only
+    ncu -k regex:local_topk_split python benchmarks/bench_local_topk.py --ncu 64 131072   # profile one shape
 
 All three local versions give the same columns (checked on data with many exact ties, as relu makes them).
 Decode shapes: T queries (batch) x L local keys, k = 2048; the sort versions see the row padded with k -inf
@@ -14,9 +16,9 @@ scores read once (4·T·L) + candidates written and read back (T·k·(4 + 8) eac
 written (4·T·(k + 1)).
 
 Scheme table: the radix kernel's two schemes (ops/triton/local_topk.py), five-pass (4 histogram passes +
-compaction: the row read 5 times, 6 launches) vs candidates (coarse histogram, split, refinement: the row read
-twice, 4 launches), each timed as CUDA-graph replays (launch overhead as in a decode graph), at T in {8, 64}
-x L in {10240, 40960, 163840}, k = 2048, on (a) indexer-like scores (sum over 64 heads of w_h·relu(q_h·k),
+compaction: the row read 5 times, 6 launches) vs candidates (a 1/16 sample's histogram, the window histogram,
+split, refinement: the row read about twice, 5 launches + 6 gated ones where L > 16384), each timed as CUDA-graph
+replays (launch overhead as in a decode graph), at T in {8, 64} x L in {10240, 40960, 131072, 163840}, k = 2048, on (a) indexer-like scores (sum over 64 heads of w_h·relu(q_h·k),
 weights of both signs, -inf on the last fifth: bucket padding), (b) random normal, (c) a narrow range (every
 score in [1, 1.01): one coarse bin, the candidate scheme's row fallback). Both schemes' sets are checked equal
 first. GB/s and % of floor count one read of the scores (4·T·L bytes).
@@ -101,7 +103,7 @@ def scheme_table(dev, k, hbm):
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for T in (8, 64):
-        for L in (10240, 40960, 163840):
+        for L in (10240, 40960, 131072, 163840):
             for name, x in score_cases(T, L, dev, gen).items():
                 old = kernel(x, k, scheme="five_pass")[1]
                 new = kernel(x, k)[1]
@@ -166,7 +168,8 @@ def selection_table(dev, k, hbm):
     return rows
 
 
-def kernel_breakdown(dev, k, cases=((8, 10240, "indexer"), (64, 163840, "indexer"), (64, 163840, "narrow"))):
+def kernel_breakdown(dev, k, cases=((8, 10240, "indexer"), (64, 32768, "indexer"), (64, 131072, "indexer"),
+                                    (64, 163840, "indexer"), (64, 163840, "narrow"))):
     """Device µs per kernel of one ``local_topk`` call (torch.profiler over 20 calls, averaged), per case: which
     pass costs what (the histogram passes are compute-bound on ``tl.histogram``'s warp ballots)."""
     from torch.profiler import ProfilerActivity, profile
@@ -192,13 +195,28 @@ def triton_cdiv(a, b):
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["schemes", "local", "selection", "breakdown"],
+                        choices=["schemes", "local", "selection", "breakdown"], help="which tables to run")
+    parser.add_argument("--ncu", nargs=2, type=int, metavar=("T", "L"),
+                        help="only call local_topk a few times on indexer-like T x L scores (a target for ncu)")
+    args = parser.parse_args()
+    parts = args.parts
     dev, k = "cuda", 2048
+    if args.ncu:
+        x = score_cases(*args.ncu, dev, torch.Generator(device=dev).manual_seed(1))["indexer"]
+        for _ in range(3):
+            local_topk_kernel(x, k)
+        torch.cuda.synchronize()
+        return
     name = torch.cuda.get_device_name()
     hbm = bandwidth(name)
-    scheme_rows = scheme_table(dev, k, hbm)
-    local_rows = local_table(dev, k)
-    select_rows = selection_table(dev, k, hbm)
-    breakdown = kernel_breakdown(dev, k)
+    scheme_rows = scheme_table(dev, k, hbm) if "schemes" in parts else []
+    local_rows = local_table(dev, k) if "local" in parts else []
+    select_rows = selection_table(dev, k, hbm) if "selection" in parts else []
+    breakdown = kernel_breakdown(dev, k) if "breakdown" in parts else []
     print(f"{name} (HBM {hbm / 1e12:.1f} TB/s), k = {k}\n")
     print("radix kernel schemes, CUDA-graph replays (GB/s and % of floor: one read of the scores)\n"
           "| T | L | scores | five-pass µs | GB/s | % floor | candidates µs | GB/s | % floor | speed-up |\n"

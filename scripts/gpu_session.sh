@@ -85,6 +85,19 @@ for p in $PARTS; do case $p in
   e2e_decode) TAIL=14 part e2e_decode 150 $RUN benchmarks/bench_e2e.py --out "$W/e2e_decode" --modes dcp tp \
                 --compile cudagraphs --batch 8 64 --context 32768 --layers 2 --fill random ;;
   bench_topk) TAIL=45 part bench_topk 150 python3 benchmarks/bench_local_topk.py ;;
+  # the local top-k's scheme table, per-kernel breakdown and selection chain only; then the same on a previous
+  # version carried in .prev/ (`git archive <commit> dcp_compile ops pyproject.toml README.md` there, this
+  # bench copied in as .prev/benchmarks/bench_local_topk_new.py): an A/B in one call
+  bench_topk_ab) TAIL=45 part bench_topk_new 150 python3 benchmarks/bench_local_topk.py --parts schemes breakdown selection
+                 if [ -d .prev ]; then
+                   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .prev > /dev/null
+                   TAIL=45 part bench_topk_prev 150 python3 .prev/benchmarks/bench_local_topk_new.py --parts schemes breakdown selection
+                   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+                 fi ;;
+  # Nsight Compute on each local top-k kernel of one call at 64 x 131072 (the selection target's shape)
+  ncu_topk) TAIL=60 part ncu_topk 120 ncu --clock-control none -k regex:local_topk -c 8 --section SpeedOfLight \
+              --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+              python3 benchmarks/bench_local_topk.py --ncu 64 131072 ;;
   # the decode indexer's looped kernel: bit-identity with the one-tile kernel, then the sweep at model shapes
   indexer_decode) TAIL=6 part indexer_decode_tests 150 $PYTEST tests/test_triton_kernels.py -k "indexer or decode"
                   TAIL=40 part tune_indexer_decode 200 python3 benchmarks/tune_indexer_decode.py --out "$W/tune_indexer_decode" ;;

@@ -88,24 +88,52 @@ def coarse_digit(x):
     return torch.where(torch.isneginf(x), 0, digit.clamp(min=1))
 
 
-def expected_order(x, idx, cap=None):
-    """The documented order of a row's chosen columns (idx: the set): those above the bin of the k-th
+def window_base(x, k, block):
+    """torch mirror of the candidate scheme's sample (``local_topk_sample_kernel``: a piece of block / 16
+    columns of every tile, its place rotating by 7 pieces a tile) and ``radix_select.window_base``: per row,
+    the coarse digit that window bin 0 stands for."""
+    T, L = x.shape
+    sample = max(1, block // ltk.SAMPLE_FRACTION)
+    pieces = block // sample
+    tiles = torch.arange(-(-L // block))
+    cols = (tiles[:, None] * block + (tiles[:, None] * 7 % pieces) * sample + torch.arange(sample)).flatten()
+    cols = cols[cols < L]
+    bases = []
+    for t in range(T):
+        digits = coarse_digit(x[t, cols].float())
+        rank = max(1, -(-len(cols) * min(k, L) // max(L, 1)))
+        estimate = int(digits.sort(descending=True).values[rank - 1]) if len(cols) else 128
+        bases.append(estimate - 16)
+    return torch.tensor(bases)
+
+
+def window_digit(x, base):
+    """torch mirror of ``radix_select.window_digit``: 0 = -inf, else the coarse digit minus the row's base,
+    clamped to 1 .. 31."""
+    coarse = coarse_digit(x.float())
+    return torch.where(coarse == 0, 0, (coarse - base[:, None]).clamp(1, 31))
+
+
+def expected_order(x, idx, k, cap=None, block=None):
+    """The documented order of a row's chosen columns (idx: the set): those above the window bin of the k-th
     element in column order, then that bin's chosen ones in column order, then padding columns (>= L); a row
     whose bin overflows the candidate buffer (more than min(cap, L) finite elements in it: the five-pass
     fallback) in plain column order."""
     T, L = x.shape
     cap = min(ltk.CAP if cap is None else cap, L)
+    block = block or (ltk.BLOCK if x.is_cuda else ltk.INTERPRET_BLOCK)
+    digits = window_digit(x, window_base(x, k, block))
     out = []
     for t in range(T):
         cols = idx[t].sort().values
         real = cols[cols < L]
-        digits = coarse_digit(x[t, real].float())
-        d0 = digits.min() if len(real) else 0
-        in_bin = int((coarse_digit(x[t].float()) == d0).sum())
+        chosen = digits[t, real]
+        d0 = chosen.min() if len(real) else 0
+        in_bin = int((digits[t] == d0).sum())
         if d0 != 0 and in_bin > cap:
             out.append(cols)
         else:
-            out.append(torch.cat([real[digits > d0], real[digits == d0], cols[cols >= L]]))
+            out.append(torch.cat([real[chosen > d0], real[chosen == d0], cols[cols >= L]]))
     return torch.stack(out)
 
 
@@ -123,7 +151,7 @@ def check_local_topk(x, k, **kw):
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values), "not the stable sort's columns"
     padded = torch.nn.functional.pad(x.cpu(), (0, k), value=NEG_INF)
     assert torch.equal(values, torch.gather(padded, -1, idx))
-    assert torch.equal(idx, expected_order(x.cpu(), idx, kw.get("cap"))), "not the documented order"
+    assert torch.equal(idx, expected_order(x.cpu(), idx, k, kw.get("cap"), kw.get("block"))), "not the documented order"
     again_values, again_idx = ltk.local_topk(x.to(DEV), k, **kw)
     assert torch.equal(again_idx.cpu(), idx) and torch.equal(again_values.cpu(), values), "not deterministic"
     return values, idx
@@ -402,7 +430,7 @@ def check_gpu_local_topk(x, k, **kw):
     ref_values, ref_idx = local_topk_padded(x, k)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
-    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu(), kw.get("cap")))
+    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu(), k, kw.get("cap"), ltk.BLOCK))
     again_values, again_idx = ltk.local_topk(x, k, **kw)
     assert torch.equal(again_idx, idx) and torch.equal(again_values, values)
     old_values, old_idx = ltk.local_topk(x, k, scheme="five_pass")

@@ -59,19 +59,24 @@ import triton
 
 from . import common
 from .kernels.local_topk import local_topk_compact_kernel, local_topk_histogram_kernel
-from .kernels.local_topk_candidates import (local_topk_coarse_kernel, local_topk_refine_kernel,
-                                            local_topk_split_kernel)
+from .kernels.local_topk_candidates import (local_topk_refine_kernel, local_topk_sample_kernel,
+                                            local_topk_split_kernel, local_topk_window_kernel)
 from .kernels.radix_select import RADIX as _RADIX
+from .kernels.radix_select import WINDOW as _WINDOW
 
 RADIX = _RADIX.value  # bins per level (and of the coarse digit)
+WINDOW = _WINDOW.value  # bins of the candidate scheme's full-row histogram
 
 LEVELS = 4  # the five-pass scheme's histogram levels
 BLOCK = 4096
-REFINE_BLOCK = 2048  # the refinement's tile: one program per row over ~0.3-16K candidates (usually ~2-3K)
+REFINE_BLOCK = 4096  # the refinement's final pass: one tile holds most rows' candidates (~2-6K)
 MAX_BLOCK = 32768  # the split kernel packs two in-tile ranks into one int32 (16 bits each)
 CAP = 16384  # candidates per row, see the module docstring
 TARGET_PROGRAMS = 4 * 132  # ~4 programs per SM of an H100 / H200
 NUM_WARPS = 8
+MAX_REFINE_WARPS = 16  # the refinement holds its buffer in registers: 16 K candidates at 32 per thread
+SAMPLE_FRACTION = 16  # the candidate scheme's sample: one piece of BLOCK / 16 columns of every tile
+SAMPLE_BLOCK = 2048  # sampled columns a load (8 tiles' pieces at BLOCK = 4096)
 INTERPRET_BLOCK = 64  # small tiles under the interpreter: tests then cover several tiles and chunks
 SCHEMES = ("candidates", "five_pass")
 
@@ -138,47 +143,61 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     take = min(k, L)  # the real columns to select
     cap = max(1, min(CAP if cap is None else cap, L))  # a bin never holds more than L: L <= CAP fits always
     grid = (T, num_chunks)
-    hist = torch.zeros((T, RADIX), dtype=torch.int32, device=device)  # atomics add into it
-    chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
+    # one memset: the sample's coarse histograms and the window histograms (atomics add into both)
+    histograms = torch.zeros(T * (RADIX + WINDOW), dtype=torch.int32, device=device)
+    sample_hist = histograms[:T * RADIX].view(T, RADIX)
+    hist = histograms[T * RADIX:].view(T, WINDOW)
+    base = common.empty((T,), torch.int32, device)  # written by the window kernel's first chunk of each row
+    fallback = common.empty((T,), torch.int32, device)  # written by the refinement for every row
+    chunk_suffix = common.empty((T, num_chunks, WINDOW + 1), torch.int32, device)  # every entry written
     cand_values = common.empty((T, cap), torch.float32, device)  # entries 0 .. in_bin - 1 written when used
     cand_cols = common.empty((T, cap), torch.int32, device)
-    common.launch(local_topk_coarse_kernel)[grid](
-        x, hist, chunk_suffix, L, x.stride(0), chunk_len, num_chunks,
+    sample = max(1, block // SAMPLE_FRACTION)
+    sample_block = min(max(SAMPLE_BLOCK, sample), sample * triton.next_power_of_2(chunk_len // block))
+    common.launch(local_topk_sample_kernel)[grid](
+        x, sample_hist, L, x.stride(0), chunk_len,
+        BLOCK=block, SAMPLE=sample, SAMPLE_BLOCK=sample_block, num_warps=num_warps,
+    )
+    common.launch(local_topk_window_kernel)[grid](
+        x, sample_hist, base, hist, chunk_suffix, L, take, x.stride(0), chunk_len, num_chunks,
         BLOCK=block, num_warps=num_warps,
     )
     common.launch(local_topk_split_kernel)[grid](
-        x, hist, chunk_suffix, values, idx, cand_values, cand_cols,
+        x, base, hist, chunk_suffix, values, idx, cand_values, cand_cols,
         L, take, cap, x.stride(0), values.stride(0), idx.stride(0), chunk_len, num_chunks,
         BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
     )
+    cand_block = triton.next_power_of_2(cap)
+    refine_warps = num_warps if common.fixed_launch(device) else min(MAX_REFINE_WARPS, max(NUM_WARPS, cand_block // 1024))
     common.launch(local_topk_refine_kernel)[(T,)](
-        x, hist, cand_values, cand_cols, values, idx,
+        x, hist, cand_values, cand_cols, values, idx, fallback,
         L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
-        BLOCK=refine_block, num_warps=num_warps,
+        CAND_BLOCK=cand_block, BLOCK=refine_block, num_warps=refine_warps,
     )
     if L > cap:  # a row's threshold bin may overflow the buffer: those rows by the five-pass kernels, gated
-        _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, gate=(hist, cap))
+        _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, fallback=fallback)
     return values.to(scores.dtype), idx
 
 
-def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, gate=None):
+def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, fallback=None):
     """The previous scheme: 4 histogram passes (8 key bits each) + a compaction, each reading the row. With
-    ``gate`` = (the candidate scheme's coarse histograms, its cap), only the rows whose threshold bin overflowed
-    the candidate buffer (the others' programs return at once): the candidate scheme's fallback, split over
-    chunks as the other passes (a narrow range of scores costs ~1.1 x the five-pass scheme, not a serial scan)."""
+    ``fallback`` (the candidate scheme's per-row flags), only the rows flagged (the others' programs return at
+    once): the candidate scheme's fallback, split over chunks as the other passes (a narrow range of scores
+    costs ~1.1 x the five-pass scheme, not a serial scan)."""
     T, L = x.shape
     device = x.device
-    coarse, cap = gate if gate is not None else (x, 0)  # ungated: never read
+    gated = fallback is not None
+    flags = fallback if gated else x  # ungated: never read
     hist = torch.zeros((T, LEVELS, RADIX), dtype=torch.int32, device=device)  # atomics add into it
     chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
     grid = (T, num_chunks)
     for level in range(LEVELS):
         common.launch(local_topk_histogram_kernel)[grid](
-            x, hist, chunk_suffix, coarse, L, min(k, L), cap, x.stride(0), chunk_len, num_chunks,
-            LEVEL=level, BLOCK=block, GATED=gate is not None, num_warps=num_warps,
+            x, hist, chunk_suffix, flags, L, min(k, L), x.stride(0), chunk_len, num_chunks,
+            LEVEL=level, BLOCK=block, GATED=gated, num_warps=num_warps,
         )
     common.launch(local_topk_compact_kernel)[grid](
-        x, hist, chunk_suffix, coarse, values, idx, L, k, min(k, L), cap, x.stride(0), values.stride(0),
+        x, hist, chunk_suffix, flags, values, idx, L, k, min(k, L), x.stride(0), values.stride(0),
         idx.stride(0), chunk_len, num_chunks,
-        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), GATED=gate is not None, num_warps=num_warps,
+        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), GATED=gated, num_warps=num_warps,
     )

@@ -11,28 +11,28 @@
   its selected elements (above the threshold, and the ties whose rank among all the row's ties is within the
   quota) at their rank in column order.
 
-GATED (the candidate scheme's fallback): a program returns at once unless its row's coarse threshold bin
-overflows the candidate buffer (``radix_select.coarse_overflow`` over COARSE, the candidate scheme's coarse
-histograms); those rows are then selected here, split over chunks, and the compaction rewrites all k outputs.
+GATED (the candidate scheme's fallback): a program returns at once unless its row's flag in FALLBACK (set by
+``local_topk_candidates.local_topk_refine_kernel``: the row's threshold bin overflowed the candidate buffer) is
+set; those rows are then selected here, split over chunks, and the compaction rewrites all k outputs.
 """
 import triton
 import triton.language as tl
 
-from .radix_select import RADIX, coarse_overflow, float_key, pick_bin, threshold_prefix
+from .radix_select import RADIX, float_key, pick_bin, threshold_prefix
 
 LEVELS = tl.constexpr(4)  # 32-bit key, 8-bit digits
 
 
 @triton.jit
 def local_topk_histogram_kernel(
-    SCORES, HIST, CHUNK_SUFFIX, COARSE,
-    L, take, cap, stride_t, chunk_len, num_chunks,     # take = min(k, L): the real columns to select
+    SCORES, HIST, CHUNK_SUFFIX, FALLBACK,
+    L, take, stride_t, chunk_len, num_chunks,     # take = min(k, L): the real columns to select
     LEVEL: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     if GATED:
-        if not coarse_overflow(COARSE + t * RADIX, take, cap):
+        if tl.load(FALLBACK + t) == 0:
             return
     row = SCORES + t * stride_t
     hist_row = HIST + t * (LEVELS * RADIX)
@@ -69,14 +69,14 @@ def local_topk_histogram_kernel(
 
 @triton.jit
 def local_topk_compact_kernel(
-    SCORES, HIST, CHUNK_SUFFIX, COARSE, VALUES, IDX,
-    L, k, take, cap, stride_t, stride_vt, stride_it, chunk_len, num_chunks,
+    SCORES, HIST, CHUNK_SUFFIX, FALLBACK, VALUES, IDX,
+    L, k, take, stride_t, stride_vt, stride_it, chunk_len, num_chunks,
     BLOCK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, GATED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     if GATED:
-        if not coarse_overflow(COARSE + t * RADIX, take, cap):
+        if tl.load(FALLBACK + t) == 0:
             return
     row = SCORES + t * stride_t
     threshold, ties_to_take = threshold_prefix(HIST + t * (LEVELS * RADIX), take, LEVELS)

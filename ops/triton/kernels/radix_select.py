@@ -25,10 +25,10 @@ def float_key(x):
 
 @triton.jit
 def pick_bin(hist, rem):
-    """hist [RADIX] int32 counts of one digit over the still-matching elements, rem >= 0 of them still to
+    """hist [BINS] int32 counts of one digit over the still-matching elements, rem >= 0 of them still to
     take (rem <= sum(hist) when rem > 0). Returns (d, rem', in_bin): the bin d that holds the rem-th largest
     element, how many of bin d are still to take once every higher bin is taken, and bin d's count."""
-    bins = tl.arange(0, RADIX)
+    bins = tl.arange(0, hist.shape[0])
     total = tl.sum(hist, 0)
     at_or_above = total - tl.cumsum(hist, 0) + hist  # elements with digit >= bins (non-increasing)
     d = tl.sum((at_or_above >= rem).to(tl.int32), 0) - 1
@@ -77,19 +77,43 @@ def coarse_digit(key):
     return tl.where(key == NEG_INF_KEY, NEG_INF_BIN, tl.maximum(digit, 1))
 
 
+# --- the window digit of the candidate scheme: the coarse digit, re-centred per row -------------------------
+# A 256-bin histogram costs ~150 instructions per 32 elements (``tl.histogram``: one warp ballot per bit of
+# the bin, then per bin a mask and a popcount), a 32-bin one ~17. So the full-row pass counts only WINDOW bins:
+# the coarse digits around the row's estimated threshold (from a 1/16 sample's 256-bin histogram), the ones
+# below and above clamped into the end bins. Any base is exact (the map stays monotone; the end bins only
+# hold more candidates); a good one keeps the threshold bin a single quarter octave.
+WINDOW = tl.constexpr(32)
+WINDOW_CENTER = tl.constexpr(16)  # the estimated threshold's coarse bin maps here
+ZERO_BIN = tl.constexpr(128)  # coarse bin of 0.0: the base where a row's sample is empty
+
+
+@triton.jit
+def window_base(SAMPLE_ROW, take, L):
+    """The coarse digit that window bin 0 stands for (``window_digit``), from a row's sample histogram
+    SAMPLE_ROW [RADIX] of coarse digits: the sample's bin of the same quantile as the take-th of L columns,
+    minus WINDOW_CENTER."""
+    hist = tl.load(SAMPLE_ROW + tl.arange(0, RADIX))
+    sampled = tl.sum(hist, 0)
+    rank = tl.maximum((sampled.to(tl.int64) * take + L - 1) // tl.maximum(L, 1), 1).to(tl.int32)  # <= sampled
+    d, _, _ = pick_bin(hist, rank)
+    return tl.where(sampled > 0, d, ZERO_BIN) - WINDOW_CENTER
+
+
+@triton.jit
+def window_digit(key, base):
+    """uint32 key -> int32 window bin in [0, WINDOW): 0 = -inf only, then coarse_digit - base clamped to
+    1 .. WINDOW - 1 (monotone non-decreasing in key)."""
+    coarse = coarse_digit(key)
+    d = tl.minimum(tl.maximum(coarse - base, 1), WINDOW - 1)
+    return tl.where(coarse == NEG_INF_BIN, NEG_INF_BIN, d)
+
+
 @triton.jit
 def threshold_bin(HIST_ROW, take, cap):
-    """From a row's coarse histogram: (d0, rem, in_bin, buffered): the bin d0 that holds the take-th largest
-    element, how many of its in_bin elements are in (the take - rem elements of higher bins all are), and
-    whether they go through the candidate buffer (not if they overflow its cap, or d0 is the -inf bin)."""
-    d0, rem, in_bin = pick_bin(tl.load(HIST_ROW + tl.arange(0, RADIX)), take)
+    """From a row's window histogram HIST_ROW [WINDOW]: (d0, rem, in_bin, buffered): the bin d0 that holds the
+    take-th largest element, how many of its in_bin elements are in (the take - rem elements of higher bins
+    all are), and whether they go through the candidate buffer (not if they overflow its cap, or d0 is the
+    -inf bin)."""
+    d0, rem, in_bin = pick_bin(tl.load(HIST_ROW + tl.arange(0, WINDOW)), take)
     return d0, rem, in_bin, (in_bin <= cap) & (d0 != NEG_INF_BIN)
-
-
-@triton.jit
-def coarse_overflow(COARSE_ROW, take, cap):
-    """True where the candidate scheme's threshold bin (``threshold_bin`` of the row's coarse histogram
-    COARSE_ROW [RADIX]) holds more than ``cap`` elements of finite score: too many for the candidate buffer,
-    so that row is selected by the five-pass kernels instead (``local_topk.py``)."""
-    d0, _, _, buffered = threshold_bin(COARSE_ROW, take, cap)
-    return (not buffered) & (d0 != NEG_INF_BIN)

@@ -88,10 +88,16 @@ def coarse_digit(x):
     return torch.where(torch.isneginf(x), 0, digit.clamp(min=1))
 
 
+def quarter_octave(x):
+    """torch mirror of ``radix_select.quarter_octave``: the top 11 bits of the signed order key (-0.0 = +0.0)."""
+    bits = torch.where(x == 0, torch.zeros_like(x), x).float().view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 21
+
+
 def window_base(x, k, block):
     """torch mirror of the candidate scheme's sample (``local_topk_sample_kernel``: a piece of block / 16
     columns of every tile, its place rotating by 7 pieces a tile) and ``radix_select.window_base``: per row,
-    the coarse digit that window bin 0 stands for."""
+    the quarter octave that window bin 0 stands for."""
     T, L = x.shape
     sample = max(1, block // ltk.SAMPLE_FRACTION)
     pieces = block // sample
@@ -102,16 +108,15 @@ def window_base(x, k, block):
     for t in range(T):
         digits = coarse_digit(x[t, cols].float())
         rank = max(1, -(-len(cols) * min(k, L) // max(L, 1)))
-        estimate = int(digits.sort(descending=True).values[rank - 1]) if len(cols) else 128
-        bases.append(estimate - 16)
+        d = int(digits.sort(descending=True).values[rank - 1]) if len(cols) else 128
+        bases.append((d + 316 if d >= 128 else d - 572) - 16)
     return torch.tensor(bases)
 
 
 def window_digit(x, base):
-    """torch mirror of ``radix_select.window_digit``: 0 = -inf, else the coarse digit minus the row's base,
+    """torch mirror of ``radix_select.window_digit``: 0 = -inf, else the quarter octave minus the row's base,
     clamped to 1 .. 31."""
-    coarse = coarse_digit(x.float())
-    return torch.where(coarse == 0, 0, (coarse - base[:, None]).clamp(1, 31))
+    return torch.where(torch.isneginf(x), 0, (quarter_octave(x) - base[:, None]).clamp(1, 31))
 
 
 def expected_order(x, idx, k, cap=None, block=None):
@@ -121,7 +126,7 @@ def expected_order(x, idx, k, cap=None, block=None):
     fallback) in plain column order."""
     T, L = x.shape
     cap = min(ltk.CAP if cap is None else cap, L)
-    block = block or (ltk.BLOCK if x.is_cuda else ltk.INTERPRET_BLOCK)
+    block = block or (ltk.BLOCK if HAS_CUDA else ltk.INTERPRET_BLOCK)
     digits = window_digit(x, window_base(x, k, block))
     out = []
     for t in range(T):
@@ -256,6 +261,17 @@ def test_local_topk_same_output_for_any_split_or_cap():
     for kw in (dict(cap=1), dict(cap=10, chunks=2)):
         v, i = check_local_topk(x, 90, **kw)
         assert torch.equal(i, base_i.sort(-1).values) and torch.equal(v, torch.gather(x, -1, i)), kw
+
+
+def test_local_topk_row_passes_without_prefetch(monkeypatch):
+    """The window and split passes load the next tile early or not (``PassConfig.prefetch``): the same output."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.cat([tied_scores(2, 400, gen), 1.0 + 0.18 * torch.rand(1, 400, generator=gen)])  # one bin: 400
+    want_v, want_i = check_local_topk(x, 70, chunks=3)
+    for name in ("WINDOW_PASS", "SPLIT_PASS"):
+        monkeypatch.setattr(ltk, name, ltk.PassConfig(ltk.BLOCK, ltk.NUM_WARPS, prefetch=False))
+    v, i = check_local_topk(x, 70, chunks=3)
+    assert torch.equal(i, want_i) and torch.equal(v, want_v)
 
 
 def test_local_topk_five_pass_scheme_same_set():
@@ -430,7 +446,7 @@ def check_gpu_local_topk(x, k, **kw):
     ref_values, ref_idx = local_topk_padded(x, k)
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     assert torch.equal(values, torch.gather(x, -1, idx.clamp(max=L - 1)).masked_fill(idx >= L, NEG_INF))
-    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu(), k, kw.get("cap"), ltk.BLOCK))
+    assert torch.equal(idx.cpu(), expected_order(x.cpu(), idx.cpu(), k, kw.get("cap"), kw.get("block")))
     again_values, again_idx = ltk.local_topk(x, k, **kw)
     assert torch.equal(again_idx, idx) and torch.equal(again_values, values)
     old_values, old_idx = ltk.local_topk(x, k, scheme="five_pass")

@@ -54,6 +54,8 @@ less where the second pass finds the row in L2 (50 MB).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
@@ -69,12 +71,10 @@ WINDOW = _WINDOW.value  # bins of the candidate scheme's full-row histogram
 
 LEVELS = 4  # the five-pass scheme's histogram levels
 BLOCK = 4096
-REFINE_BLOCK = 4096  # the refinement's final pass: one tile holds most rows' candidates (~2-6K)
 MAX_BLOCK = 32768  # the split kernel packs two in-tile ranks into one int32 (16 bits each)
 CAP = 16384  # candidates per row, see the module docstring
 TARGET_PROGRAMS = 4 * 132  # ~4 programs per SM of an H100 / H200
 NUM_WARPS = 8
-MAX_REFINE_WARPS = 16  # the refinement holds its buffer in registers: 16 K candidates at 32 per thread
 SAMPLE_FRACTION = 16  # the candidate scheme's sample: one piece of BLOCK / 16 columns of every tile
 SAMPLE_BLOCK = 2048  # sampled columns a load (8 tiles' pieces at BLOCK = 4096)
 INTERPRET_BLOCK = 64  # small tiles under the interpreter: tests then cover several tiles and chunks
@@ -88,6 +88,22 @@ SCHEMES = ("candidates", "five_pass")
 # its buffer and cost ~1.4 x the five-pass scheme there (391 vs 284 µs at 64 x 163840).
 CANDIDATES_MIN_ROWS = 64
 CANDIDATES_MIN_COLUMNS = 32768
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """One kernel's launch: its tile (elements a loop step), warps, and whether it loads the next tile before
+    working on the current one (the row passes)."""
+    block: int
+    num_warps: int
+    prefetch: bool = False
+
+
+# The candidate scheme's passes on CUDA (benchmarks/tune_local_topk.py; every config selects the same columns in
+# the same order). The sample kernel uses the planning tile BLOCK and NUM_WARPS.
+WINDOW_PASS = PassConfig(4096, 8, prefetch=True)
+SPLIT_PASS = PassConfig(4096, 8, prefetch=True)
+REFINE_PASS = PassConfig(4096, 16)  # its search tile: most rows' candidates (~2-6K) in registers, 8 a thread
 
 
 def choose_scheme(T, L) -> str:
@@ -131,7 +147,6 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     if L >= 2**31 - 1:
         raise ValueError(f"local_topk: row length {L} must be < 2**31 - 1 (int32 counts)")
     x = common.unit_stride(scores.float())
-    refine_block = block or (INTERPRET_BLOCK if common.fixed_launch(device) else REFINE_BLOCK)
     if block is None:
         block = INTERPRET_BLOCK if common.fixed_launch(device) else BLOCK
     chunk_len, num_chunks = plan(T, L, block, chunks)
@@ -158,21 +173,23 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
         x, sample_hist, L, x.stride(0), chunk_len,
         BLOCK=block, SAMPLE=sample, SAMPLE_BLOCK=sample_block, num_warps=num_warps,
     )
+    window, split, refine = WINDOW_PASS, SPLIT_PASS, REFINE_PASS
+    if common.fixed_launch(device):  # the interpreter: the test's tile everywhere
+        window, split, refine = (PassConfig(block, num_warps, c.prefetch) for c in (window, split, refine))
     common.launch(local_topk_window_kernel)[grid](
         x, sample_hist, base, hist, chunk_suffix, L, take, x.stride(0), chunk_len, num_chunks,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=window.block, PREFETCH=window.prefetch, num_warps=window.num_warps,
     )
     common.launch(local_topk_split_kernel)[grid](
         x, base, hist, chunk_suffix, values, idx, cand_values, cand_cols,
         L, take, cap, x.stride(0), values.stride(0), idx.stride(0), chunk_len, num_chunks,
-        BLOCK=block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), num_warps=num_warps,
+        BLOCK=split.block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), PREFETCH=split.prefetch,
+        num_warps=split.num_warps,
     )
-    cand_block = triton.next_power_of_2(cap)
-    refine_warps = num_warps if common.fixed_launch(device) else min(MAX_REFINE_WARPS, max(NUM_WARPS, cand_block // 1024))
     common.launch(local_topk_refine_kernel)[(T,)](
         x, hist, cand_values, cand_cols, values, idx, fallback,
         L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
-        CAND_BLOCK=cand_block, BLOCK=refine_block, num_warps=refine_warps,
+        SEARCH_TILE=min(refine.block, triton.next_power_of_2(cap)), BLOCK=refine.block, num_warps=refine.num_warps,
     )
     if L > cap:  # a row's threshold bin may overflow the buffer: those rows by the five-pass kernels, gated
         _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, fallback=fallback)

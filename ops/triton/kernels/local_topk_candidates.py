@@ -64,7 +64,7 @@ def local_topk_sample_kernel(
 def local_topk_window_kernel(
     SCORES, SAMPLE_HIST, BASE, HIST, CHUNK_SUFFIX,
     L, take, stride_t, chunk_len, num_chunks,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -78,11 +78,14 @@ def local_topk_window_kernel(
     cols = start + tl.arange(0, BLOCK)
     x = tl.load(row + cols, mask=cols < end, other=0.0)
     for off in range(0, chunk_len, BLOCK):
-        inside = cols < L
         next_cols = cols + BLOCK
-        x_next = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
-        hist += tl.histogram(window_digit(float_key(x), base), WINDOW, mask=inside)
-        x = x_next
+        if PREFETCH:
+            x_next = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
+        hist += tl.histogram(window_digit(x, base), WINDOW, mask=cols < end)
+        if PREFETCH:
+            x = x_next
+        else:
+            x = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
         cols = next_cols
     bins = tl.arange(0, WINDOW)
     tl.atomic_add(HIST + t * WINDOW + bins, hist, mask=hist > 0, sem="relaxed")
@@ -97,7 +100,7 @@ def local_topk_window_kernel(
 def local_topk_split_kernel(
     SCORES, BASE, HIST, CHUNK_SUFFIX, VALUES, IDX, CAND_VALUES, CAND_COLS,
     L, take, cap, stride_t, stride_vt, stride_it, chunk_len, num_chunks,
-    BLOCK: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -124,10 +127,11 @@ def local_topk_split_kernel(
     cols = start + tl.arange(0, BLOCK)
     x = tl.load(row + cols, mask=cols < end, other=0.0)
     for off in range(0, chunk_len, BLOCK):
-        inside = cols < L
+        inside = cols < end
         next_cols = cols + BLOCK
-        x_next = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
-        digit = window_digit(float_key(x), base)
+        if PREFETCH:
+            x_next = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
+        digit = window_digit(x, base)
         sure = inside & (digit > d0)
         cand = inside & (digit == cand_bin)
         # one scan for both ranks: a tile has < 2^16 elements, so the candidate count fits the high half
@@ -143,7 +147,10 @@ def local_topk_split_kernel(
             tl.store(cand_cols + cand_dst, cols, mask=cand)
         sure_before += total & 0xFFFF
         cand_before += total >> 16
-        x = x_next
+        if PREFETCH:
+            x = x_next
+        else:
+            x = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
         cols = next_cols
 
 
@@ -151,7 +158,7 @@ def local_topk_split_kernel(
 def local_topk_refine_kernel(
     SCORES, HIST, CAND_VALUES, CAND_COLS, VALUES, IDX, FALLBACK,
     L, k, take, cap, stride_t, stride_vt, stride_it,
-    CAND_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    SEARCH_TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     row = SCORES + t * stride_t
@@ -171,16 +178,21 @@ def local_topk_refine_kernel(
     buffer_len = tl.where(buffered, in_bin, 0)
     row_len = tl.where(buffered, 0, L)
 
-    # The rem0-th largest key among the buffered candidates. The buffer (<= cap <= CAND_BLOCK entries) stays in
-    # registers for the whole search. Candidates agree on every key bit above the highest bit where the
+    # The rem0-th largest key among the buffered candidates. The buffer's first SEARCH_TILE entries (most rows'
+    # all) stay in registers for the whole search; a row with more re-reads the rest at each level. Candidates agree on every key bit above the highest bit where the
     # smallest and the largest differ (one window bin is usually one quarter octave: the top 11 bits), so the
     # search starts at that bit's 4-bit digit. The -inf bin holds one value: its chosen ones are its lowest
     # columns, no search (buffer_len = 0: the loop below does not run).
-    slot = tl.arange(0, CAND_BLOCK)
+    slot = tl.arange(0, SEARCH_TILE)
     in_search = slot < buffer_len
     cand_key = float_key(tl.load(cand_values + slot, mask=in_search, other=0.0))
     lo = tl.min(tl.where(in_search, cand_key, 0xFFFFFFFF), 0)
     hi = tl.max(tl.where(in_search, cand_key, 0), 0)
+    for more in range(SEARCH_TILE, buffer_len, SEARCH_TILE):  # rows with more candidates than one tile
+        more_in = more + slot < buffer_len
+        more_key = float_key(tl.load(cand_values + more + slot, mask=more_in, other=0.0))
+        lo = tl.minimum(lo, tl.min(tl.where(more_in, more_key, 0xFFFFFFFF), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(more_in, more_key, 0), 0))
     differ = lo ^ hi
     shift = tl.zeros([], tl.int32) + (32 - SEARCH_BITS)
     while (shift > 0) & ((differ >> shift) == 0):
@@ -191,8 +203,14 @@ def local_topk_refine_kernel(
     rem = rem0
     while (shift >= 0) & (buffer_len > 0):
         match = in_search & ((cand_key & known) == prefix)
-        digit = ((cand_key >> shift) & (SEARCH_BINS - 1)).to(tl.int32)
-        d, rem, _ = pick_bin(tl.histogram(digit, SEARCH_BINS, mask=match), rem)
+        hist = tl.histogram(((cand_key >> shift) & (SEARCH_BINS - 1)).to(tl.int32), SEARCH_BINS, mask=match)
+        for more in range(SEARCH_TILE, buffer_len, SEARCH_TILE):
+            more_in = more + slot < buffer_len
+            more_key = float_key(tl.load(cand_values + more + slot, mask=more_in, other=0.0))
+            more_match = more_in & ((more_key & known) == prefix)
+            hist += tl.histogram(((more_key >> shift) & (SEARCH_BINS - 1)).to(tl.int32), SEARCH_BINS,
+                                 mask=more_match)
+        d, rem, _ = pick_bin(hist, rem)
         prefix = prefix | (d.to(tl.uint32) << shift)
         known = known | (tl.full([], SEARCH_BINS - 1, tl.uint32) << shift)
         shift -= SEARCH_BITS

@@ -77,36 +77,49 @@ def coarse_digit(key):
     return tl.where(key == NEG_INF_KEY, NEG_INF_BIN, tl.maximum(digit, 1))
 
 
-# --- the window digit of the candidate scheme: the coarse digit, re-centred per row -------------------------
+# --- the window digit of the candidate scheme: quarter octaves, re-centred per row ----------------------------
 # A 256-bin histogram costs ~150 instructions per 32 elements (``tl.histogram``: one warp ballot per bit of
-# the bin, then per bin a mask and a popcount), a 32-bin one ~17. So the full-row pass counts only WINDOW bins:
-# the coarse digits around the row's estimated threshold (from a 1/16 sample's 256-bin histogram), the ones
-# below and above clamped into the end bins. Any base is exact (the map stays monotone; the end bins only
-# hold more candidates); a good one keeps the threshold bin a single quarter octave.
+# the bin, then per bin a mask and a popcount), a 32-bin one ~27. So the full-row pass counts only WINDOW bins:
+# the quarter octaves around the row's estimated threshold (from a 1/16 sample's 256-bin histogram of the
+# coarse digit), the ones below and above clamped into the end bins. Any base is exact (the map stays
+# monotone; the end bins only hold more candidates); a good one keeps the threshold bin one quarter octave.
+# The quarter octave is the top 11 bits of a signed order key (``quarter_octave``): ~10 integer operations
+# an element, where the coarse digit's clamping takes ~25 (the row passes are bound by integer issue).
 WINDOW = tl.constexpr(32)
-WINDOW_CENTER = tl.constexpr(16)  # the estimated threshold's coarse bin maps here
-ZERO_BIN = tl.constexpr(128)  # coarse bin of 0.0: the base where a row's sample is empty
+WINDOW_CENTER = tl.constexpr(16)  # the estimated threshold's quarter octave maps here
+NEG_INF_OCTANT = tl.constexpr(-1021)  # quarter_octave(-inf): no finite score shares it
+
+
+@triton.jit
+def quarter_octave(x):
+    """fp32 -> int32 in [-1024, 1023], monotone non-decreasing in x: the top 11 bits (sign, exponent, 2 mantissa
+    bits) of an int32 whose signed order is the float order (negative floats: magnitude bits flipped); -0.0 and
+    +0.0 equal (0); -inf alone at NEG_INF_OCTANT (no NaN)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x == 0.0, 0, bits)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 21
 
 
 @triton.jit
 def window_base(SAMPLE_ROW, take, L):
-    """The coarse digit that window bin 0 stands for (``window_digit``), from a row's sample histogram
-    SAMPLE_ROW [RADIX] of coarse digits: the sample's bin of the same quantile as the take-th of L columns,
+    """The quarter octave that window bin 0 stands for (``window_digit``), from a row's sample histogram
+    SAMPLE_ROW [RADIX] of coarse digits: the sample's bin of the same quantile as the take-th of L columns (as
+    a quarter octave: coarse bins 1 .. 127 are -572 + bin, 128 .. 255 are 316 + bin, the end bins clamped),
     minus WINDOW_CENTER."""
     hist = tl.load(SAMPLE_ROW + tl.arange(0, RADIX))
     sampled = tl.sum(hist, 0)
     rank = tl.maximum((sampled.to(tl.int64) * take + L - 1) // tl.maximum(L, 1), 1).to(tl.int32)  # <= sampled
     d, _, _ = pick_bin(hist, rank)
-    return tl.where(sampled > 0, d, ZERO_BIN) - WINDOW_CENTER
+    d = tl.where(sampled > 0, d, 128)  # an empty sample: zero
+    return tl.where(d >= 128, d + 316, d - 572) - WINDOW_CENTER
 
 
 @triton.jit
-def window_digit(key, base):
-    """uint32 key -> int32 window bin in [0, WINDOW): 0 = -inf only, then coarse_digit - base clamped to
-    1 .. WINDOW - 1 (monotone non-decreasing in key)."""
-    coarse = coarse_digit(key)
-    d = tl.minimum(tl.maximum(coarse - base, 1), WINDOW - 1)
-    return tl.where(coarse == NEG_INF_BIN, NEG_INF_BIN, d)
+def window_digit(x, base):
+    """fp32 -> int32 window bin in [0, WINDOW): 0 = -inf only, then quarter_octave - base clamped to
+    1 .. WINDOW - 1 (monotone non-decreasing in x)."""
+    q = quarter_octave(x)
+    return tl.where(q == NEG_INF_OCTANT, 0, tl.minimum(tl.maximum(q - base, 1), WINDOW - 1))
 
 
 @triton.jit

@@ -326,9 +326,11 @@ def print_summary(rows, name, bw):
         goal = rec["floor_us"] / 0.8
         live = best(timed(rec, "live"))
         today = timed(rec, "today")[0] if timed(rec, "today") else None
+        today_us = today["us"] if today else float("nan")
+        live_us, live_label = (live["us"], live["label"]) if live else (float("nan"), "-")
         print(f"\nrecorded call (8 x 10240, 80 % of keys): 80 % of the floor = {goal:.1f} µs "
-              f"({rec['datasheet_floor_us'] / 0.8:.1f} µs against the datasheet); today {today['us'] if today else float('nan'):.1f} µs, "
-              f"best live {live['us'] if live else float('nan'):.1f} µs ({live['label'] if live else '-'})")
+              f"({rec['datasheet_floor_us'] / 0.8:.1f} µs against the datasheet); today {today_us:.1f} µs, "
+              f"best live {live_us:.1f} µs ({live_label})")
 
 
 def recommend(rows, ix, sms):

@@ -446,6 +446,39 @@ def test_indexer_decode_loop_gpu_bit_identical(B, L, loop):
         check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=loop)
 
 
+# The live-range path's configs beside the fixed runs' (4 warps: the one-tile kernel's dot and reduction order
+# at the same tile). Live keys a sequence at 8 × 10240: the recorded call's 80 %, every key, none, the first
+# tile alone, one key, a sequence with 300 leading keys masked (slots, not allowed), 80 % again.
+LIVE_GPU_CONFIGS = [idx.DecodeConfig(128, 4, 3, 2, 0, 8192), idx.DecodeConfig(128, 4, 2, 2, 0, 16384),
+                    idx.DecodeConfig(64, 4, 2, 4, 0, 4096), idx.DecodeConfig(128, 4, 3, 2, 1, 8192),
+                    idx.DecodeConfig(128, 4, 3, 1, 40, 8192)]
+LIVE_GPU_KEYS = {(8, 10240): [8192, 10240, 0, 128, 1, 5000, 8192, 8191], (3, 4099): [3000, 0, 4099]}
+
+
+@gpu
+@pytest.mark.parametrize("B,L", list(LIVE_GPU_KEYS))
+@pytest.mark.parametrize("cfg", LIVE_GPU_CONFIGS)
+def test_indexer_decode_live_range_gpu_bit_identical(B, L, cfg):
+    """The live-range path gives the one-tile kernel's bits at its tile and warps, -inf past each sequence's
+    keys, every element written (NaN-poisoned output); at the small size also the float64 oracle's scores."""
+    gen = torch.Generator().manual_seed(B + L + cfg.block_l + cfg.live_scan + cfg.tiles)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, 64, 128, L, 2 * L, torch.bfloat16, "cuda", gen)
+    live = LIVE_GPU_KEYS[(B, L)]
+    for b, n in enumerate(live):
+        key_slots[b, n:] = -1
+        allowed[b, :, n:] = False
+    allowed[B - 3, :, :300] = False
+    scale = 128 ** -0.5
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=(cfg.block_l, 4, 3))
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=cfg)
+    assert not torch.isnan(got).any(), "unwritten or NaN output"
+    assert torch.equal(got, ref), f"max |diff| {(got - ref).nan_to_num().abs().max().item():.3g}"
+    for b, n in enumerate(live):
+        assert torch.isneginf(got[b, 0, n:]).all()
+    if L <= 4099:
+        check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=cfg)
+
+
 @gpu
 def test_indexer_decode_table_gpu_bit_identical():
     """The table's decode path (whatever DECODE_TABLE picks) gives the one-tile kernel's bits."""

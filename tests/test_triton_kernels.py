@@ -234,6 +234,92 @@ def test_indexer_decode_loop_interpreter_slot_without_allowed_key():
     check_indexer(q, w, k_pool, key_slots, allowed, 0.2, 1e-5, config=idx.DecodeConfig(128, 4, 3, 2, 1))
 
 
+def make_decode_tail_inputs(live, L, Hi, gen, lead=None):
+    """Decode inputs (S = 1, fp32, Di = 32) whose sequence b has keys (a slot, allowed) at 0 .. live[b] - 1
+    and none past them (slot -1, not allowed), as the model's decode call has past each sequence's end;
+    inside, ~10 % of the keys not allowed and one slot -1. ``lead``: keys 0 .. lead[b] - 1 have slots but are
+    not allowed (left padding)."""
+    B = len(live)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, Hi, 32, L, B * L + 5, torch.float32, "cpu", gen)
+    key_slots = torch.randperm(B * L + 5, generator=gen)[:B * L].view(B, L).to(torch.int32)
+    allowed = torch.rand(B, 1, L, generator=gen) > 0.1
+    for b, n in enumerate(live):
+        key_slots[b, n:] = -1
+        allowed[b, :, n:] = False
+        if n > 2:
+            key_slots[b, n // 2] = -1
+        if lead is not None:
+            allowed[b, :, :lead[b]] = False
+    return q, w, k_pool, key_slots, allowed
+
+
+# The live-range path (DecodeConfig.live_scan > 0) under the interpreter: 16-key tiles (32 where block_l says
+# so: two of the scan's 16-key groups a tile), L = 70 is 5 tiles (3 at 32; the last partial). Live keys a
+# sequence: every key, 80 % (a dead tail of a tile and a bit), none, the first tile alone, one key, mixed.
+# tiles: 0 the interpreter's 2 a run, 1 (a run a tile: a run a live tile, the rest dead stores only), 9 (one
+# run holding every live tile). live_scan 16 / 32: 5 / 3 scan steps, 128: one.
+TAILS = {"all_live": [70, 70], "dead_20": [56, 56], "all_dead": [0, 0], "first_tile_only": [16, 3],
+         "one_key": [1, 70], "mixed": [70, 0, 33]}
+
+
+@cpu_only
+@pytest.mark.parametrize("tail", list(TAILS))
+@pytest.mark.parametrize("tiles", [0, 1, 9])
+@pytest.mark.parametrize("live_scan", [16, 32, 128])
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_indexer_decode_live_range_interpreter(tail, tiles, live_scan, block_l):
+    """The live-range path gives the float64 oracle's scores and -inf everywhere else (every element written
+    over a NaN-poisoned output), the one-tile kernel's values bit for bit."""
+    gen = torch.Generator().manual_seed(len(tail) * 1000 + 10 * tiles + live_scan + block_l)
+    q, w, k_pool, key_slots, allowed = make_decode_tail_inputs(TAILS[tail], 70, 16, gen)
+    cfg = idx.DecodeConfig(128, 4, 3, 2, tiles, live_scan)
+    check_indexer(q, w, k_pool, key_slots, allowed, 32 ** -0.5, 1e-5, config=cfg, block_l=block_l)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 32 ** -0.5, config=cfg, block_l=block_l)
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 32 ** -0.5, config=(16, 4, 3), block_l=block_l)
+    assert torch.equal(got, ref)
+    for b, n in enumerate(TAILS[tail]):
+        assert torch.isneginf(got[b, 0, n:]).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("tiles", [0, 1, 9])
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_indexer_decode_live_range_interpreter_leading_and_inner_dead(tiles, block_l):
+    """Dead tiles before the live range (left padding: slots but not allowed) and a whole dead tile inside it
+    (handled by the masks), an allowed key without a slot, a negative scale."""
+    gen = torch.Generator().manual_seed(40 + tiles)
+    q, w, k_pool, key_slots, allowed = make_decode_tail_inputs([70, 60, 45], 70, 3, gen, lead=[0, 35, 17])
+    allowed[0, 0, 16:32] = False                       # tile 1 of sequence 0: dead inside the range
+    allowed[2, 0, 44] = True
+    key_slots[2, 44] = -1                              # allowed, no slot: -inf
+    cfg = idx.DecodeConfig(128, 4, 3, 2, tiles, 32)
+    check_indexer(q, w, k_pool, key_slots, allowed, -0.3, 1e-5, config=cfg, block_l=block_l)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, -0.3, config=cfg, block_l=block_l)
+    assert torch.isneginf(got[1, 0, :35]).all() and torch.isneginf(got[0, 0, 16:32]).all()
+    assert torch.isneginf(got[2, 0, 44])
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, -0.3, config=(16, 4, 3), block_l=block_l)
+    assert torch.equal(got, ref)
+
+
+def test_indexer_decode_live_scan_must_be_power_of_two():
+    gen = torch.Generator().manual_seed(9)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(1, 1, 4, 32, 20, 40, torch.float32, DEV, gen)
+    with pytest.raises(ValueError, match="live_scan = 24"):
+        idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2, config=idx.DecodeConfig(128, 4, 3, 2, 0, 24))
+
+
+def test_decode_runs_one_wave_at_most_one_run_a_tile():
+    """The live-range path's runs: one wave of programs_per_sm · sms programs unless the batch alone is larger
+    (then one run a sequence), never more runs than tiles; 33 runs at the recorded call (8 × 80 tiles)."""
+    for sms, pps in ((1, 1), (132, 2), (132, 4)):
+        for B in (1, 2, 8, 16, 64, 300):
+            for n_lt in (1, 5, 80, 320):
+                runs = idx.decode_runs(B, n_lt, sms, pps)
+                assert 1 <= runs <= n_lt and B * runs <= max(B, pps * sms), (sms, pps, B, n_lt, runs)
+                assert runs == min(n_lt, max(1, pps * sms // B))
+    assert idx.decode_runs(8, 80, 132, 2) == 33 and idx.decode_runs(64, 80, 132, 2) == 4
+
+
 def test_indexer_decode_loop_rejects_prefill():
     gen = torch.Generator().manual_seed(8)
     q, w, k_pool, key_slots, allowed = make_indexer_inputs(1, 2, 4, 32, 20, 40, torch.float32, DEV, gen)
@@ -358,6 +444,39 @@ def test_indexer_decode_loop_gpu_bit_identical(B, L, loop):
     assert torch.equal(got, ref), f"max |diff| {(got - ref).nan_to_num().abs().max().item():.3g}"
     if L <= 4099:
         check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=loop)
+
+
+# The live-range path's configs beside the fixed runs' (4 warps: the one-tile kernel's dot and reduction order
+# at the same tile). Live keys a sequence at 8 × 10240: the recorded call's 80 %, every key, none, the first
+# tile alone, one key, a sequence with 300 leading keys masked (slots, not allowed), 80 % again.
+LIVE_GPU_CONFIGS = [idx.DecodeConfig(128, 4, 3, 2, 0, 8192), idx.DecodeConfig(128, 4, 2, 2, 0, 16384),
+                    idx.DecodeConfig(64, 4, 2, 4, 0, 4096), idx.DecodeConfig(128, 4, 3, 2, 1, 8192),
+                    idx.DecodeConfig(128, 4, 3, 1, 40, 8192)]
+LIVE_GPU_KEYS = {(8, 10240): [8192, 10240, 0, 128, 1, 5000, 8192, 8191], (3, 4099): [3000, 0, 4099]}
+
+
+@gpu
+@pytest.mark.parametrize("B,L", list(LIVE_GPU_KEYS))
+@pytest.mark.parametrize("cfg", LIVE_GPU_CONFIGS)
+def test_indexer_decode_live_range_gpu_bit_identical(B, L, cfg):
+    """The live-range path gives the one-tile kernel's bits at its tile and warps, -inf past each sequence's
+    keys, every element written (NaN-poisoned output); at the small size also the float64 oracle's scores."""
+    gen = torch.Generator().manual_seed(B + L + cfg.block_l + cfg.live_scan + cfg.tiles)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, 64, 128, L, 2 * L, torch.bfloat16, "cuda", gen)
+    live = LIVE_GPU_KEYS[(B, L)]
+    for b, n in enumerate(live):
+        key_slots[b, n:] = -1
+        allowed[b, :, n:] = False
+    allowed[B - 3, :, :300] = False
+    scale = 128 ** -0.5
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=(cfg.block_l, 4, 3))
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=cfg)
+    assert not torch.isnan(got).any(), "unwritten or NaN output"
+    assert torch.equal(got, ref), f"max |diff| {(got - ref).nan_to_num().abs().max().item():.3g}"
+    for b, n in enumerate(live):
+        assert torch.isneginf(got[b, 0, n:]).all()
+    if L <= 4099:
+        check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=cfg)
 
 
 @gpu

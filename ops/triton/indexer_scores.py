@@ -1,7 +1,8 @@
 """DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Three kernels, by
 shape class: decode (S = 1, memory-bound: the gather of the keys) either ``kernels/indexer_scores.py``, one
 key tile a program, or ``kernels/indexer_scores_decode.py``, one sequence's run of pipelined key tiles a
-program with the grid sized to the SMs (which one: ``DECODE_TABLE``, ``choose_decode_config``); prefill
+program with the grid sized to the SMs, optionally sharing out only the tiles from the first to the last allowed key
+(``DecodeConfig.live_scan``; which kernel: ``DECODE_TABLE``, ``choose_decode_config``); prefill
 (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
 pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The
 local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
@@ -79,6 +80,11 @@ class DecodeConfig(NamedTuple):
     num_stages: int       # key tiles in flight (Triton software-pipelines the loop's slot and key loads)
     programs_per_sm: int  # the grid: about this many programs an SM, one wave if they fit (``decode_tiles``)
     tiles: int = 0        # key tiles a program, overriding programs_per_sm (tests, sweeps); 0: from the SMs
+    # > 0: each program first finds its sequence's live tiles (first to last tile with an allowed key) by a
+    # scan of ``allowed`` in steps of this many keys (a power of two ≥ 16), and the sequence's runs share the
+    # live tiles only (the tiles outside get -inf stores, no load); the grid is then the runs of
+    # ``decode_runs`` (or ceil(tiles of L / tiles)). 0: fixed runs of ``decode_tiles`` over every tile.
+    live_scan: int = 0
 
 
 # The decode (S = 1) kernel by operand class: the one place to flip after benchmarks/tune_indexer_decode.py.
@@ -92,8 +98,11 @@ class DecodeConfig(NamedTuple):
 #   op's bytes reaches 79-81 % of the floor at 8 x 10240, the one-tile kernel 51-55 %.
 # - IEEE fp32 dots (FMA: tests, float32 models): the one-tile kernel; not a performance target, and the
 #   loop kernel's fp32 configs are not swept.
+# - The live-range path (``live_scan`` > 0: the loop kernel skips the tiles past the last allowed key and
+#   balances its runs over the rest) is selectable here, e.g. DecodeConfig(128, 4, 3, 2, live_scan=8192);
+#   not measured yet (benchmarks/tune_indexer_decode.py sweeps it beside the others).
 DECODE_TABLE = {
-    "tensor_cores": None,  # the loop kernel's best: DecodeConfig(64, 4, 2, 4)
+    "tensor_cores": None,  # the loop kernel's best (fixed runs): DecodeConfig(64, 4, 2, 4)
     "fp32_dots": None,
 }
 # The loop kernel only while the batch has at most this many key tiles (B · ceil(L / block_l)); above, the
@@ -136,6 +145,15 @@ def decode_tiles(B: int, n_lt: int, sms: int, programs_per_sm: int) -> int:
     under torch.compile. E.g. 132 SMs, 2 a SM: 8 × 80 tiles -> 3 a program, 216 programs; 64 × 80 -> 20, 256."""
     runs = torch.sym_max(1, (programs_per_sm * sms) // B)
     return triton.cdiv(n_lt, runs)
+
+
+def decode_runs(B: int, n_lt: int, sms: int, programs_per_sm: int) -> int:
+    """Runs a sequence (programs) of the loop kernel's live-range path, for B sequences of n_lt tiles:
+    max(1, ⌊programs_per_sm · sms / B⌋), at most n_lt. Each program takes an equal share of its sequence's
+    live tiles, which the kernel counts, so the runs are not rounded to the tiles of L as in ``decode_tiles``
+    (8 × 80 tiles at 132 SMs, 2 a SM: 33 runs a sequence, 2 live tiles each when 64 are live, where
+    ``decode_tiles``' 27 runs of 3 tiles would leave 3 tiles a run). Branch-free on B and L (no guard)."""
+    return torch.sym_min(n_lt, torch.sym_max(1, (programs_per_sm * sms) // B))
 
 
 class PrefillConfig(NamedTuple):
@@ -201,7 +219,7 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     loop_config = isinstance(config, DecodeConfig)
     if config is not None and not loop_config and len(config) not in (3, 5):
         raise ValueError(f"config {config!r}: DecodeConfig(block_l, num_warps, num_stages, programs_per_sm, "
-                         "tiles) or (BLOCK_L, num_warps, num_stages) for a decode kernel, or "
+                         "tiles, live_scan) or (BLOCK_L, num_warps, num_stages) for a decode kernel, or "
                          "PrefillConfig(block_s, block_l, num_warps, num_stages, tiles) for the prefill kernel")
     _check(q, w, k_pool, key_slots, allowed)
     B, S, Hi, Di = q.shape
@@ -274,19 +292,27 @@ def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, b
     L = key_slots.shape[1]
     if cfg.tiles < 0 or cfg.programs_per_sm < 1:
         raise ValueError(f"{cfg!r}: tiles >= 0 (0: from the SM count) and programs_per_sm >= 1")
+    if cfg.live_scan:
+        _power_of_two("live_scan", cfg.live_scan, 16)  # whole 16-key groups (the kernel's scan)
     if common.fixed_launch(q.device):
         # the interpreter: small tiles, several runs a sequence, short last runs even at test sizes
         bl, tiles, launch = block_l or 16, cfg.tiles or 2, {}
     else:
-        bl = block_l or cfg.block_l
-        tiles = cfg.tiles or decode_tiles(B, triton.cdiv(L, bl), num_sms(q.device), cfg.programs_per_sm)
+        bl, tiles = block_l or cfg.block_l, cfg.tiles
         launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _power_of_two("block_l", bl, 16)  # tl.dot needs 16 columns at least
-    n_chunks = triton.cdiv(triton.cdiv(L, bl), tiles)
+    n_lt = triton.cdiv(L, bl)
+    if tiles:
+        n_chunks = triton.cdiv(n_lt, tiles)
+    elif cfg.live_scan:  # the kernel sizes the runs from the live tiles it finds
+        n_chunks = decode_runs(B, n_lt, num_sms(q.device), cfg.programs_per_sm)
+    else:
+        tiles = decode_tiles(B, n_lt, num_sms(q.device), cfg.programs_per_sm)
+        n_chunks = triton.cdiv(n_lt, tiles)
     common.launch(indexer_scores_decode_kernel)[(B * n_chunks,)](
         q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles,
         q.stride(0), q.stride(2), w.stride(0), k_pool.stride(0), key_slots.stride(0), allowed_u8.stride(0),
-        out.stride(0), **meta, BLOCK_L=bl, **launch)
+        out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, **launch)
 
 
 def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, meta, block_l, config):

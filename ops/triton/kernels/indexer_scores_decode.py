@@ -19,9 +19,31 @@ benchmarks/tune_indexer_decode.py): bf16 × bf16 products exact in fp32, fp32 ac
 fp32 operands.
 
 Differences from the one-tile kernel that do not change a score: no branch around a tile without an allowed
-key (a branch inside the loop would stop the pipelining); instead the key rows are loaded under the
-(allowed, slot ≥ 0) mask, so a masked key moves no bytes, and its column of the dot (columns are independent)
-is discarded as -inf.
+key (a branch inside the loop would stop the pipelining); instead the key rows are loaded under a mask, so a
+masked key moves no bytes, and its column of the dot (columns are independent) is discarded as -inf. With
+fixed runs the mask is (allowed, slot ≥ 0); on the live-range path below it is slot ≥ 0 alone, as in the
+one-tile kernel (why: the last point below).
+
+Live range (``LIVE_SCAN`` > 0). With fixed runs, a program whose run lies past its sequence's last allowed key
+still walks it (slot and allowed loads, an empty dot), and the runs inside the sequence are as long as ever: at
+the recorded decode call (20 % of each sequence's slots past its end) the loop kernel took about the time of
+the all-live call. Instead each program first reads its sequence's whole ``allowed`` row (a byte a key; L2
+hits for all but the first of the sequence's programs), in steps of ``LIVE_SCAN`` keys, the first step loaded
+beside the query, and takes the key tiles [t_first, t_end) from the first to the last tile holding an allowed
+key. Only ``allowed`` is read: a key outside the range is never scored whatever its slot, so the range is
+conservative for any mask and any slots, and a tile inside it without a live key is handled by the masks.
+The sequence's ``n_chunks`` programs split the live tiles into equal runs, and split the tiles outside the
+range, which only store -inf (no load), the same way in a separate store loop. The grid stays B × n_chunks
+whatever the data; the scoring loop's body is the same, so the scores stay bit-identical.
+- The scan reduces 16-key groups (a thread's 16-byte load; a key tile holds whole groups, so the tile range
+  is exact): a max over a thread's own bytes, then one index compare a group. Comparing every key's index
+  took ~220 registers at 8192 keys a step (offline sm_90a build, Triton 3.9) and ptxas then issued the
+  query's loads only after the scan's bytes had arrived; by groups it is ~125 (as without the scan) and the
+  query's loads issue first. At 16384 keys a step (4 warps) ptxas again starts on the scan's bytes first.
+- Keys masked by the slots alone: Triton 3.9 pipelines the key copy one tile ahead and waits for every copy
+  in flight at the top of each iteration; the allowed bytes are a plain load inside the loop, so a key copy
+  masked by them waited for that load too. In decode a key with a slot is allowed unless it is masked (left
+  padding), so the extra bytes are rare (the one-tile kernel loads the same rows).
 
 Loads of input pointers stay in this body (no ``@triton.jit`` helper), so Inductor's mutation analysis sees
 only OUT written (tests/test_kernel_access.py).
@@ -34,7 +56,7 @@ import triton.language as tl
 def indexer_scores_decode_kernel(
     Q, W, KP, KS, ALLOWED, OUT,
     scale,
-    L, HI, n_chunks, tiles_per_program,
+    L, HI, n_chunks, tiles_per_program,  # runs a sequence; tiles a run (LIVE_SCAN = 0 only)
     stride_qb, stride_qh,              # q [B, 1, Hi, Di], last dim contiguous
     stride_wb,                         # w [B, 1, Hi], last dim contiguous
     stride_kp,                         # k_pool [P, Di], last dim contiguous
@@ -44,12 +66,25 @@ def indexer_scores_decode_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr,
     CAST_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,       # "ieee" for fp32 operands, else None (Triton's default)
+    LIVE_SCAN: tl.constexpr,           # keys a step of the live-range scan over ``allowed``; 0: fixed runs
 ):
     # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64)
     scale32 = tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     chunk = pid % n_chunks             # a sequence's runs are neighbours: they share its query in L2
     b = (pid // n_chunks).to(tl.int64)
+
+    row_slots = KS + b * stride_ksb
+    row_allowed = ALLOWED + b * stride_ab
+    row_out = OUT + b * stride_ob
+    if LIVE_SCAN > 0:
+        # The live-range scan's first step is loaded before the query: both round trips in flight together
+        # (the query's copy to shared memory for the dot waits for its load, before any later load issues).
+        # Keys in groups of 16 (a thread's 16-byte load): a group's max is a thread's own bytes, and only the
+        # groups' indices are compared; a key tile (BLOCK_L ≥ 16, a power of two) holds whole groups.
+        offs_g = tl.arange(0, LIVE_SCAN // 16)
+        offs_c = offs_g[:, None] * 16 + tl.arange(0, 16)[None, :]
+        allowed_head = tl.load(row_allowed + offs_c, mask=offs_c < L, other=0)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -67,13 +102,40 @@ def indexer_scores_decode_kernel(
     w_col = tl.reshape(w, (BLOCK_HI,))[:, None]
 
     n_lt = tl.cdiv(L, BLOCK_L)
-    t_lo = chunk * tiles_per_program
-    n_tiles = tl.minimum(tiles_per_program, n_lt - t_lo)   # the last run of a sequence may be shorter
     offs_tile = tl.arange(0, BLOCK_L)
-    row_slots = KS + b * stride_ksb
-    row_allowed = ALLOWED + b * stride_ab
-    row_out = OUT + b * stride_ob
-    # counted from 0 (Triton pipelines a loop whose bounds are plain arithmetic of the program id)
+    if LIVE_SCAN > 0:
+        # The first and last group of 16 keys holding an allowed key (L // 16 + 1 and -1 where none does),
+        # reduced a step at a time (vectors carried across the steps would cost registers a key a thread);
+        # the steps after the first only where L > LIVE_SCAN.
+        hit = tl.max(allowed_head, 1) != 0
+        first_group = tl.min(tl.where(hit, offs_g, L // 16 + 1), 0)
+        last_group = tl.max(tl.where(hit, offs_g, -1), 0)
+        for c in range(LIVE_SCAN, L, LIVE_SCAN):
+            offs = c + offs_c
+            hit = tl.max(tl.load(row_allowed + offs, mask=offs < L, other=0), 1) != 0
+            first_group = tl.minimum(first_group, tl.min(tl.where(hit, c // 16 + offs_g, L // 16 + 1), 0))
+            last_group = tl.maximum(last_group, tl.max(tl.where(hit, c // 16 + offs_g, -1), 0))
+        t_end = (last_group * 16 + BLOCK_L) // BLOCK_L        # 0 where no key is allowed
+        t_first = tl.minimum(first_group * 16 // BLOCK_L, t_end)
+        n_live = t_end - t_first
+        run = tl.cdiv(n_live, n_chunks)                       # 0 where no key is allowed
+        t_lo = t_first + chunk * run
+        n_tiles = tl.maximum(tl.minimum(run, t_end - t_lo), 0)
+        # The tiles outside [t_first, t_end), numbered 0 .. n_dead - 1 (those before t_first first), split
+        # into runs the same way: -inf stores only, no load. Before the scoring loop, so that they are issued
+        # while its first loads are in flight.
+        n_dead = n_lt - n_live
+        dead_run = tl.cdiv(n_dead, n_chunks)
+        d_lo = chunk * dead_run
+        no_score = tl.full([BLOCK_L], float("-inf"), tl.float32)
+        for j in range(d_lo, tl.minimum(d_lo + dead_run, n_dead)):
+            offs_l = tl.where(j < t_first, j, j + n_live) * BLOCK_L + offs_tile
+            tl.store(row_out + offs_l, no_score, mask=offs_l < L)
+    else:
+        t_lo = chunk * tiles_per_program
+        n_tiles = tl.minimum(tiles_per_program, n_lt - t_lo)   # the last run of a sequence may be shorter
+    # counted from 0: Triton (3.9) does not pipeline a loop whose lower bound is a reduction's result (the
+    # live range's); an upper bound from one is pipelined (kernels/indexer_scores_prefill.py does the same)
     for i in range(0, n_tiles):
         offs_l = (t_lo + i) * BLOCK_L + offs_tile
         mask_l = offs_l < L
@@ -81,7 +143,7 @@ def indexer_scores_decode_kernel(
         has_key = slot >= 0
         ok = (tl.load(row_allowed + offs_l, mask=mask_l, other=0) != 0) & has_key
         k = tl.load(KP + slot.to(tl.int64)[:, None] * stride_kp + offs_d[None, :],
-                    mask=ok[:, None] & mask_d[None, :], other=0.0)
+                    mask=(has_key if LIVE_SCAN > 0 else ok)[:, None] & mask_d[None, :], other=0.0)
         if CAST_F32:
             k = k.to(tl.float32)
         sc = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)     # [BLOCK_HI, BLOCK_L]

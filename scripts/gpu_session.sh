@@ -101,6 +101,11 @@ for p in $PARTS; do case $p in
   # the decode indexer's looped kernel: bit-identity with the one-tile kernel, then the sweep at model shapes
   indexer_decode) TAIL=6 part indexer_decode_tests 150 $PYTEST tests/test_triton_kernels.py -k "indexer or decode"
                   TAIL=40 part tune_indexer_decode 200 python3 benchmarks/tune_indexer_decode.py --out "$W/tune_indexer_decode" ;;
+  # the decode loop kernel's live-range skip (LIVE_SCAN) against the one-tile kernel at the recorded call
+  indexer_live) TAIL=6 part indexer_live_tests 120 $PYTEST tests/test_triton_kernels.py -k "decode and gpu"
+                TAIL=45 part tune_indexer_live 200 python3 benchmarks/tune_indexer_decode.py --live --out "$W/tune_live" ;;
+  # the candidate scheme's pass configs (one pass varied at a time, per-kernel µs)
+  tune_local_topk) TAIL=70 part tune_local_topk 240 python3 benchmarks/tune_local_topk.py --out "$W/tune_local_topk" ;;
   # README's usage on the GPUs: torch.compile(model.forward) for prefill and decode, parity with HF
   demo_compile) TAIL=14 part demo_compile 150 $RUN examples/generate.py --compile --max-new-tokens 16 ;;
   *) echo "unknown part $p" ;;

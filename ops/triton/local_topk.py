@@ -11,46 +11,52 @@ to the lower column; L may be < k, then every column is chosen and then padding 
 sort's. Output order (deterministic, no atomics decide it): the candidate scheme writes first the columns
 above the threshold bin (see below) in column order, then the chosen ones of that bin in column order, then
 the padding columns; the five-pass scheme (and the candidate scheme's overflowing rows) column order; the
-sort gives score order. Downstream, ``dcp::candidate_keys`` sorts the candidates itself, and the key-gather
-selection's positions only set the summation order of the attention over them: deterministic is all that
-matters there.
+sort gives score order. The candidate scheme's threshold bin is a quarter octave of scores (a window bin, see
+below) unless the row's threshold lies outside its window (then a clamped end bin: never for real scores).
+Downstream, ``dcp::candidate_keys`` sorts the candidates itself, and the key-gather selection's positions
+only set the summation order of the attention over them: deterministic is all that matters there.
 
-The candidate scheme (candidate compaction, as production DSA top-k kernels do it), over the order-preserving
-uint32 image of the score (``radix_select.float_key``):
+The candidate scheme (candidate compaction, as production DSA top-k kernels do it). Both full-row passes are
+bound by integer issue, not bytes (a 256-bin ``tl.histogram`` costs ~150 instructions per 32 elements, a
+32-bin one ~27), so the full-row histogram counts only a window of 32 bins, placed from a sample:
 
-1. ``local_topk_coarse_kernel``: the histogram of an 8-bit monotone coarse digit of every element
-   (``radix_select.coarse_digit``: sign, 5 exponent bits, 2 mantissa bits: a quarter octave per bin over
-   magnitudes 2^-16 .. 2^16; bin 0 = -inf alone), per row (atomics) and per chunk (suffix sums).
-2. ``local_topk_split_kernel``: the bin d0 that holds the k-th element; elements above it are written to the
+1. ``local_topk_sample_kernel``: the 256-bin histogram of the coarse digit (``radix_select.coarse_digit``:
+   sign, 5 exponent bits, 2 mantissa bits: a quarter octave per bin over magnitudes 2^-16 .. 2^16) of a 1/16
+   sample of each row (a contiguous piece of every tile, its place rotating from tile to tile).
+2. ``local_topk_window_kernel``: from the sample, the quarter octave of the row's estimated threshold
+   (``radix_select.window_base``); the histogram of every element's window digit (``radix_select.window_digit``:
+   0 = -inf alone, then the quarter octave minus the row's base, clamped to 1 .. 31: the estimate lands on
+   bin 16, 15 quarter octaves either side count apart), per row (atomics) and per chunk (suffix sums).
+   Any base is exact (the digit stays monotone); a bad one only puts more candidates in an end bin.
+3. ``local_topk_split_kernel``: the bin d0 that holds the k-th element; elements above it are written to the
    output (positions from the earlier chunks' suffix sums: deterministic), those in it (the candidates) to
    a per-row buffer of ``cap`` entries, in column order.
-3. ``local_topk_refine_kernel`` (one program per row): the 32-bit radix select over the candidates and the
-   chosen ones after the sure ones. If d0 is the -inf bin (fewer than k finite scores), its chosen ones are
-   its lowest columns: a scan of the row's start, no search.
-4. Overflow: if bin d0 holds more than ``cap`` elements (exact ties in a huge bin, a narrow range of scores),
-   nothing went to the buffer; the five-pass kernels (``scheme="five_pass"``: 4 histogram passes of 8 key
-   bits + a compaction, each reading the row, split over chunks) then select that row, launched *gated*:
-   every program of a row that did not overflow returns at once. Launched only where a row can overflow
-   (L > cap: rows of at most CAP keys, as decode's at 32K context on 4 ranks, never do). Measured on an H200
-   at 64 x 160K narrow-range scores: a serial per-row scan of the row here took 1.15 ms, 4 x the five-pass
-   scheme (benchmarks/RESULTS.md).
+4. ``local_topk_refine_kernel`` (one program per row): the threshold key among the candidates, 4 key bits a
+   level from the highest bit where candidates differ (a quarter octave's share their top 11), the first
+   4096 candidates held in registers; then the chosen ones after the sure ones. If d0 is the -inf bin (fewer
+   than k finite scores), its chosen ones are its lowest columns: a scan of the row's start, no search.
+5. Overflow: if bin d0 holds more than ``cap`` elements (exact ties in a huge bin, a narrow range of scores),
+   nothing went to the buffer; the refinement flags the row and the five-pass kernels (``scheme="five_pass"``)
+   select it, launched *gated*: every program of an unflagged row returns at once. Launched only where a row
+   can overflow (L > cap: rows of at most CAP keys, as decode's at 32K context on 4 ranks, never do).
+   Measured on an H200 at 64 x 160K narrow-range scores: a serial per-row scan of the row took 1.15 ms, 4 x
+   the five-pass scheme (benchmarks/RESULTS.md).
 
-No host sync and no data-dependent shape or grid (the fallback is a branch on a loaded count): 4 launches
+No host sync and no data-dependent shape or grid (the fallback is a branch on a loaded flag): 5 launches
 (one memset of the histograms) + 6 gated ones where L > cap; the five-pass scheme alone has 6.
 
-Parallelism: passes 1 and 2 split a row over several programs (chunks of whole BLOCK tiles), so that 64 rows
-(or even one) fill an H200's 132 SMs. Fixed config, no autotuning: BLOCK = 4096 elements (16 per thread at 8
-warps); chunks per row = enough programs for ~4 per SM (``TARGET_PROGRAMS``), no chunk smaller than one tile;
-the refinement's tile is 2048 (REFINE_BLOCK: its cost per level follows the tile, most rows have ~2-3K
-candidates).
+Parallelism: passes 1-3 split a row over several programs (chunks of whole BLOCK tiles), so that 64 rows
+(or even one) fill an H200's 132 SMs. Fixed configs, no autotuning: chunks of BLOCK = 4096-element tiles,
+enough for ~4 programs per SM (``TARGET_PROGRAMS``), no chunk smaller than one tile; each kernel's own tile
+and warps in ``WINDOW_PASS`` / ``SPLIT_PASS`` / ``REFINE_PASS`` (measured: ``benchmarks/tune_local_topk.py``).
 
 Capacity: ``cap`` = min(CAP, L) candidates per row (8 bytes each: value and int32 column). A quarter-octave
 bin holds ~2700 of 128K normal scores at k = 2048 (the bin of the 1.25 % quantile, [2, 2.5)), ~5-6K for a
 score distribution whose mean is ~5 standard deviations off zero (a sum of positive relu terms); CAP = 16384
 keeps those in the buffer (1 MiB at T = 64, read back from L2), and L <= CAP never overflows.
 
-Floor: the row is read twice, 8·T·L bytes; at T = 64, L = 160K that is 84 MB, 17.5 µs at 4.8 TB/s (H200),
-less where the second pass finds the row in L2 (50 MB).
+Floor: the row is read about twice (the sample reads 1/16), 8·T·L bytes; at T = 64, L = 128K that is 67 MB,
+14 µs at 4.8 TB/s (H200), less where the second pass finds the row in L2 (50 MB).
 """
 from __future__ import annotations
 
@@ -99,11 +105,16 @@ class PassConfig:
     prefetch: bool = False
 
 
-# The candidate scheme's passes on CUDA (benchmarks/tune_local_topk.py; every config selects the same columns in
-# the same order). The sample kernel uses the planning tile BLOCK and NUM_WARPS.
-WINDOW_PASS = PassConfig(4096, 8, prefetch=True)
-SPLIT_PASS = PassConfig(4096, 8, prefetch=True)
-REFINE_PASS = PassConfig(4096, 16)  # its search tile: most rows' candidates (~2-6K) in registers, 8 a thread
+# The candidate scheme's passes on CUDA (benchmarks/tune_local_topk.py, H200, 64 indexer-like rows, µs at
+# 131072 / 32768 keys; every config selects the same columns in the same order). The window pass is bound by
+# integer issue: 4 warps of 16 elements a thread (21.8 / 7.8; 8 warps 24.5 / 8.3). The split pass needs ~200
+# registers a thread at 16 elements (one block of 8 warps an SM): 8 elements a thread at 4 warps run 37.7 /
+# 11.1 (4096 x 8 warps: 51.0 / 17.5). The refinement: a 4096 search tile at 16 warps, 15.0 / 17.2 (8192:
+# 24-29). Next-tile prefetch is within 1-3 % either way. The sample kernel uses the planning tile BLOCK and
+# NUM_WARPS.
+WINDOW_PASS = PassConfig(4096, 4, prefetch=True)
+SPLIT_PASS = PassConfig(1024, 4, prefetch=True)
+REFINE_PASS = PassConfig(4096, 16)
 
 
 def choose_scheme(T, L) -> str:

@@ -492,6 +492,27 @@ def test_local_topk_gpu_indexer_like_and_overflow(T, L):
 
 
 @gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_local_topk_gpu_compiled_equals_eager(mode):
+    """Through torch.compile (Inductor traces the op's launches and owns its buffers; "reduce-overhead" also
+    replays a CUDA graph) the candidate scheme gives the eager output at a decode shape (64 x 40960, with the
+    gated fallback launched). Kernels that mutated views of one histogram buffer once selected garbage there
+    (Inductor copies a mutated view), while eager was exact."""
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    x = torch.randn(64, 40960, device="cuda", generator=gen)
+    x[:, 32768:] = NEG_INF
+    x[1, 1000:] = NEG_INF                               # the -inf bin decides
+    x[2] = 1.0 + 0.01 * torch.rand(40960, device="cuda", generator=gen)  # overflows: the gated fallback
+    assert ltk.choose_scheme(*x.shape) == "candidates"
+    want_v, want_i = torch.ops.dcp.local_topk(x, 2048)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s: torch.ops.dcp.local_topk(s, 2048), mode=mode, fullgraph=True)
+    for _ in range(3):                                  # warm-up, record, replay
+        v, i = compiled(x)
+        assert torch.equal(i, want_i) and torch.equal(v, want_v)
+
+
+@gpu
 def test_local_topk_gpu_short_rows():
     """Prefill-like: a few keys per row (L < k), many rows."""
     x = tied_scores(300, 1000, torch.Generator().manual_seed(4)).cuda()

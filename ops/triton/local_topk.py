@@ -169,10 +169,9 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     take = min(k, L)  # the real columns to select
     cap = max(1, min(CAP if cap is None else cap, L))  # a bin never holds more than L: L <= CAP fits always
     grid = (T, num_chunks)
-    # one memset: the sample's coarse histograms and the window histograms (atomics add into both)
-    histograms = torch.zeros(T * (RADIX + WINDOW), dtype=torch.int32, device=device)
-    sample_hist = histograms[:T * RADIX].view(T, RADIX)
-    hist = histograms[T * RADIX:].view(T, WINDOW)
+    # one memset: per row the sample's coarse histogram, then the window histogram (atomics add into both); one
+    # tensor handed whole to every kernel (a view of it that a kernel mutates would be copied by Inductor)
+    hists = torch.zeros((T, RADIX + WINDOW), dtype=torch.int32, device=device)
     base = common.empty((T,), torch.int32, device)  # written by the window kernel's first chunk of each row
     fallback = common.empty((T,), torch.int32, device)  # written by the refinement for every row
     chunk_suffix = common.empty((T, num_chunks, WINDOW + 1), torch.int32, device)  # every entry written
@@ -181,24 +180,24 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     sample = max(1, block // SAMPLE_FRACTION)
     sample_block = min(max(SAMPLE_BLOCK, sample), sample * triton.next_power_of_2(chunk_len // block))
     common.launch(local_topk_sample_kernel)[grid](
-        x, sample_hist, L, x.stride(0), chunk_len,
+        x, hists, L, x.stride(0), chunk_len,
         BLOCK=block, SAMPLE=sample, SAMPLE_BLOCK=sample_block, num_warps=num_warps,
     )
     window, split, refine = WINDOW_PASS, SPLIT_PASS, REFINE_PASS
     if common.fixed_launch(device):  # the interpreter: the test's tile everywhere
         window, split, refine = (PassConfig(block, num_warps, c.prefetch) for c in (window, split, refine))
     common.launch(local_topk_window_kernel)[grid](
-        x, sample_hist, base, hist, chunk_suffix, L, take, x.stride(0), chunk_len, num_chunks,
+        x, hists, base, chunk_suffix, L, take, x.stride(0), chunk_len, num_chunks,
         BLOCK=window.block, PREFETCH=window.prefetch, num_warps=window.num_warps,
     )
     common.launch(local_topk_split_kernel)[grid](
-        x, base, hist, chunk_suffix, values, idx, cand_values, cand_cols,
+        x, base, hists, chunk_suffix, values, idx, cand_values, cand_cols,
         L, take, cap, x.stride(0), values.stride(0), idx.stride(0), chunk_len, num_chunks,
         BLOCK=split.block, CHUNK_BLOCK=triton.next_power_of_2(num_chunks), PREFETCH=split.prefetch,
         num_warps=split.num_warps,
     )
     common.launch(local_topk_refine_kernel)[(T,)](
-        x, hist, cand_values, cand_cols, values, idx, fallback,
+        x, hists, cand_values, cand_cols, values, idx, fallback,
         L, k, take, cap, x.stride(0), values.stride(0), idx.stride(0),
         SEARCH_TILE=min(refine.block, triton.next_power_of_2(cap)), BLOCK=refine.block, num_warps=refine.num_warps,
     )

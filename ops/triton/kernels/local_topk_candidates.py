@@ -26,8 +26,8 @@ turn, and its loads would otherwise wait for each tile's arithmetic.
 import triton
 import triton.language as tl
 
-from .radix_select import (NEG_INF_BIN, NEG_INF_KEY, RADIX, WINDOW, coarse_digit, float_key, pick_bin,
-                           threshold_bin, window_base, window_digit)
+from .radix_select import (HISTS, NEG_INF_BIN, NEG_INF_KEY, RADIX, WINDOW, WINDOW_AT, coarse_digit, float_key,
+                           pick_bin, threshold_bin, window_base, window_digit)
 
 SEARCH_BITS = tl.constexpr(4)  # the refinement's key bits a level (16-bin histograms: ~14 instructions / 32)
 SEARCH_BINS = tl.constexpr(16)
@@ -35,7 +35,7 @@ SEARCH_BINS = tl.constexpr(16)
 
 @triton.jit
 def local_topk_sample_kernel(
-    SCORES, SAMPLE_HIST,
+    SCORES, HIST,
     L, stride_t, chunk_len,
     BLOCK: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_BLOCK: tl.constexpr,
 ):
@@ -57,19 +57,19 @@ def local_topk_sample_kernel(
         digit = coarse_digit(float_key(tl.load(row + cols, mask=inside, other=0.0)))
         hist += tl.histogram(digit, RADIX, mask=inside)
     bins = tl.arange(0, RADIX)
-    tl.atomic_add(SAMPLE_HIST + t * RADIX + bins, hist, mask=hist > 0, sem="relaxed")
+    tl.atomic_add(HIST + t * HISTS + bins, hist, mask=hist > 0, sem="relaxed")  # the sample's bins
 
 
 @triton.jit
 def local_topk_window_kernel(
-    SCORES, SAMPLE_HIST, BASE, HIST, CHUNK_SUFFIX,
+    SCORES, HIST, BASE, CHUNK_SUFFIX,
     L, take, stride_t, chunk_len, num_chunks,
     BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     row = SCORES + t * stride_t
-    base = window_base(SAMPLE_HIST + t * RADIX, take, L)
+    base = window_base(HIST + t * HISTS, take, L)
     if chunk == 0:
         tl.store(BASE + t, base)  # the split kernel's
     hist = tl.zeros([WINDOW], tl.int32)
@@ -88,7 +88,7 @@ def local_topk_window_kernel(
             x = tl.load(row + next_cols, mask=next_cols < end, other=0.0)
         cols = next_cols
     bins = tl.arange(0, WINDOW)
-    tl.atomic_add(HIST + t * WINDOW + bins, hist, mask=hist > 0, sem="relaxed")
+    tl.atomic_add(HIST + t * HISTS + WINDOW_AT + bins, hist, mask=hist > 0, sem="relaxed")
     # suffix[d] = this chunk's elements with digit >= d, suffix[WINDOW] = 0: then above bin d = suffix[d + 1],
     # in it = suffix[d] - suffix[d + 1]
     suffix = CHUNK_SUFFIX + (t * num_chunks + chunk) * (WINDOW + 1)
@@ -106,7 +106,7 @@ def local_topk_split_kernel(
     chunk = tl.program_id(1)
     row = SCORES + t * stride_t
     base = tl.load(BASE + t)
-    d0, _, _, buffered = threshold_bin(HIST + t * WINDOW, take, cap)
+    d0, _, _, buffered = threshold_bin(HIST + t * HISTS + WINDOW_AT, take, cap)
     cand_bin = tl.where(buffered, d0, -1)  # no digit is -1: no candidate is written unless buffered
 
     # where this chunk's sure elements and candidates start: the earlier chunks' counts
@@ -164,7 +164,7 @@ def local_topk_refine_kernel(
     row = SCORES + t * stride_t
     cand_values = CAND_VALUES + t * cap
     cand_cols = CAND_COLS + t * cap
-    d0, rem0, in_bin, buffered = threshold_bin(HIST + t * WINDOW, take, cap)
+    d0, rem0, in_bin, buffered = threshold_bin(HIST + t * HISTS + WINDOW_AT, take, cap)
     overflow = (not buffered) & (d0 != NEG_INF_BIN)
     tl.store(FALLBACK + t, overflow.to(tl.int32))  # read by the gated five-pass kernels, launched after this
     if overflow:

@@ -86,6 +86,10 @@ def coarse_digit(key):
 # The quarter octave is the top 11 bits of a signed order key (``quarter_octave``): ~10 integer operations
 # an element, where the coarse digit's clamping takes ~25 (the row passes are bound by integer issue).
 WINDOW = tl.constexpr(32)
+# A row's histograms in one int32 buffer [T, HISTS] (one memset; one tensor, not views of one: Inductor copies a
+# view that a user kernel mutates): the sample's RADIX coarse bins, then the WINDOW window bins.
+HISTS = tl.constexpr(256 + 32)
+WINDOW_AT = tl.constexpr(256)
 WINDOW_CENTER = tl.constexpr(16)  # the estimated threshold's quarter octave maps here
 NEG_INF_OCTANT = tl.constexpr(-1021)  # quarter_octave(-inf): no finite score shares it
 

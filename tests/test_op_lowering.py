@@ -161,6 +161,59 @@ def test_triton_path_traces_to_kernel_launches():
         assert not left, (mode, left)
 
 
+# The buffers the local top-k's kernels write, traced with symbolic sizes at row counts where a row is one chunk
+# (T >= TARGET_PROGRAMS: the chunk count is then an expression sympy cannot prove >= 1), both schemes.
+TRACE_TOPK_WRITES = textwrap.dedent("""
+    import collections, json, logging
+    import torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import dcp_compile.ops as ops
+    from dcp_compile.ops.triton import local_topk as lt
+
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.CRITICAL)
+    ops.TRITON_DEVICES = ("cuda", "cpu")  # trace only
+    result = {{}}
+    for scheme in ("five_pass", "candidates"):
+        def select(scores):
+            return lt.local_topk(scores, 64, scheme=scheme)
+        gm = make_fx(dispatch_functionalize(select), tracing_mode="symbolic")(torch.randn(600, 700))
+        kernels, with_max = collections.Counter(), []
+        for n in gm.graph.nodes:
+            if n.target is not torch.ops.higher_order.triton_kernel_wrapper_functional:
+                continue
+            name = kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+            kernels[name] += 1
+            for arg in n.kwargs["tensors_to_clone"]:
+                val = n.kwargs["kwargs"][arg].meta["val"]
+                if any("Max" in str(st) for st in val.stride()):
+                    with_max.append(f"{{name}}.{{arg}} {{tuple(val.shape)}} {{val.stride()}}")
+        result[scheme] = dict(kernels=kernels, with_max=with_max)
+    print("RESULT" + json.dumps(result))
+""")
+
+
+def test_kernel_written_buffers_have_inductor_strides():
+    """Every buffer a local top-k kernel writes has, traced with symbolic sizes, strides with no ``Max``: a fake
+    tensor's contiguous stride over a size sympy cannot prove >= 1 is ``Max(1, size)·…`` where Inductor's is
+    ``size·…``; on such a kernel-written buffer torch 2.11's Inductor re-wraps it and copies it onto itself
+    (``KeyError: 'opN'`` in ``Scheduler.compute_ancestors``, pytorch/pytorch#189271: the compiled prefill failed
+    so). The scratch buffers are 1-D for that (``ops/triton/local_topk.py: _scratch``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", TRACE_TOPK_WRITES.format()], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["five_pass"]["kernels"] == {"local_topk_histogram_kernel": 4, "local_topk_compact_kernel": 1}
+    assert result["candidates"]["kernels"]["local_topk_split_kernel"] == 1, result["candidates"]["kernels"]
+    for scheme, found in result.items():
+        assert not found["with_max"], (scheme, found["with_max"])
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -298,3 +351,25 @@ def test_float64_on_cuda_stays_on_the_reference():
     assert got[1].dtype == torch.float64
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@gpu
+def test_local_topk_compiles_with_dynamic_row_length_cuda():
+    """dcp::local_topk under Inductor with a dynamic row length at 4096 rows (one chunk a row, as a prefill chunk
+    of 8 x 512 queries), both schemes: it compiles (torch 2.11 raised KeyError in Scheduler.compute_ancestors on
+    the 3-D scratch buffers, pytorch/pytorch#189271) and equals eager exactly (the same kernels)."""
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def select(scores):
+        return dcp.local_topk(scores, 2048)
+
+    compiled = torch.compile(select, backend="inductor", fullgraph=True)
+    for lengths in ((3000, 5000), (33000, 40000)):  # five-pass, then candidates (choose_scheme)
+        for L in lengths:
+            scores = torch.randn(4096, L, device="cuda", generator=g)
+            scores[:, -100:] = float("-inf")
+            torch._dynamo.mark_dynamic(scores, 1)
+            with torch.no_grad():
+                got, want = compiled(scores), select(scores)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"L = {L}"

@@ -131,6 +131,19 @@ def plan(T: int, L: int, block: int, chunks: int | None = None) -> tuple[int, in
     return tiles_per_chunk * block, triton.cdiv(tiles, tiles_per_chunk)
 
 
+def _scratch(numel, dtype, device) -> torch.Tensor:
+    """A kernel-written scratch buffer, allocated 1-D: the kernels index it by computed offsets (row-major
+    [T, num_chunks, bins + 1] or [T, cap]), never by strides. Not 2-D or 3-D, because under torch.compile with
+    dynamic shapes num_chunks and cap are symbolic expressions that sympy cannot prove >= 1 (num_chunks is
+    ``cdiv(tiles, cdiv(tiles, 1))`` where a row is one chunk): the fake tensor's contiguous stride of such a
+    shape is ``257·Max(1, num_chunks)``, Inductor's ``257·num_chunks`` (the five-pass scheme's), so torch 2.11's layout constraint on a
+    kernel's mutated argument (``constrain_to_fake_tensors``) re-wraps the buffer in a new view and
+    ``GraphLowering.propagate_mutation`` copies the buffer onto itself: a node that depends on itself, and
+    ``KeyError: 'opN'`` in ``Scheduler.compute_ancestors`` (pytorch/pytorch#189271; the compiled prefill,
+    benchmarks/NOTES.md). A 1-D buffer has one stride, 1, on both sides."""
+    return common.empty((numel,), dtype, device)
+
+
 def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks: int | None = None,
                cap: int | None = None, scheme: str = "candidates"):
     """scores [T, L] (fp32; fp16/bf16 are widened exactly) -> (values [T, k] in scores' dtype, columns [T, k]
@@ -174,9 +187,10 @@ def local_topk(scores: torch.Tensor, k: int, *, block: int | None = None, chunks
     hists = torch.zeros((T, RADIX + WINDOW), dtype=torch.int32, device=device)
     base = common.empty((T,), torch.int32, device)  # written by the window kernel's first chunk of each row
     fallback = common.empty((T,), torch.int32, device)  # written by the refinement for every row
-    chunk_suffix = common.empty((T, num_chunks, WINDOW + 1), torch.int32, device)  # every entry written
-    cand_values = common.empty((T, cap), torch.float32, device)  # entries 0 .. in_bin - 1 written when used
-    cand_cols = common.empty((T, cap), torch.int32, device)
+    # Flat scratch (``_scratch``): [T, num_chunks, WINDOW + 1] and [T, cap], as the kernels index them.
+    chunk_suffix = _scratch(T * num_chunks * (WINDOW + 1), torch.int32, device)  # every entry written
+    cand_values = _scratch(T * cap, torch.float32, device)  # entries 0 .. in_bin - 1 of a row written when used
+    cand_cols = _scratch(T * cap, torch.int32, device)
     sample = max(1, block // SAMPLE_FRACTION)
     sample_block = min(max(SAMPLE_BLOCK, sample), sample * triton.next_power_of_2(chunk_len // block))
     common.launch(local_topk_sample_kernel)[grid](
@@ -216,7 +230,7 @@ def _five_pass(x, values, idx, k, block, chunk_len, num_chunks, num_warps, fallb
     gated = fallback is not None
     flags = fallback if gated else x  # ungated: never read
     hist = torch.zeros((T, LEVELS, RADIX), dtype=torch.int32, device=device)  # atomics add into it
-    chunk_suffix = common.empty((T, num_chunks, RADIX + 1), torch.int32, device)  # every entry written
+    chunk_suffix = _scratch(T * num_chunks * (RADIX + 1), torch.int32, device)  # every entry written
     grid = (T, num_chunks)
     for level in range(LEVELS):
         common.launch(local_topk_histogram_kernel)[grid](

@@ -55,6 +55,9 @@ for p in $PARTS; do case $p in
                  --profile-prefill --trace-prefill --first-use-profile ;;
   slice) TAIL=40 part slice 280 $RUN examples/real_dims_slice.py --out "$W/slice" ;;
   topk) TAIL=30 part topk 150 $PYTEST -x tests/test_triton_topk.py ;;
+  # the local top-k through torch.compile (Inductor owns its buffers; dynamic row length; CUDA-graph replays)
+  topk_compiled) TAIL=12 part topk_compiled 150 $PYTEST tests/test_triton_topk.py tests/test_op_lowering.py \
+                   -k "compiled_equals_eager or dynamic_row_length or decode_shapes" ;;
   lowering) TAIL=30 part lowering 150 $PYTEST tests/test_op_lowering.py ;;
   kernels) TAIL=6 part kernels 150 $PYTEST tests/test_triton_kernels.py tests/test_ops.py ;;
   fp8) TAIL=30 part fp8 120 $PYTEST -s tests/test_fp8.py -k cuda ;;

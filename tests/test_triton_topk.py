@@ -304,7 +304,8 @@ def test_local_topk_rejects_bad_arguments():
 def test_scheme_chosen_by_shape():
     """dcp::local_topk runs the candidate scheme on many long rows, the five-pass scheme elsewhere."""
     assert ltk.choose_scheme(64, 40960) == "candidates" and ltk.choose_scheme(1024, 32768) == "candidates"
-    assert ltk.choose_scheme(8, 163840) == "five_pass" and ltk.choose_scheme(64, 10240) == "five_pass"
+    assert ltk.choose_scheme(8, 131072) == "candidates" and ltk.choose_scheme(8, 40960) == "five_pass"
+    assert ltk.choose_scheme(64, 10240) == "five_pass" and ltk.choose_scheme(1, 1 << 20) == "five_pass"
 
 
 def test_plan_splits_rows_into_whole_tiles():

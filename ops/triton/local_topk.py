@@ -87,13 +87,14 @@ INTERPRET_BLOCK = 64  # small tiles under the interpreter: tests then cover seve
 SCHEMES = ("candidates", "five_pass")
 
 
-# Where the candidate scheme is faster (benchmarks/RESULTS.md, session 6, H200, CUDA-graph replays, k = 2048):
-# with many rows and long ones. Its refinement runs one program per row, so few rows leave the GPU idle
-# (T = 8: 36 vs 27 µs at L = 40960, 74 vs 56 at 163840), and short rows gain little; at T = 64 it takes
-# 79 vs 92 µs at L = 40960 and 189 vs 278 at 163840 on indexer-like scores. Narrow-range scores overflow
-# its buffer and cost ~1.4 x the five-pass scheme there (391 vs 284 µs at 64 x 163840).
-CANDIDATES_MIN_ROWS = 64
+# Where the candidate scheme is faster (benchmarks/RESULTS.md, session 7, H200, CUDA-graph replays, k = 2048,
+# indexer-like scores): on long rows once there are enough of them to fill the GPU. T = 64: 49.9 vs 91.9 µs
+# (five-pass) at L = 40960, 89.3 vs 223.2 at 131072; T = 8: 38.2 vs 41.8 at 131072, 40.4 vs 56.0 at 163840, but
+# 34.4 vs 27.3 at 40960 (its refinement is one program a row); short rows gain little (64 x 10240: 47.1 vs
+# 41.0). Narrow-range scores overflow its buffer and cost ~1.2 x the five-pass scheme there.
+CANDIDATES_MIN_ROWS = 8
 CANDIDATES_MIN_COLUMNS = 32768
+CANDIDATES_MIN_ELEMENTS = 1 << 20  # T x L
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ REFINE_PASS = PassConfig(4096, 16)
 def choose_scheme(T, L) -> str:
     """The scheme ``dcp::local_topk`` runs for a [T, L] row block: a choice on static sizes (both schemes are
     exact and select the same set; only their output order differs, and it is deterministic either way)."""
-    return "candidates" if T >= CANDIDATES_MIN_ROWS and L >= CANDIDATES_MIN_COLUMNS else "five_pass"
+    many_long_rows = T >= CANDIDATES_MIN_ROWS and L >= CANDIDATES_MIN_COLUMNS and T * L >= CANDIDATES_MIN_ELEMENTS
+    return "candidates" if many_long_rows else "five_pass"
 
 
 def plan(T: int, L: int, block: int, chunks: int | None = None) -> tuple[int, int]:

@@ -141,7 +141,19 @@ def main():
     p.add_argument("--quick", action="store_true", help="3 cases, 2 loop configs, the one-tile table only")
     p.add_argument("--live", action="store_true",
                    help="the live-range study: 4 small-batch cases, fewer one-tile and fixed-run loop configs")
+    p.add_argument("--ncu", action="store_true",
+                   help="only call the op a few times at the recorded call (8 x 10240, 80 %% of keys live) with "
+                   "today's config: a target for ncu")
     args = p.parse_args()
+    if args.ncu:
+        from dcp_compile.ops.triton import indexer_scores as ix
+
+        inputs = make_set(8, 10240, 0.8)
+        inputs = (*inputs[:4], inputs[4].to(torch.uint8))
+        for _ in range(3):
+            ix.indexer_scores(*inputs, DI ** -0.5, config=tuple(ix.choose_config(1, HI, False)))
+        torch.cuda.synchronize()
+        return
     from bench_kernels import measure_ceilings, time_us
 
     from dcp_compile.ops.triton import indexer_scores as ix

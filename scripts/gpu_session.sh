@@ -107,6 +107,10 @@ for p in $PARTS; do case $p in
   # the decode loop kernel's live-range skip (LIVE_SCAN) against the one-tile kernel at the recorded call
   indexer_live) TAIL=6 part indexer_live_tests 120 $PYTEST tests/test_triton_kernels.py -k "decode and gpu"
                 TAIL=45 part tune_indexer_live 200 python3 benchmarks/tune_indexer_decode.py --live --out "$W/tune_live" ;;
+  # Nsight Compute on the decode indexer at the recorded small-batch call (8 x 10240, 80 % of keys live)
+  ncu_indexer) TAIL=80 part ncu_indexer 120 ncu --clock-control none -k regex:indexer_scores -c 2 \
+                 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                 --section MemoryWorkloadAnalysis python3 benchmarks/tune_indexer_decode.py --ncu ;;
   # the candidate scheme's pass configs (one pass varied at a time, per-kernel µs)
   tune_local_topk) TAIL=70 part tune_local_topk 240 python3 benchmarks/tune_local_topk.py --out "$W/tune_local_topk" ;;
   # README's usage on the GPUs: torch.compile(model.forward) for prefill and decode, parity with HF

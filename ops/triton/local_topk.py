@@ -138,9 +138,10 @@ def _scratch(numel, dtype, device) -> torch.Tensor:
     [T, num_chunks, bins + 1] or [T, cap]), never by strides. Not 2-D or 3-D, because under torch.compile with
     dynamic shapes num_chunks and cap are symbolic expressions that sympy cannot prove >= 1 (num_chunks is
     ``cdiv(tiles, cdiv(tiles, 1))`` where a row is one chunk): the fake tensor's contiguous stride of such a
-    shape is ``257·Max(1, num_chunks)``, Inductor's ``257·num_chunks`` (the five-pass scheme's), so torch 2.11's layout constraint on a
-    kernel's mutated argument (``constrain_to_fake_tensors``) re-wraps the buffer in a new view and
-    ``GraphLowering.propagate_mutation`` copies the buffer onto itself: a node that depends on itself, and
+    shape is ``257·Max(1, num_chunks)`` (the five-pass scheme's), Inductor's ``257·num_chunks``, so torch
+    2.11's layout constraint on a kernel's mutated argument (``constrain_to_fake_tensors``) re-wraps the buffer
+    in a new view and ``GraphLowering.propagate_mutation`` copies the buffer onto itself: a node that depends on
+    itself, and
     ``KeyError: 'opN'`` in ``Scheduler.compute_ancestors`` (pytorch/pytorch#189271; the compiled prefill,
     benchmarks/NOTES.md). A 1-D buffer has one stride, 1, on both sides."""
     return common.empty((numel,), dtype, device)

@@ -5,7 +5,7 @@ the candidate scheme (host wrapper and design: ``ops/triton/local_topk.py``). Fo
   (``radix_select.coarse_digit``: a quarter octave per bin) of a 1/16 sample of the row (one contiguous piece
   of every tile, at a position that rotates from tile to tile), added to the row's sample histogram (atomics).
 - ``local_topk_window_kernel`` (grid row x chunk): from the sample, the row's window base
-  (``radix_select.window_base``); the histogram of every element's window digit (32 bins: the coarse bins
+  (``radix_select.window_base``); the histogram of every element's window digit (32 bins: the quarter octaves
   around the estimated threshold, the rest clamped into the end bins), added to the row's totals (atomics);
   each chunk also stores the suffix sums of its own histogram, so that a chunk of the next pass counts every
   earlier chunk's elements above / in a bin from two numbers each (no scan kernel).
@@ -15,13 +15,15 @@ the candidate scheme (host wrapper and design: ``ops/triton/local_topk.py``). Fo
   order, unless they do not fit (overflow: the row is then selected by the five-pass kernels of
   ``local_topk.py``, launched gated after these) or d0 is the -inf bin (ties only: no buffer needed).
 - ``local_topk_refine_kernel`` (grid row): the threshold key among the candidates, searched in registers
-  (the buffer is one tile), 4 key bits a level from the highest bit where candidates differ; then the chosen
+  (the buffer's first tile; longer buffers re-read the rest at each level), 4 key bits a level from the
+  highest bit where candidates differ; then the chosen
   candidates (ties to the lower column) after the sure ones, in column order; the -inf padding columns
   L .. k-1 when L < k. It flags an overflowing row for the gated five-pass kernels and returns; a row whose
   threshold is -inf takes its lowest -inf columns from a scan of the row's start.
 
-The two full-row passes load the next tile before working on the current one: a program has a few tiles in
-turn, and its loads would otherwise wait for each tile's arithmetic.
+The two full-row passes may load the next tile before working on the current one (PREFETCH: a program has a few
+tiles in turn; measured within 1-3 % either way on an H200). All of a row's histograms live in one tensor
+(``radix_select.HISTS`` a row), handed whole to every kernel.
 """
 import triton
 import triton.language as tl
@@ -179,10 +181,10 @@ def local_topk_refine_kernel(
     row_len = tl.where(buffered, 0, L)
 
     # The rem0-th largest key among the buffered candidates. The buffer's first SEARCH_TILE entries (most rows'
-    # all) stay in registers for the whole search; a row with more re-reads the rest at each level. Candidates agree on every key bit above the highest bit where the
-    # smallest and the largest differ (one window bin is usually one quarter octave: the top 11 bits), so the
-    # search starts at that bit's 4-bit digit. The -inf bin holds one value: its chosen ones are its lowest
-    # columns, no search (buffer_len = 0: the loop below does not run).
+    # all) stay in registers for the whole search; a row with more re-reads the rest at each level. Candidates
+    # agree on every key bit above the highest bit where the smallest and the largest differ (one window bin is
+    # usually one quarter octave: the top 11 bits), so the search starts at that bit's 4-bit digit. The -inf
+    # bin holds one value: its chosen ones are its lowest columns, no search (buffer_len = 0: no level runs).
     slot = tl.arange(0, SEARCH_TILE)
     in_search = slot < buffer_len
     cand_key = float_key(tl.load(cand_values + slot, mask=in_search, other=0.0))

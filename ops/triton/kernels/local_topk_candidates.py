@@ -36,6 +36,20 @@ SEARCH_BINS = tl.constexpr(16)
 
 
 @triton.jit
+def key_range(key, valid):
+    """The smallest and largest uint32 key among the valid ones (an empty set: 0xFFFFFFFF, 0)."""
+    return tl.min(tl.where(valid, key, 0xFFFFFFFF), 0), tl.max(tl.where(valid, key, 0), 0)
+
+
+@triton.jit
+def digit_histogram(key, valid, known, prefix, shift):
+    """The 16-bin histogram of the 4-bit digit at ``shift`` of the valid keys whose ``known`` bits equal
+    ``prefix``: one level of the refinement's search."""
+    match = valid & ((key & known) == prefix)
+    return tl.histogram(((key >> shift) & (SEARCH_BINS - 1)).to(tl.int32), SEARCH_BINS, mask=match)
+
+
+@triton.jit
 def local_topk_sample_kernel(
     SCORES, HIST,
     L, stride_t, chunk_len,
@@ -188,13 +202,12 @@ def local_topk_refine_kernel(
     slot = tl.arange(0, SEARCH_TILE)
     in_search = slot < buffer_len
     cand_key = float_key(tl.load(cand_values + slot, mask=in_search, other=0.0))
-    lo = tl.min(tl.where(in_search, cand_key, 0xFFFFFFFF), 0)
-    hi = tl.max(tl.where(in_search, cand_key, 0), 0)
+    lo, hi = key_range(cand_key, in_search)
     for more in range(SEARCH_TILE, buffer_len, SEARCH_TILE):  # rows with more candidates than one tile
         more_in = more + slot < buffer_len
-        more_key = float_key(tl.load(cand_values + more + slot, mask=more_in, other=0.0))
-        lo = tl.minimum(lo, tl.min(tl.where(more_in, more_key, 0xFFFFFFFF), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(more_in, more_key, 0), 0))
+        more_lo, more_hi = key_range(float_key(tl.load(cand_values + more + slot, mask=more_in, other=0.0)), more_in)
+        lo = tl.minimum(lo, more_lo)
+        hi = tl.maximum(hi, more_hi)
     differ = lo ^ hi
     shift = tl.zeros([], tl.int32) + (32 - SEARCH_BITS)
     while (shift > 0) & ((differ >> shift) == 0):
@@ -204,14 +217,11 @@ def local_topk_refine_kernel(
     prefix = lo & known
     rem = rem0
     while (shift >= 0) & (buffer_len > 0):
-        match = in_search & ((cand_key & known) == prefix)
-        hist = tl.histogram(((cand_key >> shift) & (SEARCH_BINS - 1)).to(tl.int32), SEARCH_BINS, mask=match)
+        hist = digit_histogram(cand_key, in_search, known, prefix, shift)
         for more in range(SEARCH_TILE, buffer_len, SEARCH_TILE):
             more_in = more + slot < buffer_len
             more_key = float_key(tl.load(cand_values + more + slot, mask=more_in, other=0.0))
-            more_match = more_in & ((more_key & known) == prefix)
-            hist += tl.histogram(((more_key >> shift) & (SEARCH_BINS - 1)).to(tl.int32), SEARCH_BINS,
-                                 mask=more_match)
+            hist += digit_histogram(more_key, more_in, known, prefix, shift)
         d, rem, _ = pick_bin(hist, rem)
         prefix = prefix | (d.to(tl.uint32) << shift)
         known = known | (tl.full([], SEARCH_BINS - 1, tl.uint32) << shift)

@@ -101,13 +101,33 @@ def time_us(fns, target_ms=4.0, replays=15):
         return triton.testing.do_bench(f, return_mode="median") * 1e3
 
 
+COPY_SIZES_MIB = (64, 256, 1024)  # per buffer; each size rotates over enough buffers to exceed the L2 4x
+
+
+def measure_copy_bandwidths():
+    """{MiB: bytes/s} of device-to-device bf16 copies (bytes read + written) at several sizes, each timed over
+    buffers rotated so that one pass exceeds the L2. One size is not enough: on the H200s here a 1 GiB copy
+    timed 2.71 TB/s while 694 MB copies in the same run went 4.2 TB/s (benchmarks/NOTES.md, session 7)."""
+    out = {}
+    for mib in COPY_SIZES_MIB:
+        n = mib << 19  # bf16 elements in mib MiB
+        sets = max(1, -(-200 // mib))  # >= 200 MiB of sources: 4 x an H100 / H200 L2
+        src = [torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_() for _ in range(sets)]
+        dst = [torch.empty_like(t) for t in src]
+        t = time_us([lambda i=i: dst[i].copy_(src[i]) for i in range(sets)], target_ms=50, replays=9)
+        out[mib] = 2 * n * 2 / (t * 1e-6)
+        del src, dst
+        torch.cuda.empty_cache()
+    return out
+
+
 def measure_ceilings():
-    n = 1 << 29  # 1 GiB of bf16... as 2-byte elements: 2^29 * 2 B = 1 GiB
-    src = torch.randn(n // 2, device="cuda").to(torch.bfloat16).repeat(2)
-    dst = torch.empty_like(src)
-    t = time_us(lambda: dst.copy_(src), target_ms=50, replays=9)
-    bw = 2 * src.numel() * 2 / (t * 1e-6)
-    del src, dst
+    """(copy bytes/s, bf16 matmul flop/s): the best of ``measure_copy_bandwidths`` (each size printed) and an
+    8192^3 bf16 matmul."""
+    copies = measure_copy_bandwidths()
+    print("copy ceiling, GB/s (read + written) by buffer MiB: "
+          + ", ".join(f"{mib}: {bw / 1e9:.0f}" for mib, bw in copies.items()), flush=True)
+    bw = max(copies.values())
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = time_us(lambda: a @ b, target_ms=50, replays=9)

@@ -23,8 +23,8 @@ rotating among enough independently made input sets that a replay's data exceeds
 Every kernel case first runs on the first input set and is compared with today's kernel: ``=`` bit-identical,
 ``≈`` within 1e-5 (same values, another summation order), ``✗`` wrong (timed anyway, never recommended).
 
-Floor = max(bytes / copy bandwidth, flops / bf16 matmul rate), both measured here (``measure_ceilings``: a
-1 GiB copy, read + written, and an 8192³ matmul); bytes = present keys × 256 B + slots, allowed and scores
+Floor = max(bytes / copy bandwidth, flops / bf16 matmul rate), both measured here (``measure_ceilings``: the
+best of copies of 64 MiB to 1 GiB buffers, read + written, and an 8192³ matmul); bytes = present keys × 256 B + slots, allowed and scores
 (9 B a key) + q and w. The summary also gives each time against the datasheet floor (bytes / 4.8 TB/s, the
 H200's HBM3e). "% copy" = the op-bytes copy's time / the case's time: what this many bytes take in one
 kernel.

@@ -2,7 +2,7 @@
 radix-select kernel (ops/triton/local_topk.py); and the whole decode selection (local top-k + candidate_keys
 + topk_select).
 
-    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints the tables, writes local_topk.json to $OUT
+    pip install -e . && python benchmarks/bench_local_topk.py   # on a GPU; prints the tables, writes local_topk.json and .png to $OUT
     python benchmarks/bench_local_topk.py --parts schemes breakdown   # some tables only
     ncu -k regex:local_topk_split python benchmarks/bench_local_topk.py --ncu 64 131072   # profile one shape
 
@@ -244,6 +244,59 @@ def main():
     with open(os.path.join(out, "local_topk.json"), "w") as f:
         json.dump(dict(device=name, schemes=scheme_rows, local=local_rows, selection=select_rows,
                        kernel_breakdown=breakdown), f, indent=1)
+    plot(scheme_rows, select_rows, os.path.join(out, "local_topk.png"), title=f"{name}, k = {k}")
+
+
+SELECTION_TARGET_US = 150  # issue 10: the decode selection at 64 queries x 128K local keys
+
+
+def plot(scheme_rows, select_rows, path, title=""):
+    """local_topk.png: µs against L for each scheme (a panel per T; indexer-like solid, normal dashed, narrow
+    dotted) and the selection chain against L per T with the target. Returns the path, or None without
+    matplotlib or rows."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001 — a plot is optional
+        print(f"(no plot: {exc!r})")
+        return None
+    Ts = sorted({r["T"] for r in scheme_rows})
+    panels = len(Ts) + (1 if select_rows else 0)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = axes[0]
+    styles = {"indexer": "-", "normal": "--", "narrow": ":"}
+    for ax, T in zip(axes, Ts):
+        for scores, style in styles.items():
+            rs = sorted((r for r in scheme_rows if r["T"] == T and r["scores"] == scores), key=lambda r: r["L"])
+            if rs:
+                ax.plot([r["L"] for r in rs], [r["five_pass_us"] for r in rs], "o" + style, color="C0",
+                        label=f"five-pass, {scores}")
+                ax.plot([r["L"] for r in rs], [r["candidates_us"] for r in rs], "s" + style, color="C1",
+                        label=f"candidates, {scores}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L (keys a row)")
+        ax.set_ylabel("µs (CUDA-graph replay)")
+        ax.set_title(f"local top-k, T = {T}")
+        ax.legend(fontsize=7)
+    if select_rows:
+        ax = axes[-1]
+        for T in sorted({r["T"] for r in select_rows}):
+            rs = sorted((r for r in select_rows if r["T"] == T), key=lambda r: r["L"])
+            ax.plot([r["L"] for r in rs], [r["new_us"] for r in rs], "o-", label=f"T = {T}")
+        ax.axhline(SELECTION_TARGET_US, color="gray", ls=":", label=f"target {SELECTION_TARGET_US} µs (T = 64)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L (local keys)")
+        ax.set_ylabel("µs (CUDA-graph replay)")
+        ax.set_title("decode selection: local top-k + keys + select")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

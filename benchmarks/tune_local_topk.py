@@ -6,7 +6,7 @@ checked equal to the default's (columns and order).
     python benchmarks/tune_local_topk.py [--shapes 64x131072 64x32768] [--out DIR]   # on a GPU
 
 Prints one table per pass (µs per shape, the default marked) and the best config per pass; writes
-tune_local_topk.json. Scores: indexer-like (bench_local_topk.score_cases), k = 2048.
+tune_local_topk.json and tune_local_topk.png. Scores: indexer-like (bench_local_topk.score_cases), k = 2048.
 """
 import argparse
 import json
@@ -79,6 +79,40 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune_local_topk.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), k=k, results=results), f, indent=1)
+    plot(results, os.path.join(args.out, "tune_local_topk.png"), title=torch.cuda.get_device_name())
+
+
+def config_label(config):
+    return f"{config['block']}x{config['num_warps']}w" + (" pf" if config["prefetch"] else "")
+
+
+def plot(results, path, title=""):
+    """tune_local_topk.png: per pass, µs of each config at each shape (bars; the default's label starred).
+    Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001 — a plot is optional
+        print(f"(no plot: {exc!r})")
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (attr, rows) in zip(axes[0], results.items()):
+        shapes = [key for key in rows[0] if key not in ("config", "default")]
+        width = 0.8 / max(1, len(shapes))
+        for j, shape in enumerate(shapes):
+            ax.bar([i + j * width for i in range(len(rows))], [r[shape] for r in rows], width, label=shape)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+        ax.set_xticklabels([config_label(r["config"]) + ("*" if r["default"] else "") for r in rows],
+                           rotation=60, fontsize=7)
+        ax.set_ylabel("µs a call")
+        ax.set_title(f"{attr} ({KERNEL[attr]})")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -87,14 +87,16 @@ for p in $PARTS; do case $p in
                        --context 32768 --layers 2 --fill random ;;
   e2e_decode) TAIL=14 part e2e_decode 150 $RUN benchmarks/bench_e2e.py --out "$W/e2e_decode" --modes dcp tp \
                 --compile cudagraphs --batch 8 64 --context 32768 --layers 2 --fill random ;;
-  bench_topk) TAIL=45 part bench_topk 150 python3 benchmarks/bench_local_topk.py ;;
+  bench_topk) TAIL=45 OUT="$W/bench_topk" part bench_topk 150 python3 benchmarks/bench_local_topk.py ;;
   # the local top-k's scheme table, per-kernel breakdown and selection chain only; then the same on a previous
   # version carried in .prev/ (`git archive <commit> dcp_compile ops pyproject.toml README.md` there, this
   # bench copied in as .prev/benchmarks/bench_local_topk_new.py): an A/B in one call
-  bench_topk_ab) TAIL=45 part bench_topk_new 150 python3 benchmarks/bench_local_topk.py --parts schemes breakdown selection
+  bench_topk_ab) TAIL=45 OUT="$W/bench_topk_new" part bench_topk_new 150 python3 benchmarks/bench_local_topk.py \
+                   --parts schemes breakdown selection
                  if [ -d .prev ]; then
                    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .prev > /dev/null
-                   TAIL=45 part bench_topk_prev 150 python3 .prev/benchmarks/bench_local_topk_new.py --parts schemes breakdown selection
+                   TAIL=45 OUT="$W/bench_topk_prev" part bench_topk_prev 150 python3 \
+                     .prev/benchmarks/bench_local_topk_new.py --parts schemes breakdown selection
                    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
                  fi ;;
   # Nsight Compute on each local top-k kernel of one call at 64 x 131072 (the selection target's shape)

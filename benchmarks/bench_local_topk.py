@@ -29,6 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+import plotting  # benchmarks/: this script's folder is on the path
+
 from dcp_compile.ops import reference
 from dcp_compile.ops.distributed import local_topk_sorted
 
@@ -254,12 +256,8 @@ def plot(scheme_rows, select_rows, path, title=""):
     """local_topk.png: µs against L for each scheme (a panel per T; indexer-like solid, normal dashed, narrow
     dotted) and the selection chain against L per T with the target. Returns the path, or None without
     matplotlib or rows."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001 — a plot is optional
-        print(f"(no plot: {exc!r})")
+    plt = plotting.pyplot()
+    if plt is None:
         return None
     Ts = sorted({r["T"] for r in scheme_rows})
     panels = len(Ts) + (1 if select_rows else 0)
@@ -292,11 +290,7 @@ def plot(scheme_rows, select_rows, path, title=""):
         ax.set_ylabel("µs (CUDA-graph replay)")
         ax.set_title("decode selection: local top-k + keys + select")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path, title)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import plotting  # noqa: E402
 from bench_local_topk import score_cases  # noqa: E402
 
 from dcp_compile.ops.triton import local_topk as ltk  # noqa: E402
@@ -89,12 +90,8 @@ def config_label(config):
 def plot(results, path, title=""):
     """tune_local_topk.png: per pass, µs of each config at each shape (bars; the default's label starred).
     Returns the path, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001 — a plot is optional
-        print(f"(no plot: {exc!r})")
+    plt = plotting.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, (attr, rows) in zip(axes[0], results.items()):
@@ -108,11 +105,7 @@ def plot(results, path, title=""):
         ax.set_ylabel("µs a call")
         ax.set_title(f"{attr} ({KERNEL[attr]})")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path, title)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 import traceback
 
 import torch
+import triton
+import triton.language as tl
 
 from dcp_compile.ops.triton import indexer_scores as ixm
 from dcp_compile.ops.triton import merge_partials as mpm
@@ -104,18 +106,33 @@ def time_us(fns, target_ms=4.0, replays=15):
 COPY_SIZES_MIB = (64, 256, 1024)  # per buffer; each size rotates over enough buffers to exceed the L2 4x
 
 
+@triton.jit
+def stream_copy_kernel(X, Y, n, BLOCK: tl.constexpr):
+    """y = x, BLOCK elements a program: what a Triton kernel's plain loads and stores reach."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+def stream_copy(src, dst, block=8192):
+    n = src.numel()
+    stream_copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block, num_warps=8)
+
+
 def measure_copy_bandwidths():
     """{MiB: bytes/s} of device-to-device bf16 copies (bytes read + written) at several sizes, each timed over
-    buffers rotated so that one pass exceeds the L2. One size is not enough: on the H200s here a 1 GiB copy
-    timed 2.71 TB/s while 694 MB copies in the same run went 4.2 TB/s (benchmarks/NOTES.md, session 7)."""
+    buffers rotated so that one pass exceeds the L2, the better of ``torch``'s copy and a Triton streaming
+    copy. Neither alone is the ceiling: on the H200s here torch's copy falls from 4.2 TB/s at 256 MiB to
+    2.76 TB/s from 512 MiB up while the Triton copy holds 4.06-4.09 TB/s (benchmarks/RESULTS.md, session 8,
+    bench_gather_ceiling.py); every indexer "% of floor" before session 8 divided by torch's 1 GiB copy."""
     out = {}
     for mib in COPY_SIZES_MIB:
         n = mib << 19  # bf16 elements in mib MiB
         sets = max(1, -(-200 // mib))  # >= 200 MiB of sources: 4 x an H100 / H200 L2
         src = [torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_() for _ in range(sets)]
         dst = [torch.empty_like(t) for t in src]
-        t = time_us([lambda i=i: dst[i].copy_(src[i]) for i in range(sets)], target_ms=50, replays=9)
-        out[mib] = 2 * n * 2 / (t * 1e-6)
+        t_torch = time_us([lambda i=i: dst[i].copy_(src[i]) for i in range(sets)], target_ms=50, replays=9)
+        t_triton = time_us([lambda i=i: stream_copy(src[i], dst[i]) for i in range(sets)], target_ms=50, replays=9)
+        out[mib] = 2 * n * 2 / (min(t_torch, t_triton) * 1e-6)
         del src, dst
         torch.cuda.empty_cache()
     return out

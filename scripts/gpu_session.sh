@@ -47,7 +47,7 @@ for p in $PARTS; do case $p in
   tune_indexer) TAIL=14 part tune_indexer 240 python3 benchmarks/tune_indexer.py --out "$W/tune_indexer" ;;
   tune_topk) TAIL=14 part tune_topk 150 python3 benchmarks/tune_topk_select.py --out "$W/tune_topk" ;;
   tune_prefill) TAIL=16 part tune_prefill 200 python3 benchmarks/tune_indexer.py --cases prefill --out "$W/tune_prefill" ;;
-  indexer) TAIL=8 part indexer 110 $PYTEST tests/test_indexer_prefill.py tests/test_op_lowering.py ;;
+  indexer) TAIL=8 part indexer 260 $PYTEST tests/test_indexer_prefill.py tests/test_op_lowering.py ;;
   # prefill only (eager): DCP N vs TP N, 8 x 32K through the model; one chunk per mode profiled
   # (profile_prefill_<mode>.txt), each mode's first prefill cProfiled (first_use_profile_<mode>.txt)
   e2e_prefill) TAIL=18 part e2e_prefill 160 $RUN benchmarks/bench_e2e.py --out "$W/e2e_prefill" --modes dcp tp \
@@ -113,6 +113,10 @@ for p in $PARTS; do case $p in
   ncu_indexer) TAIL=80 part ncu_indexer 120 ncu --clock-control none -k regex:indexer_scores -c 2 \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis python3 benchmarks/tune_indexer_decode.py --ncu ;;
+  # the copy ceiling by size and the indexer's access pattern without its math (its real floor), one GPU
+  gather_ceiling) TAIL=40 part gather_ceiling 300 python3 benchmarks/bench_gather_ceiling.py --out "$W/gather_ceiling" ;;
+  gather_variants) TAIL=60 part gather_variants 300 python3 benchmarks/bench_gather_ceiling.py --variants \
+                    --out "$W/gather_variants" ;;
   # the candidate scheme's pass configs (one pass varied at a time, per-kernel µs)
   tune_local_topk) TAIL=70 part tune_local_topk 240 python3 benchmarks/tune_local_topk.py --out "$W/tune_local_topk" ;;
   # README's usage on the GPUs: torch.compile(model.forward) for prefill and decode, parity with HF

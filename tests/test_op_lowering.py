@@ -302,7 +302,12 @@ def test_decode_step_compiles_to_triton_launches_cuda():
             assert torch.equal(compiled.index_pool, eager.index_pool), f"replay {replay}: index pool"
     code = "\n".join(codes)
     assert "torch.ops.dcp." not in code, re.findall(r"torch\.ops\.dcp\.\w+", code)
-    for kernel in ("sparse_mla_fwd_kernel", "merge_partials_kernel", "indexer_scores_kernel", "paged_write_kernel",
+    from dcp_compile.ops.triton import indexer_scores as ixs
+
+    # the decode indexer kernel the table picks for bf16 operands (the prefetch loop kernel as shipped)
+    decode_indexer = ("indexer_scores_decode_kernel" if ixs.DECODE_TABLE["tensor_cores"] is not None
+                      else "indexer_scores_kernel")
+    for kernel in ("sparse_mla_fwd_kernel", "merge_partials_kernel", decode_indexer, "paged_write_kernel",
                    "candidate_keys_kernel", "topk_select_kernel"):
         assert kernel in code, f"{kernel} is not launched from Inductor's code"
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

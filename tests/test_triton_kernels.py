@@ -214,11 +214,15 @@ LOOP_CASES = [(2, 37, 16, 0), (2, 37, 3, 1), (1, 37, 16, 5), (1, 70, 64, 3), (3,
 @cpu_only
 @pytest.mark.parametrize("B,L,Hi,tiles", LOOP_CASES)
 @pytest.mark.parametrize("scale", [32 ** -0.5, -0.3])
-def test_indexer_decode_loop_interpreter(B, L, Hi, tiles, scale):
-    """Masks, -1 slots (a tail and one inside), a sequence with no allowed key, negative weights and scale."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_indexer_decode_loop_interpreter(B, L, Hi, tiles, scale, prefetch):
+    """Masks, -1 slots (a tail and one inside), a sequence with no allowed key, negative weights and scale;
+    with ``prefetch`` the next tile's loads issued by the kernel itself (the last ones of a run masked off) and
+    the dot transposed (keys × heads)."""
     gen = torch.Generator().manual_seed(100 * B + L + Hi + tiles)
     q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, Hi, 32, L, 90, torch.float32, "cpu", gen)
-    check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=idx.DecodeConfig(128, 4, 3, 2, tiles))
+    cfg = idx.DecodeConfig(128, 4, 3, 2, tiles, prefetch=prefetch)
+    check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=cfg)
 
 
 @cpu_only
@@ -229,9 +233,10 @@ def test_indexer_decode_loop_interpreter_slot_without_allowed_key():
     allowed[:] = True
     allowed[1, 0, 5:21] = False                       # a whole 16-key tile and a bit of its neighbours
     key_slots[1, 30] = -1
-    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2, config=idx.DecodeConfig(128, 4, 3, 2, 1))
-    assert torch.isneginf(out[1, 0, 5:21]).all() and torch.isneginf(out[1, 0, 30])
-    check_indexer(q, w, k_pool, key_slots, allowed, 0.2, 1e-5, config=idx.DecodeConfig(128, 4, 3, 2, 1))
+    for cfg in (idx.DecodeConfig(128, 4, 3, 2, 1), idx.DecodeConfig(128, 4, 1, 2, 2, prefetch=True)):
+        out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.2, config=cfg)
+        assert torch.isneginf(out[1, 0, 5:21]).all() and torch.isneginf(out[1, 0, 30])
+        check_indexer(q, w, k_pool, key_slots, allowed, 0.2, 1e-5, config=cfg)
 
 
 def make_decode_tail_inputs(live, L, Hi, gen, lead=None):
@@ -277,6 +282,20 @@ def test_indexer_decode_live_range_interpreter(tail, tiles, live_scan, block_l):
     got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 32 ** -0.5, config=cfg, block_l=block_l)
     ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 32 ** -0.5, config=(16, 4, 3), block_l=block_l)
     assert torch.equal(got, ref)
+    for b, n in enumerate(TAILS[tail]):
+        assert torch.isneginf(got[b, 0, n:]).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("tail", list(TAILS))
+@pytest.mark.parametrize("tiles", [0, 1, 9])
+def test_indexer_decode_live_range_prefetch_interpreter(tail, tiles):
+    """The live-range path with the kernel's own prefetch: the oracle's scores, -inf past each sequence."""
+    gen = torch.Generator().manual_seed(len(tail) * 1000 + 10 * tiles + 7)
+    q, w, k_pool, key_slots, allowed = make_decode_tail_inputs(TAILS[tail], 70, 16, gen)
+    cfg = idx.DecodeConfig(128, 4, 1, 2, tiles, 16, prefetch=True)
+    check_indexer(q, w, k_pool, key_slots, allowed, 32 ** -0.5, 1e-5, config=cfg)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 32 ** -0.5, config=cfg)
     for b, n in enumerate(TAILS[tail]):
         assert torch.isneginf(got[b, 0, n:]).all()
 
@@ -343,10 +362,13 @@ def test_decode_tiles_one_wave_covering_every_tile(sms, programs_per_sm):
 
 
 def test_choose_decode_config_table(monkeypatch):
-    """Tensor-core decode takes the table's loop config when it has one (warps doubled above 64 heads); fp32
-    dots, a batch above DECODE_LOOP_MAX_TILES and a None entry (the table as shipped, measured) the one-tile
-    kernel's choose_config."""
-    assert idx.choose_decode_config(8, 10240, 64, False) == idx.choose_config(1, 64, False)  # as shipped
+    """Tensor-core decode takes the table's loop config (as shipped: the prefetch path, whatever the heads;
+    a loop config without prefetch has its warps doubled above 64 heads); fp32 dots, a batch above
+    DECODE_LOOP_MAX_TILES and a None entry the one-tile kernel's choose_config."""
+    shipped = idx.choose_decode_config(8, 10240, 64, False)
+    assert isinstance(shipped, idx.DecodeConfig) and shipped.prefetch
+    assert idx.choose_decode_config(8, 10240, 128, False) == shipped
+    assert idx.choose_decode_config(8, 10240, 64, True) == idx.choose_config(1, 64, True)
     loop = idx.DecodeConfig(64, 4, 2, 4)
     monkeypatch.setitem(idx.DECODE_TABLE, "tensor_cores", loop)
     assert idx.choose_decode_config(8, 10240, 64, False) == loop
@@ -446,6 +468,34 @@ def test_indexer_decode_loop_gpu_bit_identical(B, L, loop):
         check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=loop)
 
 
+PREFETCH_GPU_CONFIGS = [idx.DECODE_TABLE["tensor_cores"], idx.DecodeConfig(128, 4, 1, 2, prefetch=True),
+                        idx.DecodeConfig(128, 4, 1, 2, 1, prefetch=True), idx.DecodeConfig(64, 4, 1, 4, 7, prefetch=True),
+                        idx.DecodeConfig(128, 4, 1, 2, 0, 8192, prefetch=True),
+                        idx.DecodeConfig(128, 8, 1, 2, prefetch=True)]
+
+
+@gpu
+@pytest.mark.parametrize("B,L,Hi", [(1, 1000, 64), (3, 4099, 64), (8, 10240, 64), (3, 4099, 128)])
+@pytest.mark.parametrize("cfg", PREFETCH_GPU_CONFIGS)
+def test_indexer_decode_prefetch_gpu(B, L, Hi, cfg):
+    """The prefetch path (keys × heads dot, next tile's loads issued by hand) in the model's dtypes: the
+    one-tile kernel's -inf pattern, its finite scores to fp32 rounding of another head-sum order, and the float64
+    oracle's; a tail of each sequence without keys, as at decode."""
+    gen = torch.Generator().manual_seed(B * 17 + L + Hi + cfg.block_l + cfg.tiles + cfg.live_scan)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(B, 1, Hi, 128, L, 2 * L, torch.bfloat16, "cuda", gen)
+    key_slots[:, L * 4 // 5:] = -1
+    allowed[:, :, L * 4 // 5:] = False
+    scale = 128 ** -0.5
+    ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=ONE_TILE_DECODE)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale, config=cfg)
+    assert not torch.isnan(got).any(), "unwritten or NaN output"
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+    if L <= 4099:
+        check_indexer(q, w, k_pool, key_slots, allowed, scale, 1e-5, config=cfg)
+
+
 # The live-range path's configs beside the fixed runs' (4 warps: the one-tile kernel's dot and reduction order
 # at the same tile). Live keys a sequence at 8 × 10240: the recorded call's 80 %, every key, none, the first
 # tile alone, one key, a sequence with 300 leading keys masked (slots, not allowed), 80 % again.
@@ -480,12 +530,18 @@ def test_indexer_decode_live_range_gpu_bit_identical(B, L, cfg):
 
 
 @gpu
-def test_indexer_decode_table_gpu_bit_identical():
-    """The table's decode path (whatever DECODE_TABLE picks) gives the one-tile kernel's bits."""
+def test_indexer_decode_table_gpu():
+    """The table's decode path (whatever DECODE_TABLE picks) is the chosen config's kernel bit for bit, with
+    the one-tile kernel's -inf pattern and its finite scores to fp32 rounding (the prefetch path sums the heads
+    in another order)."""
     gen = torch.Generator().manual_seed(77)
     q, w, k_pool, key_slots, allowed = make_indexer_inputs(8, 1, 64, 128, 2560, 5000, torch.bfloat16, "cuda", gen)
+    got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1)
+    chosen = idx.choose_decode_config(8, 2560, 64, False)
+    assert torch.equal(got, idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=chosen))
     ref = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=ONE_TILE_DECODE)
-    assert torch.equal(idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1), ref)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=1e-5, atol=1e-5)
 
 
 @gpu

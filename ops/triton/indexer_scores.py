@@ -85,24 +85,29 @@ class DecodeConfig(NamedTuple):
     # live tiles only (the tiles outside get -inf stores, no load); the grid is then the runs of
     # ``decode_runs`` (or ceil(tiles of L / tiles)). 0: fixed runs of ``decode_tiles`` over every tile.
     live_scan: int = 0
+    # True: the kernel itself issues tile i + 1's key rows (and tile i + 2's slots) into registers before
+    # scoring tile i (``PREFETCH`` in the kernel); run it at num_stages = 1 (Triton's pipeliner off).
+    prefetch: bool = False
 
 
 # The decode (S = 1) kernel by operand class: the one place to flip after benchmarks/tune_indexer_decode.py.
-# A DecodeConfig runs the key-tile loop kernel (its warps doubled above 64 index heads, as ``choose_config``
-# does); None the one-tile kernel at ``choose_config``'s config (the decode path before the loop kernel).
-# - tensor cores (bf16/fp16 operands): the one-tile kernel. Measured (benchmarks/RESULTS.md, session 6,
-#   tune_indexer_decode.py on an H200): the loop kernel (128 or 64 keys, 2-4 programs an SM) is bit-identical
-#   and 0.75-0.90 x the one-tile kernel's time at small batches with every key live, but 1.15 x at the
-#   recorded decode call (8 x 10240 keys, 20 % of them past the sequences: the one-tile kernel skips a tile
-#   with no live key, the pipelined loop cannot), and within 2 % from 64 x 10K keys up. A plain copy of the
-#   op's bytes reaches 79-81 % of the floor at 8 x 10240, the one-tile kernel 51-55 %.
+# A DecodeConfig runs the key-tile loop kernel (without ``prefetch``, its warps doubled above 64 index heads, as
+# ``choose_config`` does); None the one-tile kernel at ``choose_config``'s config.
+# - tensor cores (bf16/fp16 operands): the loop kernel's prefetch path, 64-key tiles, 4 warps, 4 programs an
+#   SM (125 registers: 4 fit). Measured (benchmarks/RESULTS.md, session 8, bench_gather_ceiling.py --variants,
+#   one H200, same run): 98-102 % of the copy floor (bytes / the best copy, 4.1-4.2 TB/s) at 64 x 40960 and
+#   64 x 163840 keys where the one-tile kernel ran 66-68 %, 83 % at 8 x 40960 (54 %), 9.7 vs 11.8 us at the
+#   recorded decode call (8 x 10240, 80 % live; there even a kernel moving the same bytes with no arithmetic
+#   reaches only ~53 % of the copy floor). The one-tile kernel was bound by its own latency: the heads x keys
+#   dot summed the heads across warps through shared memory (~950 instructions a tile) and each program
+#   waited for its slots, then its keys, with nothing else in flight. Scores match the one-tile kernel's to
+#   fp32 rounding (another head-sum order), not bit for bit.
 # - IEEE fp32 dots (FMA: tests, float32 models): the one-tile kernel; not a performance target, and the
 #   loop kernel's fp32 configs are not swept.
-# - The live-range path (``live_scan`` > 0: the loop kernel skips the tiles past the last allowed key and
-#   balances its runs over the rest) is selectable here, e.g. DecodeConfig(128, 4, 3, 2, live_scan=8192);
-#   not measured yet (benchmarks/tune_indexer_decode.py sweeps it beside the others).
+# - The live-range path (``live_scan`` > 0) skips tiles past the last allowed key: measured 1-8 % slower than
+#   fixed runs with prefetch (the scan of ``allowed`` costs more than the dead tiles' masked loads).
 DECODE_TABLE = {
-    "tensor_cores": None,  # the loop kernel's best (fixed runs): DecodeConfig(64, 4, 2, 4)
+    "tensor_cores": DecodeConfig(64, 4, 1, 4, prefetch=True),
     "fp32_dots": None,
 }
 # The loop kernel only while the batch has at most this many key tiles (B · ceil(L / block_l)); above, the
@@ -132,7 +137,7 @@ def choose_decode_config(B: int, L: int, block_hi: int, fp32_dots: bool):
         return one_tile
     if DECODE_LOOP_MAX_TILES is not None and B * triton.cdiv(L, cfg.block_l) > DECODE_LOOP_MAX_TILES:
         return one_tile
-    if block_hi > 64:  # M = 128 rows of the dot: the one-tile kernel's register load a thread at 8 warps
+    if block_hi > 64 and not cfg.prefetch:  # heads on M: 128 rows, the one-tile kernel's load a thread at 8 warps
         cfg = cfg._replace(num_warps=max(cfg.num_warps, 8))
     return cfg
 
@@ -213,13 +218,14 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     is then -1). S = 1 runs a decode kernel (``choose_decode_config``: the key-tile loop or the one-tile
     kernel), S > 1 the prefill kernel. Keyword-only overrides (tests, benchmarks): ``block_l`` the key tile;
     ``config`` a ``DecodeConfig`` (the decode loop kernel; S = 1 only), a ``PrefillConfig`` (5 numbers: the
-    prefill kernel, whatever S) or (BLOCK_L, num_warps, num_stages) (the one-tile decode kernel, whatever S);
+    prefill kernel, whatever S) or (BLOCK_L, num_warps, num_stages[, maxnreg]) (the one-tile decode kernel,
+    whatever S; maxnreg caps its registers a thread, None or 0 no cap);
     ``tune`` Triton's autotuner over the one-tile kernel instead of the table (S = 1 only; not traceable).
     Under the Triton interpreter the warps and stages of ``config`` are ignored."""
     loop_config = isinstance(config, DecodeConfig)
-    if config is not None and not loop_config and len(config) not in (3, 5):
+    if config is not None and not loop_config and len(config) not in (3, 4, 5):
         raise ValueError(f"config {config!r}: DecodeConfig(block_l, num_warps, num_stages, programs_per_sm, "
-                         "tiles, live_scan) or (BLOCK_L, num_warps, num_stages) for a decode kernel, or "
+                         "tiles, live_scan) or (BLOCK_L, num_warps, num_stages[, maxnreg]) for a decode kernel, or "
                          "PrefillConfig(block_s, block_l, num_warps, num_stages, tiles) for the prefill kernel")
     _check(q, w, k_pool, key_slots, allowed)
     B, S, Hi, Di = q.shape
@@ -278,8 +284,10 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     if common.fixed_launch(device):
         bl, launch = 16, {}
     else:
-        bl, warps, stages = config or choose_config(BLOCK_S, BLOCK_HI, fp32_dots)
+        bl, warps, stages, *maxnreg = config or choose_config(BLOCK_S, BLOCK_HI, fp32_dots)
         launch = dict(num_warps=warps, num_stages=stages)
+        if maxnreg and maxnreg[0]:  # a register cap a thread (ptxas .maxnreg): benchmarks' sweeps
+            launch["maxnreg"] = maxnreg[0]
     bl = block_l or bl
     common.launch(indexer_scores_kernel)[(B * n_sb * triton.cdiv(L, bl),)](
         *args, **meta, BLOCK_L=bl, TUNE_BUCKET=0, **launch)
@@ -312,7 +320,7 @@ def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, b
     common.launch(indexer_scores_decode_kernel)[(B * n_chunks,)](
         q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles,
         q.stride(0), q.stride(2), w.stride(0), k_pool.stride(0), key_slots.stride(0), allowed_u8.stride(0),
-        out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, **launch)
+        out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, PREFETCH=bool(cfg.prefetch), **launch)
 
 
 def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, meta, block_l, config):

@@ -2,8 +2,9 @@
 ``ops/triton/indexer_scores.py``; the one-tile decode kernel is ``kernels/indexer_scores.py``, prefill
 ``kernels/indexer_scores_prefill.py``).
 
-Why a second decode kernel: the one-tile kernel (one program per 128-key tile) is at 85-99 % of the memory
-floor from 64 sequences × 10K keys up, but at the model's small batches (8 × 10240 local keys: 640 programs)
+Why a second decode kernel: the one-tile kernel (one program per 128-key tile) was measured at 85-99 % of the
+memory floor from 64 sequences × 10K keys up (against a torch copy that session 8 found 35 % under the real
+copy ceiling: it is at 66-68 % of the true floor there; see "Prefetch" below), but at the model's small batches (8 × 10240 local keys: 640 programs)
 it is at ~42 %: every program waits on its slot load, then on the dependent gather of its key rows, with
 nothing else of its own in flight; it reloads the query (16 KB) for every 32 KB of keys; and 640 programs of
 ~48 KB of shared memory make about two partial waves on 132 SMs. Here a program owns one sequence b and a run
@@ -45,8 +46,28 @@ whatever the data; the scoring loop's body is the same, so the scores stay bit-i
   masked by them waited for that load too. In decode a key with a slot is allowed unless it is masked (left
   padding), so the extra bytes are rare (the one-tile kernel loads the same rows).
 
-Loads of input pointers stay in this body (no ``@triton.jit`` helper), so Inductor's mutation analysis sees
-only OUT written (tests/test_kernel_access.py).
+Prefetch (``PREFETCH``; the decode default for bf16/fp16 operands, ``DECODE_TABLE``). Session 8 measured
+the one-tile kernel and this loop at 66-68 % of the copy floor at 64 × 40960 and 64 × 163840 keys, where a
+kernel with the same loads and no arithmetic (benchmarks/bench_gather_ceiling.py) reached 98 %: the memory
+system gives the gather pattern its full bandwidth, the kernels did not ask for it. Two causes, both fixed
+here:
+- The heads × keys dot puts the heads on M, which the tensor-core accumulator spreads over the four warps,
+  so the head sum went through shared memory: ~950 instructions a thread a tile (offline sm_90a build,
+  Triton 3.6), ~100 of them shuffles. ``_score_tile_keys_on_m`` takes the dot as keys × heads, so the head
+  sum runs along N, inside a thread and its quad: ~640 instructions at 128 keys, ~380 at 64.
+- Triton's pipeliner kept one key tile in flight, and a program then waited for its slots, then its keys.
+  Here the kernel holds tile i + 1's key rows in registers, loaded (with its slots two tiles ahead) before
+  tile i is scored, at num_stages = 1 (no pipeliner): the gather of the next tile is in flight during the
+  store to shared memory, the dot and the epilogue of this one (checked in the SASS: the next tile's 16
+  LDG.128 a thread come before the tile's HGMMAs).
+At 64 keys × 4 warps (125 registers, 4 programs an SM) it runs 98-102 % of the copy floor from 64 × 40K keys
+up, 81 % at 8 × 40960, and 84-91 % of the no-arithmetic kernel at the model's small decode calls, where that
+kernel itself is at 53-81 % of the floor (launch and the first round trip). Its scores equal the one-tile
+kernel's to fp32 rounding (another head-sum order), not bit for bit; the mask, -inf pattern and every
+product are the same. The live-range scan composes with it (``LIVE_SCAN``) but measured 1-15 % slower.
+
+Loads of input pointers stay in this body (the ``@triton.jit`` helpers take values only), so Inductor's
+mutation analysis sees only OUT written (tests/test_kernel_access.py).
 """
 import triton
 import triton.language as tl
@@ -67,6 +88,7 @@ def indexer_scores_decode_kernel(
     CAST_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,       # "ieee" for fp32 operands, else None (Triton's default)
     LIVE_SCAN: tl.constexpr,           # keys a step of the live-range scan over ``allowed``; 0: fixed runs
+    PREFETCH: tl.constexpr,            # the next tile's loads issued by hand before a tile is scored
 ):
     # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64)
     scale32 = tl.cast(scale, tl.float32)
@@ -134,21 +156,71 @@ def indexer_scores_decode_kernel(
     else:
         t_lo = chunk * tiles_per_program
         n_tiles = tl.minimum(tiles_per_program, n_lt - t_lo)   # the last run of a sequence may be shorter
-    # counted from 0: Triton (3.9) does not pipeline a loop whose lower bound is a reduction's result (the
-    # live range's); an upper bound from one is pipelined (kernels/indexer_scores_prefill.py does the same)
-    for i in range(0, n_tiles):
-        offs_l = (t_lo + i) * BLOCK_L + offs_tile
-        mask_l = offs_l < L
+    if PREFETCH:
+        # Registers, not Triton's pipeliner, keep the next tile in flight (module docstring, "Prefetch"): tile
+        # i's slots, allowed bytes and key rows were issued an iteration earlier, tile i + 1's slots two.
+        q_t = tl.trans(q)                                    # [BLOCK_D, BLOCK_HI]: keys on the dot's M axis
+        w_row = tl.reshape(w, (BLOCK_HI,))[None, :]
+        run_end = tl.minimum((t_lo + n_tiles) * BLOCK_L, L)   # keys past it: masked (another run's, or none)
+        offs_l = t_lo * BLOCK_L + offs_tile
+        mask_l = offs_l < run_end
         slot = tl.load(row_slots + offs_l, mask=mask_l, other=-1)
-        has_key = slot >= 0
-        ok = (tl.load(row_allowed + offs_l, mask=mask_l, other=0) != 0) & has_key
+        allowed = tl.load(row_allowed + offs_l, mask=mask_l, other=0)
         k = tl.load(KP + slot.to(tl.int64)[:, None] * stride_kp + offs_d[None, :],
-                    mask=(has_key if LIVE_SCAN > 0 else ok)[:, None] & mask_d[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)     # [BLOCK_HI, BLOCK_L]
-        sc = tl.maximum(sc * scale32, 0.0)
-        sc = sc * w_col
-        tot = tl.sum(tl.reshape(sc, (1, BLOCK_HI, BLOCK_L)), 1)         # [1, BLOCK_L]
-        res = tl.where(ok[None, :], tot, float("-inf"))
-        tl.store(row_out + offs_l[None, :], res, mask=mask_l[None, :])
+                    mask=(slot >= 0)[:, None] & mask_d[None, :], other=0.0)
+        mask_n = offs_l + BLOCK_L < run_end
+        slot_n = tl.load(row_slots + offs_l + BLOCK_L, mask=mask_n, other=-1)
+        allowed_n = tl.load(row_allowed + offs_l + BLOCK_L, mask=mask_n, other=0)
+        for i in range(0, n_tiles):
+            k_n = tl.load(KP + slot_n.to(tl.int64)[:, None] * stride_kp + offs_d[None, :],
+                          mask=(slot_n >= 0)[:, None] & mask_d[None, :], other=0.0)
+            mask_nn = offs_l + 2 * BLOCK_L < run_end
+            slot_nn = tl.load(row_slots + offs_l + 2 * BLOCK_L, mask=mask_nn, other=-1)
+            allowed_nn = tl.load(row_allowed + offs_l + 2 * BLOCK_L, mask=mask_nn, other=0)
+            res = _score_tile_keys_on_m(q_t, k, w_row, (allowed != 0) & (slot >= 0), scale32, CAST_F32,
+                                        DOT_PRECISION)
+            tl.store(row_out + offs_l, res, mask=mask_l)
+            offs_l += BLOCK_L
+            mask_l = offs_l < run_end
+            slot, allowed, k = slot_n, allowed_n, k_n
+            slot_n, allowed_n = slot_nn, allowed_nn
+    else:
+        # counted from 0: Triton (3.9) does not pipeline a loop whose lower bound is a reduction's result (the
+        # live range's); an upper bound from one is pipelined (kernels/indexer_scores_prefill.py does the same)
+        for i in range(0, n_tiles):
+            offs_l = (t_lo + i) * BLOCK_L + offs_tile
+            mask_l = offs_l < L
+            slot = tl.load(row_slots + offs_l, mask=mask_l, other=-1)
+            has_key = slot >= 0
+            ok = (tl.load(row_allowed + offs_l, mask=mask_l, other=0) != 0) & has_key
+            k = tl.load(KP + slot.to(tl.int64)[:, None] * stride_kp + offs_d[None, :],
+                        mask=(has_key if LIVE_SCAN > 0 else ok)[:, None] & mask_d[None, :], other=0.0)
+            res = _score_tile(q, k, w_col, ok, scale32, CAST_F32, DOT_PRECISION, BLOCK_HI, BLOCK_L)
+            tl.store(row_out + offs_l[None, :], res, mask=mask_l[None, :])
+
+
+@triton.jit
+def _score_tile_keys_on_m(q_t, k, w_row, ok, scale32, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BLOCK_L] scores of one key tile with the dot transposed, keys × heads: the head sum runs along the
+    accumulator's N axis, inside a warp (a thread's registers, then the four lanes of a quad), where the
+    heads × keys dot of ``_score_tile`` sums across warps through shared memory (module docstring)."""
+    if CAST_F32:
+        k = k.to(tl.float32)
+    sc = tl.dot(k, q_t, input_precision=DOT_PRECISION)             # [BLOCK_L, BLOCK_HI]
+    sc = tl.maximum(sc * scale32, 0.0)
+    sc = sc * w_row
+    return tl.where(ok, tl.sum(sc, 1), float("-inf"))
+
+
+@triton.jit
+def _score_tile(q, k, w_col, ok, scale32, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_HI: tl.constexpr, BLOCK_L: tl.constexpr):
+    """[1, BLOCK_L] scores of one key tile: the one-tile kernel's arithmetic in its shapes (module docstring);
+    -inf where not ``ok``. Values only (no pointers), so the kernel's loads and stores stay in its body."""
+    if CAST_F32:
+        k = k.to(tl.float32)
+    sc = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)     # [BLOCK_HI, BLOCK_L]
+    sc = tl.maximum(sc * scale32, 0.0)
+    sc = sc * w_col
+    tot = tl.sum(tl.reshape(sc, (1, BLOCK_HI, BLOCK_L)), 1)         # [1, BLOCK_L]
+    return tl.where(ok[None, :], tot, float("-inf"))

@@ -4,14 +4,15 @@
 
 Why a second decode kernel: the one-tile kernel (one program per 128-key tile) was measured at 85-99 % of the
 memory floor from 64 sequences × 10K keys up (against a torch copy that session 8 found 35 % under the real
-copy ceiling: it is at 66-68 % of the true floor there; see "Prefetch" below), but at the model's small batches (8 × 10240 local keys: 640 programs)
-it is at ~42 %: every program waits on its slot load, then on the dependent gather of its key rows, with
-nothing else of its own in flight; it reloads the query (16 KB) for every 32 KB of keys; and 640 programs of
-~48 KB of shared memory make about two partial waves on 132 SMs. Here a program owns one sequence b and a run
-of ``tiles_per_program`` consecutive key tiles; the host sizes the runs so the grid is about a fixed number of
-programs per SM (one wave; ``choose_decode_config`` / ``decode_tiles``). The query and head weights are loaded
-once, before the loop, and Triton software-pipelines the loop's loads (``num_stages``): the slots of tile
-i + 2 and the gathered key rows of tile i + 1 are in flight while tile i is scored.
+copy ceiling: it is at 66-68 % of the true floor there; see "Prefetch" below), but at the model's small batches
+(8 × 10240 local keys: 640 programs) it is at ~42 %: every program waits on its slot load, then on the
+dependent gather of its key rows, with nothing else of its own in flight; it reloads the query (16 KB) for
+every 32 KB of keys; and 640 programs of ~48 KB of shared memory make about two partial waves on 132 SMs. Here
+a program owns one sequence b and a run of ``tiles_per_program`` consecutive key tiles; the host sizes the runs
+so the grid is about a fixed number of programs per SM (one wave; ``choose_decode_config`` / ``decode_tiles``).
+The query and head weights are loaded once, before the loop, and Triton software-pipelines the loop's loads
+(``num_stages``): the slots of tile i + 2 and the gathered key rows of tile i + 1 are in flight while tile i is
+scored.
 
 The arithmetic of a tile is the one-tile kernel's, op for op and in the same shapes (the [1, BLOCK_HI] weight
 view, the [1, BLOCK_HI, BLOCK_L] head sum), so that at the same tile and warps the compiled dot and reduction

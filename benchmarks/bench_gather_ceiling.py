@@ -315,8 +315,8 @@ def main():
     (out_dir / "gather_ceiling.json").write_text(json.dumps(result, indent=1))
 
     print(f"\n==== {name}: copy ceiling (best rotated copy >= 256 MiB) {ceiling / 1e9:.0f} GB/s ====")
-    print("| B × L (live) | layout | MB | copy floor µs | probe µs (% of copy floor) | indexer µs (% of copy floor, "
-          "% of probe) |")
+    print("| B × L (live) | layout | MB | copy floor µs | probe µs (% of copy floor) | "
+          "indexer µs (% of copy floor, % of probe) |")
     print("|---|---|---|---|---|---|")
     for r in gathers:
         floor = r["bytes"] / ceiling * 1e6

@@ -16,7 +16,8 @@ hundreds of MB; DRAM bank conflicts). This benchmark separates the two in one ru
       load for load (a tile's slots and allowed bytes, the 256 B key rows through the slots, one fp32 out per
       key, a tile with no allowed key skipped), with a row sum where the indexer has its dot: the fastest a
       kernel can move the indexer's bytes in the indexer's pattern;
-  (c) the indexer (``dcp::indexer_scores``' one-tile kernel at its table config) on the same inputs;
+  (c) the indexer's one-tile kernel (``choose_config``: the decode table until session 8) on the same inputs,
+      and with ``--variants`` the loop kernel's prefetch path (the table since) and its neighbours;
 for the key layouts
   - ``page64``: each sequence's keys on random 64-key pages of a pool holding exactly the batch's keys (the
     paged cache's layout; what ``tune_indexer_decode.py`` and ``bench_kernels.py`` time),

@@ -67,6 +67,12 @@ SCRIPT = textwrap.dedent(
                             torch.randn(S, 64, generator=g).bfloat16(),
                             torch.randint(0, S, (2, 40), dtype=torch.int32, generator=g),
                             torch.ones(2, 3, 40, dtype=torch.bool), 0.1), {}, ()),
+        # decode (S = 1): the table's kernel (the loop kernel's prefetch path for bf16 operands)
+        "indexer_scores_decode": (indexer_scores.indexer_scores,
+                                  (torch.randn(2, 1, 8, 64, generator=g).bfloat16(), torch.randn(2, 1, 8, generator=g),
+                                   torch.randn(S, 64, generator=g).bfloat16(),
+                                   torch.randint(0, S, (2, 40), dtype=torch.int32, generator=g),
+                                   torch.ones(2, 1, 40, dtype=torch.bool), 0.1), {}, ()),
         "local_topk": (local_topk.local_topk, (torch.randn(T, 300, generator=g), 16), {}, ()),
         "candidate_keys": (candidate_keys.candidate_keys,
                            (torch.randn(T, 32, generator=g), torch.randperm(64, generator=g)[:32].repeat(T, 1)), {},
@@ -109,11 +115,21 @@ def report():
     return json.loads(lines[-1][len("REPORT "):])
 
 
-@pytest.mark.parametrize("op", ["sparse_mla_attn", "indexer_scores", "local_topk", "candidate_keys", "topk_select",
-                                "merge_partials", "paged_write"])
+@pytest.mark.parametrize("op", ["sparse_mla_attn", "indexer_scores", "indexer_scores_decode", "local_topk",
+                                "candidate_keys", "topk_select", "merge_partials", "paged_write"])
 def test_kernels_write_only_outputs(report, op):
     entry = report[op]
     assert entry["launches"] >= 1, f"{op}: no launch recorded"
     assert entry["writes"], f"{op}: the analysis found no written tensor at all"
     wrong = [w for w in entry["writes"] if w["op_inputs_written"]]
     assert not wrong, f"{op}: Inductor's analysis says these launches write the op's inputs: {wrong}"
+
+
+def test_decode_indexer_case_launches_the_tables_kernel(report):
+    """The decode entry above exercises the kernel the decode table picks (the loop kernel for bf16)."""
+    from dcp_compile.ops.triton import indexer_scores as ixs
+
+    kernels = {w["kernel"] for w in report["indexer_scores_decode"]["writes"]}
+    want = ("indexer_scores_decode_kernel" if ixs.DECODE_TABLE["tensor_cores"] is not None
+            else "indexer_scores_kernel")
+    assert kernels == {want}, kernels

@@ -530,12 +530,13 @@ def test_indexer_decode_live_range_gpu_bit_identical(B, L, cfg):
 
 
 @gpu
-def test_indexer_decode_table_gpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_indexer_decode_table_gpu(dtype):
     """The table's decode path (whatever DECODE_TABLE picks) is the chosen config's kernel bit for bit, with
     the one-tile kernel's -inf pattern and its finite scores to fp32 rounding (the prefetch path sums the heads
-    in another order)."""
+    in another order), in both tensor-core dtypes."""
     gen = torch.Generator().manual_seed(77)
-    q, w, k_pool, key_slots, allowed = make_indexer_inputs(8, 1, 64, 128, 2560, 5000, torch.bfloat16, "cuda", gen)
+    q, w, k_pool, key_slots, allowed = make_indexer_inputs(8, 1, 64, 128, 2560, 5000, dtype, "cuda", gen)
     got = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1)
     chosen = idx.choose_decode_config(8, 2560, 64, False)
     assert torch.equal(got, idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.1, config=chosen))

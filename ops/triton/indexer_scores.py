@@ -96,7 +96,7 @@ class DecodeConfig(NamedTuple):
 # - tensor cores (bf16/fp16 operands): the loop kernel's prefetch path, 64-key tiles, 4 warps, 4 programs an
 #   SM (125 registers: 4 fit). Measured (benchmarks/RESULTS.md, session 8, bench_gather_ceiling.py --variants,
 #   one H200, same run): 98-102 % of the copy floor (bytes / the best copy, 4.1-4.2 TB/s) at 64 x 40960 and
-#   64 x 163840 keys where the one-tile kernel ran 66-68 %, 83 % at 8 x 40960 (54 %), 9.7 vs 11.8 us at the
+#   64 x 163840 keys where the one-tile kernel ran 65-67 %, 81 % at 8 x 40960 (55 %), 9.7 vs 11.9 us at the
 #   recorded decode call (8 x 10240, 80 % live; there even a kernel moving the same bytes with no arithmetic
 #   reaches only ~53 % of the copy floor). The one-tile kernel was bound by its own latency: the heads x keys
 #   dot summed the heads across warps through shared memory (~950 instructions a tile) and each program
@@ -104,7 +104,7 @@ class DecodeConfig(NamedTuple):
 #   fp32 rounding (another head-sum order), not bit for bit.
 # - IEEE fp32 dots (FMA: tests, float32 models): the one-tile kernel; not a performance target, and the
 #   loop kernel's fp32 configs are not swept.
-# - The live-range path (``live_scan`` > 0) skips tiles past the last allowed key: measured 1-8 % slower than
+# - The live-range path (``live_scan`` > 0) skips tiles past the last allowed key: measured 3-18 % slower than
 #   fixed runs with prefetch (the scan of ``allowed`` costs more than the dead tiles' masked loads).
 DECODE_TABLE = {
     "tensor_cores": DecodeConfig(64, 4, 1, 4, prefetch=True),

@@ -48,7 +48,7 @@ whatever the data; the scoring loop's body is the same, so the scores stay bit-i
   padding), so the extra bytes are rare (the one-tile kernel loads the same rows).
 
 Prefetch (``PREFETCH``; the decode default for bf16/fp16 operands, ``DECODE_TABLE``). Session 8 measured
-the one-tile kernel and this loop at 66-68 % of the copy floor at 64 × 40960 and 64 × 163840 keys, where a
+the one-tile kernel and this loop at 65-68 % of the copy floor at 64 × 40960 and 64 × 163840 keys, where a
 kernel with the same loads and no arithmetic (benchmarks/bench_gather_ceiling.py) reached 98 %: the memory
 system gives the gather pattern its full bandwidth, the kernels did not ask for it. Two causes, both fixed
 here:
@@ -63,9 +63,9 @@ here:
   LDG.128 a thread come before the tile's HGMMAs).
 At 64 keys × 4 warps (125 registers, 4 programs an SM) it runs 98-102 % of the copy floor from 64 × 40K keys
 up, 81 % at 8 × 40960, and 84-91 % of the no-arithmetic kernel at the model's small decode calls, where that
-kernel itself is at 53-81 % of the floor (launch and the first round trip). Its scores equal the one-tile
+kernel itself is at 54-81 % of the floor (launch and the first round trip). Its scores equal the one-tile
 kernel's to fp32 rounding (another head-sum order), not bit for bit; the mask, -inf pattern and every
-product are the same. The live-range scan composes with it (``LIVE_SCAN``) but measured 1-15 % slower.
+product are the same. The live-range scan composes with it (``LIVE_SCAN``) but measured 3-18 % slower.
 
 Loads of input pointers stay in this body (the ``@triton.jit`` helpers take values only), so Inductor's
 mutation analysis sees only OUT written (tests/test_kernel_access.py).

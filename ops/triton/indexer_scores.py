@@ -1,8 +1,9 @@
 """DSA lightning-indexer scores against this rank's own index-key rows (Triton host wrapper). Three kernels, by
 shape class: decode (S = 1, memory-bound: the gather of the keys) either ``kernels/indexer_scores.py``, one
-key tile a program, or ``kernels/indexer_scores_decode.py``, one sequence's run of pipelined key tiles a
-program with the grid sized to the SMs, optionally sharing out only the tiles from the first to the last allowed key
-(``DecodeConfig.live_scan``; which kernel: ``DECODE_TABLE``, ``choose_decode_config``); prefill
+key tile a program (fp32 operands), or ``kernels/indexer_scores_decode.py``, one sequence's run of key tiles a
+program with the grid sized to the SMs (bf16/fp16: its prefetch path, ``DecodeConfig.prefetch``; optionally only
+the tiles from the first to the last allowed key, ``DecodeConfig.live_scan``; which kernel: ``DECODE_TABLE``,
+``choose_decode_config``); prefill
 (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
 pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The
 local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,

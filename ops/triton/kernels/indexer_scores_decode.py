@@ -14,9 +14,9 @@ The query and head weights are loaded once, before the loop, and Triton software
 (``num_stages``): the slots of tile i + 2 and the gathered key rows of tile i + 1 are in flight while tile i is
 scored.
 
-The arithmetic of a tile is the one-tile kernel's, op for op and in the same shapes (the [1, BLOCK_HI] weight
-view, the [1, BLOCK_HI, BLOCK_L] head sum), so that at the same tile and warps the compiled dot and reduction
-orders match and the scores are bit-identical (checked on GPU by tests/test_triton_kernels.py and
+Without ``PREFETCH`` the arithmetic of a tile is the one-tile kernel's, op for op and in the same shapes (the
+[1, BLOCK_HI] weight view, the [1, BLOCK_HI, BLOCK_L] head sum), so that at the same tile and warps the compiled
+dot and reduction orders match and the scores are bit-identical (checked on GPU by tests/test_triton_kernels.py and
 benchmarks/tune_indexer_decode.py): bf16 × bf16 products exact in fp32, fp32 accumulation, IEEE fp32 dots for
 fp32 operands.
 

@@ -113,6 +113,11 @@ for p in $PARTS; do case $p in
   ncu_indexer) TAIL=80 part ncu_indexer 120 ncu --clock-control none -k regex:indexer_scores -c 2 \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis python3 benchmarks/tune_indexer_decode.py --ncu ;;
+  # the prefill indexer beside probes without its mask / relu·w / epilogue, at two key layouts (NOTES session 9)
+  prefill_probe) TAIL=16 part prefill_probe 200 python3 benchmarks/bench_prefill_indexer_probe.py --out "$W/prefill_probe" \
+                 ${PROBE_CONFIG:+--config $PROBE_CONFIG} ;;
+  ncu_prefill) TAIL=120 part ncu_prefill 200 ncu --clock-control none -k regex:"indexer_scores_prefill|prefill_dot_probe" \
+                 -c 2 --set full python3 benchmarks/bench_prefill_indexer_probe.py --ncu ;;
   # the copy ceiling by size and the indexer's access pattern without its math (its real floor), one GPU
   gather_ceiling) TAIL=40 part gather_ceiling 300 python3 benchmarks/bench_gather_ceiling.py --out "$W/gather_ceiling" ;;
   gather_variants) TAIL=60 part gather_variants 300 python3 benchmarks/bench_gather_ceiling.py --variants \

@@ -91,6 +91,31 @@ def test_prefill_interpreter_skipped_tiles():
 
 
 @cpu_only
+def test_prefill_interpreter_full_tiles():
+    """Tiles where every pair of a query block is allowed skip the per-tile mask (the kernel's middle loop):
+    a causal chunk (tiles 0-4 full, tile 5 on the diagonal, tile 6 none), a full run broken by one blocked
+    pair (the tiles after it are full again but scored by the masked loop), a -1 slot inside a full tile,
+    the last query block padded (S = 5, 2 queries a block: the pad row counts as allowed), and runs of 4
+    tiles that the interpreter's pass reads 2 tiles a step (a run's full tiles found across steps)."""
+    B, S, Hi, Di, L = 2, 5, 3, 32, 100
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(B, S, Hi, Di, generator=gen)
+    w = torch.randn(B, S, Hi, generator=gen)
+    k_pool = torch.randn(160, Di, generator=gen)
+    key_slots = torch.stack([torch.randperm(160, generator=gen)[:L] for _ in range(B)]).to(torch.int32)
+    allowed = torch.ones(B, S, L, dtype=torch.bool)
+    allowed[0] = torch.arange(L)[None, :] <= (80 + torch.arange(S))[:, None]   # queries at 80..84
+    allowed[1, 3, 40] = False           # query block 1 of sequence 1: tile 2 not full
+    key_slots[1, 20] = -1               # inside a full tile
+    key_slots[0, 96:] = -1
+    cfg = PrefillConfig(2, 16, 0, 0, 4)
+    check(q, w, k_pool, key_slots, allowed, 0.3, 1e-5, cfg)
+    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 0.3, config=cfg)
+    assert torch.isneginf(out[1, :, 20]).all() and torch.isneginf(out[1, 3, 40])
+    assert torch.isfinite(out[1, 2, 40]) and torch.isfinite(out[0, :, :80]).all()
+
+
+@cpu_only
 def test_prefill_interpreter_one_query():
     """S = 1 through the prefill kernel (a 5-number config picks it whatever S): one query a program."""
     q, w, k_pool, key_slots, allowed = inputs(3, 1, 16, 32, 40, 70, torch.float32, "cpu", 12)
@@ -145,7 +170,7 @@ def test_prefill_table_by_shape_class():
 # ----------------------------------------------------------------------------------------- GPU tests
 
 # the table's config and neighbours from benchmarks/tune_indexer.py's sweep (runs of 1-3 tiles or all of L)
-GPU_CONFIGS = [None, PrefillConfig(4, 64, 4, 3, 0), PrefillConfig(2, 128, 4, 2, 1), PrefillConfig(1, 128, 4, 3, 3),
+GPU_CONFIGS = [None, PrefillConfig(2, 128, 8, 2, 32), PrefillConfig(2, 128, 4, 2, 1), PrefillConfig(1, 128, 4, 3, 3),
                PrefillConfig(4, 128, 8, 2, 2), PrefillConfig(2, 64, 4, 4, 0)]
 
 
@@ -173,6 +198,24 @@ def test_prefill_gpu_negative_scale_and_odd_heads():
     """scale < 0 and 20 heads (padded to 32 columns a query) on the tensor cores."""
     q, w, k_pool, key_slots, allowed = inputs(2, 11, 20, 128, 300, 900, torch.bfloat16, "cuda", 6)
     check(q, w, k_pool, key_slots, allowed, -0.1, 1e-5)
+
+
+@gpu
+def test_prefill_gpu_full_tiles():
+    """The table's config on tiles where every pair of a query block is allowed (no mask read): a causal chunk
+    at the end of 1000 keys, a blocked pair that breaks one block's full run, -1 slots inside full tiles."""
+    B, S, L = 2, 9, 1000
+    q, w, k_pool, key_slots, _ = inputs(B, S, 64, 128, L, 3000, torch.bfloat16, "cuda", 10)
+    allowed = torch.ones(B, S, L, dtype=torch.bool, device="cuda")
+    allowed[0] = torch.arange(L, device="cuda")[None, :] <= (L - S + torch.arange(S, device="cuda"))[:, None]
+    allowed[1, 5, 300] = False
+    key_slots[:, 100] = -1
+    key_slots[1, 700:705] = -1
+    check(q, w, k_pool, key_slots, allowed, 128 ** -0.5, 1e-5)
+    out = idx.indexer_scores(q, w, k_pool, key_slots, allowed, 128 ** -0.5)
+    assert torch.isneginf(out[:, :, 100]).all() and torch.isneginf(out[1, :, 700:705]).all()
+    live = key_slots[0, :L - S] >= 0      # the inputs' own -1 slots (a tail, one inside) stay -inf
+    assert torch.isfinite(out[0, :, :L - S][:, live]).all() and torch.isneginf(out[1, 5, 300])
 
 
 @gpu

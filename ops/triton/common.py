@@ -48,6 +48,21 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def uint8_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0 / 1 mask as uint8, which the kernels read as bytes. In eager a bool mask is reinterpreted (a view:
+    bool and uint8 are both one byte of 0 or 1), since converting it costs a pass over the mask, 5-10 % of
+    the prefill indexer at 8 x 512 queries x 8-32K keys (benchmarks/RESULTS.md, session 9). Traced for
+    Inductor it stays a conversion: Inductor cannot lower a view of a bool tensor as another dtype (torch
+    2.11), and the conversion fuses into the kernel that computes the mask."""
+    if mask.dtype == torch.uint8:
+        return mask
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    # a plain tensor outside any tracing (fake, functional and proxied tensors take the conversion)
+    eager = type(mask) is torch.Tensor and not torch.compiler.is_compiling() and get_proxy_mode() is None
+    return mask.view(torch.uint8) if mask.dtype == torch.bool and eager else mask.to(torch.uint8)
+
+
 def int32_rows(t: torch.Tensor) -> torch.Tensor:
     """An index tensor as int32 with a contiguous last dim."""
     return t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()

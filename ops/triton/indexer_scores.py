@@ -171,28 +171,31 @@ class PrefillConfig(NamedTuple):
     tiles: int        # key tiles a program scores before the next program takes over; 0: all of L
 
 
-# Keys a step of the prefill kernel's pass over ``allowed`` (finding the tiles to score): [block_s, SCAN_L] bytes.
-SCAN_L = 512
+# Keys a step of the prefill kernel's pass over ``allowed`` (finding the tiles to score and the run where every
+# pair is allowed): [block_s, SCAN_L] bytes, a whole run of the table's 32 × 128 keys in one step. The pass is a
+# program's prologue, before its first dot: at 512 keys a step its 8 dependent steps cost ~10 % of the kernel.
+SCAN_L = 4096
 
 
 def choose_prefill_config(block_hi: int, fp32_dots: bool) -> PrefillConfig:
     """Prefill kernel config by shape class (S > 1 takes it whatever S and L are, so a dynamic prefill
     length needs no guard). The candidates were picked from what the H200 build showed offline (sm_90a
     through ptxas: registers, shared memory, whether the key loads were pipelined); the table follows the
-    winner of ``benchmarks/tune_indexer.py --cases prefill`` on an H200 (benchmarks/RESULTS.md, 2026-11-28,
-    2 x H200 run 4: 2 stages won in all three prefill cases, 5 % over 3 stages; 58-63 % of the floor, 3.4x
-    the one-tile kernel).
-    - tensor-core operands (bf16/fp16), 64 index heads: 2 queries (N = 128 columns) × 128-key tiles on 8
-      warps (two warpgroups, m64n128 wgmma each), 2 stages: the q block stays in shared memory with a key
-      tile in flight, so two programs fit an SM, one's epilogue beside the other's dots. Fewer heads keep
-      N = 128 columns with more queries a program.
+    winner of ``benchmarks/tune_indexer.py --cases prefill`` on an H200 (benchmarks/RESULTS.md, session 9:
+    best in all three prefill cases once the kernel stopped reading the mask in fully allowed tiles).
+    - tensor-core operands (bf16/fp16): N = 256 (query, head) columns (4 queries of the model's 64 heads) ×
+      64-key tiles on one warpgroup (m64n256 wgmma), 3 stages (slots, keys, dot): 64 KB of queries and two
+      16 KB key tiles in shared memory and 240 registers a thread, so two programs fit an SM, one's
+      epilogue beside the other's dots. N = 256 halves the shared-memory reads of the key tiles a flop
+      against N = 128 (session 8's 2 × 128-key tiles on 8 warps: 65-68 % of the floor where this is 72-74 %).
+      Fewer heads keep N = 256 with more queries a program.
     - IEEE fp32 dots (FMA; fp32 or mixed operands): N = 64 columns × 32 keys on 8 warps, 2 stages: under 64
       registers, no spill (4 warps or 64-key tiles spill the FMA dot's operands).
-    - 32 key tiles a program (4096 keys at 128): a short prefill chunk at a long context still fills the GPU,
-      and its q block (32 KB) is re-read once per 1 MB of keys."""
+    - 64 key tiles a program (4096 keys): a short prefill chunk at a long context still fills the GPU, and
+      its q block (64 KB) is re-read once per 1 MB of keys."""
     if fp32_dots:
         return PrefillConfig(max(1, 64 // block_hi), 32, 8, 2, 128)
-    return PrefillConfig(max(1, 128 // block_hi), 128, 8, 2, 32)
+    return PrefillConfig(max(1, 256 // block_hi), 64, 4, 3, 64)
 
 
 def _check(q, w, k_pool, key_slots, allowed):
@@ -249,9 +252,7 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     q, k_pool = common.unit_stride(q), common.unit_stride(k_pool)
     w = common.unit_stride(w.to(torch.float32))
     key_slots = common.int32_rows(key_slots)
-    # A conversion, not a bool->uint8 bit view: Inductor cannot lower a view of a bool tensor as another dtype
-    # (torch 2.11), and under compile the conversion fuses into the kernel that computes ``allowed``.
-    allowed_u8 = common.unit_stride(allowed.to(torch.uint8))
+    allowed_u8 = common.unit_stride(common.uint8_mask(allowed))
 
     cast_f32 = q.dtype != k_pool.dtype
     BLOCK_HI = max(16, triton.next_power_of_2(Hi))
@@ -330,12 +331,14 @@ def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, me
     L = key_slots.shape[1]
     if common.fixed_launch(q.device):
         # the interpreter: small tiles, several query blocks, key runs and scan steps even at test sizes
-        cfg = PrefillConfig(*(config or (max(1, 32 // meta["BLOCK_HI"]), 16, 0, 0, 2)))
-        launch, scan_l = {}, 16
+        cfg = PrefillConfig(*(config or (max(1, 32 // meta["BLOCK_HI"]), 16, 0, 0, 4)))
+        launch = {}
     else:
         cfg = PrefillConfig(*(config or choose_prefill_config(meta["BLOCK_HI"], meta["DOT_PRECISION"] == "ieee")))
-        launch, scan_l = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), SCAN_L
+        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     bl = block_l or cfg.block_l
+    # whole tiles a scan step; the interpreter takes 2 a step, so that a run spans several steps
+    scan_l = 2 * bl if common.fixed_launch(q.device) else max(SCAN_L, bl)
     _power_of_two("block_s", cfg.block_s, 1)
     _power_of_two("block_l", bl, 16)  # tl.dot needs 16 rows at least
     if cfg.tiles < 0:

@@ -14,7 +14,10 @@ Prefill is bound by the dot (2·S·Hi·Di flops a key), so the layout is chosen 
   is a max and a multiply-add per score. Products and sums stay fp32 (no tf32: bf16 × bf16 is exact in fp32;
   fp32 operands use IEEE dots).
 - Key tiles before the first and after the last tile holding an allowed (query, key) pair load no key and
-  do no dot; they store -inf (causal prefill skips about half). A tile between them is scored in full.
+  do no dot; they store -inf (causal prefill skips about half). A tile between them is scored in full; the
+  tiles where every pair is allowed (a chunk's earlier context) skip the per-tile ``allowed`` load and its
+  layout conversion (through shared memory, with a barrier): that mask cost 15 % of the kernel at 8 × 512
+  queries × 32K keys (benchmarks/bench_prefill_indexer_probe.py, RESULTS.md session 9).
 
 Loads of input pointers stay in this body (no ``@triton.jit`` helper), so Inductor's mutation analysis sees
 only OUT written (tests/test_kernel_access.py).
@@ -72,50 +75,86 @@ def indexer_scores_prefill_kernel(
     row_out = OUT + b * stride_ob + offs_s.to(tl.int64) * stride_os
 
     # This program's run of key tiles, [t_lo, t_hi), narrowed to [first, last], the tiles holding an allowed
-    # pair of its queries. A branch around the dot inside the scoring loop would keep Triton from pipelining
-    # the key loads, so the loop's bounds carry the skip instead: one pass over the queries' ``allowed``
-    # rows (a byte a (query, key), against the dot's 2·Hi·Di flops) finds them.
+    # pair of its queries, and within it [full_lo, full_hi), the run of tiles where every pair is allowed (the
+    # keys before a causal chunk: most of a long context). A branch around the dot inside the scoring loop
+    # would keep Triton from pipelining the key loads, so loop bounds carry the skip and the mask instead: one
+    # pass over the queries' ``allowed`` rows (a byte a (query, key), against the dot's 2·Hi·Di flops), a
+    # [BLOCK_S, SCAN_L] load a step (SCAN_L keys: the whole run in one step at the GPU config), finds them.
     n_lt = tl.cdiv(L, BLOCK_L)
     t_lo = lc * tiles_per_program
     t_hi = tl.minimum(t_lo + tiles_per_program, n_lt)
     l_end = tl.minimum(t_hi * BLOCK_L, L)
     offs_c = tl.arange(0, SCAN_L)
-    first_v = tl.full([SCAN_L], 0, tl.int32) + t_hi
-    last_v = tl.full([SCAN_L], 0, tl.int32) + (t_lo - 1)
+    TILES_A_STEP: tl.constexpr = SCAN_L // BLOCK_L
+    offs_ct = tl.arange(0, TILES_A_STEP)
+    first = t_hi                       # t_hi if no pair is allowed
+    last = t_lo - 1                    # t_lo - 1 then
+    full_lo = t_hi                     # t_hi if no tile is full
+    full_hi = t_hi
     for c in range(t_lo * BLOCK_L, l_end, SCAN_L):
         offs = c + offs_c
-        a = tl.load(row_allowed[:, None] + offs[None, :], mask=mask_s[:, None] & (offs < l_end)[None, :], other=0)
-        hit = tl.max(a, 0) != 0                                         # any query of the block, per key
-        first_v = tl.where(hit, tl.minimum(first_v, offs // BLOCK_L), first_v)
-        last_v = tl.where(hit, tl.maximum(last_v, offs // BLOCK_L), last_v)
-    first = tl.min(first_v, 0)        # t_hi if no pair is allowed
-    last = tl.max(last_v, 0)          # t_lo - 1 then
+        in_run = (offs < l_end)[None, :] & mask_s[:, None]
+        # padded queries and keys past the run count as allowed for "every", not for "any"
+        a = tl.load(row_allowed[:, None] + offs[None, :], mask=in_run, other=1)
+        key_any = tl.max(tl.where(in_run, a, 0), 0)                   # [SCAN_L]: some query of the block
+        key_all = tl.min(a, 0)                                         # [SCAN_L]: every query of the block
+        tile_any = tl.max(tl.reshape(key_any, (TILES_A_STEP, BLOCK_L)), 1) != 0
+        tile_full = (tl.min(tl.reshape(key_all, (TILES_A_STEP, BLOCK_L)), 1) != 0) & tile_any
+        t_idx = c // BLOCK_L + offs_ct
+        first = tl.minimum(first, tl.min(tl.where(tile_any, t_idx, t_hi), 0))
+        last = tl.maximum(last, tl.max(tl.where(tile_any, t_idx, t_lo - 1), 0))
+        # steps come in key order, so full_lo is final once a step has set it
+        full_lo = tl.minimum(full_lo, tl.min(tl.where(tile_full, t_idx, t_hi), 0))
+        full_hi = tl.minimum(full_hi, tl.min(tl.where(~tile_full & (t_idx > full_lo) & (t_idx < t_hi), t_idx, t_hi), 0))
+    mid_lo = tl.minimum(tl.maximum(full_lo, first), last + 1)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), last + 1)
 
     offs_tile = tl.arange(0, BLOCK_L)
     no_score = tl.full([BLOCK_L, BLOCK_S], float("-inf"), tl.float32)
     for t in range(t_lo, first):
         offs_l = t * BLOCK_L + offs_tile
         tl.store(row_out[None, :] + offs_l[:, None], no_score, mask=(offs_l < L)[:, None] & mask_s[None, :])
-    # counted from 0: Triton (3.9) does not pipeline this loop when its lower bound is a reduction's result
-    for i in range(0, last + 1 - first):
-        t = first + i
-        offs_l = t * BLOCK_L + offs_tile
-        mask_l = offs_l < L
-        slot = tl.load(KS + b * stride_ksb + offs_l, mask=mask_l, other=-1)
-        has_key = slot >= 0
-        # [BLOCK_L, BLOCK_S]: keys on the dot's M axis, queries after the head sum
-        allowed = tl.load(row_allowed[None, :] + offs_l[:, None], mask=mask_l[:, None] & mask_s[None, :], other=0)
-        k = tl.load(KP + slot.to(tl.int64)[:, None] * stride_kp + offs_d[None, :],
-                    mask=has_key[:, None] & mask_d[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-        x = tl.dot(k, q_t, input_precision=DOT_PRECISION)              # [BLOCK_L, N]: q·k per (key, column)
-        if NEG_SCALE:
-            x = -x
-        x = tl.maximum(x, 0.0) * w_scaled[None, :]
-        tot = tl.sum(tl.reshape(x, (BLOCK_L, BLOCK_S, BLOCK_HI)), 2)      # head sum, within a warp
-        res = tl.where((allowed != 0) & has_key[:, None], tot, float("-inf"))
-        tl.store(row_out[None, :] + offs_l[:, None], res, mask=mask_l[:, None] & mask_s[None, :])
+    # [first, mid_lo) and [mid_hi, last] read the mask a tile; [mid_lo, mid_hi) does not: one loop body,
+    # three pipelined loops
+    for part in tl.static_range(3):
+        if part == 0:
+            t_start = first
+            n_tiles = mid_lo - first
+        elif part == 1:
+            t_start = mid_lo
+            n_tiles = mid_hi - mid_lo
+        else:
+            t_start = mid_hi
+            n_tiles = last + 1 - mid_hi
+        # counted from 0: Triton (3.9) does not pipeline this loop when its lower bound is a reduction's result
+        for i in range(0, n_tiles):
+            t = t_start + i
+            offs_l = t * BLOCK_L + offs_tile
+            mask_l = offs_l < L
+            slot = tl.load(KS + b * stride_ksb + offs_l, mask=mask_l, other=-1)
+            has_key = slot >= 0
+            # unmasked rows: a key without a slot reads pool row 0 and its score is replaced by -inf below
+            # (the masks cost ~10 % of the loop's instructions); the head dim is masked only when padded
+            k_rows = KP + tl.maximum(slot, 0).to(tl.int64)[:, None] * stride_kp + offs_d[None, :]
+            if BLOCK_D == D:
+                k = tl.load(k_rows)
+            else:
+                k = tl.load(k_rows, mask=mask_d[None, :], other=0.0)
+            if CAST_F32:
+                k = k.to(tl.float32)
+            x = tl.dot(k, q_t, input_precision=DOT_PRECISION)          # [BLOCK_L, N]: q·k per (key, column)
+            if NEG_SCALE:
+                x = -x
+            x = tl.maximum(x, 0.0) * w_scaled[None, :]
+            tot = tl.sum(tl.reshape(x, (BLOCK_L, BLOCK_S, BLOCK_HI)), 2)  # head sum, within a warp
+            if part == 1:
+                res = tl.where(has_key[:, None], tot, float("-inf"))
+            else:
+                # [BLOCK_L, BLOCK_S]: keys on the dot's M axis, queries after the head sum
+                allowed = tl.load(row_allowed[None, :] + offs_l[:, None], mask=mask_l[:, None] & mask_s[None, :],
+                                  other=0)
+                res = tl.where((allowed != 0) & has_key[:, None], tot, float("-inf"))
+            tl.store(row_out[None, :] + offs_l[:, None], res, mask=mask_l[:, None] & mask_s[None, :])
     for t in range(tl.maximum(last + 1, first), t_hi):
         offs_l = t * BLOCK_L + offs_tile
         tl.store(row_out[None, :] + offs_l[:, None], no_score, mask=(offs_l < L)[:, None] & mask_s[None, :])

@@ -229,3 +229,26 @@ def test_prefill_gpu_causal_chunk_skips_tiles():
     check(q, w, k_pool, key_slots, allowed, 128 ** -0.5, 1e-5)
     ref = oracle.indexer_scores(q, w, k_pool, key_slots, allowed, 128 ** -0.5)
     assert torch.isneginf(ref).float().mean() > 0.4  # the case really skips
+
+
+def test_bool_mask_is_a_view_in_eager_and_a_conversion_when_traced():
+    """``common.uint8_mask``: in eager a bool mask reaches the kernels as a uint8 view of its bytes (no pass
+    over the mask, ~5-10 % of the prefill indexer); traced (make_fx, fake tensors) it is a dtype conversion,
+    the one Inductor can lower and fuse into the mask's producer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dcp_compile.ops.triton import common
+
+    mask = torch.rand(3, 5, 7) > 0.5
+    view = common.uint8_mask(mask)
+    assert view.dtype == torch.uint8 and view.data_ptr() == mask.data_ptr()
+    assert torch.equal(view, mask.to(torch.uint8))
+    u8 = mask.to(torch.uint8)
+    assert common.uint8_mask(u8) is u8
+    traced = make_fx(common.uint8_mask)(mask)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.aten._to_copy.default], targets
+    with FakeTensorMode():
+        fake = torch.empty(3, 5, dtype=torch.bool)
+        assert common.uint8_mask(fake).dtype == torch.uint8

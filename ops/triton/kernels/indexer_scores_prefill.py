@@ -105,7 +105,8 @@ def indexer_scores_prefill_kernel(
         last = tl.maximum(last, tl.max(tl.where(tile_any, t_idx, t_lo - 1), 0))
         # steps come in key order, so full_lo is final once a step has set it
         full_lo = tl.minimum(full_lo, tl.min(tl.where(tile_full, t_idx, t_hi), 0))
-        full_hi = tl.minimum(full_hi, tl.min(tl.where(~tile_full & (t_idx > full_lo) & (t_idx < t_hi), t_idx, t_hi), 0))
+        breaks_run = ~tile_full & (t_idx > full_lo) & (t_idx < t_hi)     # a tile after full_lo, not full
+        full_hi = tl.minimum(full_hi, tl.min(tl.where(breaks_run, t_idx, t_hi), 0))
     mid_lo = tl.minimum(tl.maximum(full_lo, first), last + 1)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), last + 1)
 

@@ -8,7 +8,8 @@ runs at its maskless probe, 77-81 %: RESULTS.md session 9):
 
   - ``kernel``: the op's prefill kernel at its table config (``choose_prefill_config``), given the mask as uint8
     (as under torch.compile, where the bool -> uint8 conversion fuses into the mask's producer);
-    ``kernel_bool_mask`` the op given a bool mask, its eager conversion included;
+    ``kernel_bool_mask`` the op given a bool mask (in eager a uint8 view since session 9, ``common.uint8_mask``;
+    before, a conversion every call: 5-10 % of the op);
   - ``full``: the probe with the kernel's epilogue (relu·w, head sum, a store per tile) but no ``allowed`` bytes
     and no scan for live tiles (every pair allowed here): what the mask costs;
   - ``head_sum``: the head sum and the stores, without relu·w: what the two FP ops a score cost;
@@ -22,7 +23,8 @@ Each time is the median of CUDA-graph replays (``bench_kernels.time_us``) after 
 (2 · heads · dim · pairs / the 8192^3 bf16 matmul rate of the same run). ``full`` is checked against the kernel
 (1e-5), ``head_sum`` against torch.
 
-    python benchmarks/bench_prefill_indexer_probe.py           # one H200: ~1 min; a table, results.json in $OUT
+    python benchmarks/bench_prefill_indexer_probe.py           # one H200: ~1 min; a table; results.json and
+                                                               # prefill_probe.png in $OUT
     python benchmarks/bench_prefill_indexer_probe.py --ncu     # the kernel and the full probe once each
 """
 from __future__ import annotations

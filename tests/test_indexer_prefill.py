@@ -37,6 +37,16 @@ def inputs(B, S, Hi, Di, L, P, dtype, device, seed):
     return tk.make_indexer_inputs(B, S, Hi, Di, L, P, dtype, device, torch.Generator().manual_seed(seed))
 
 
+def unmasked_inputs(B, S, Hi, Di, L, seed, P=160):
+    """fp32 q, w, a pool of P keys and L distinct live slots a sequence, for tests that build their own mask."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, Hi, Di, generator=gen)
+    w = torch.randn(B, S, Hi, generator=gen)
+    k_pool = torch.randn(P, Di, generator=gen)
+    key_slots = torch.stack([torch.randperm(P, generator=gen)[:L] for _ in range(B)]).to(torch.int32)
+    return q, w, k_pool, key_slots
+
+
 # ------------------------------------------------------------------------- CPU (interpreter) tests
 
 @cpu_only
@@ -68,20 +78,16 @@ def test_prefill_interpreter_skipped_tiles():
     """Allowed pairs only in some key tiles (16 keys each, runs of 2 tiles): tiles outside the allowed span
     of a query block store -inf without a dot, a fully-blocked tile between two allowed ones is scored and
     masked, a query block with nothing allowed stores -inf everywhere, and a run whose allowed span is one
-    key at its end (the pass over ``allowed`` steps 16 keys at a time) is found."""
+    key at its end (the interpreter's pass over ``allowed`` steps 2 tiles at a time) is found."""
     B, S, Hi, Di, L = 2, 6, 3, 32, 100
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(B, S, Hi, Di, generator=gen)
-    w = torch.randn(B, S, Hi, generator=gen)
-    k_pool = torch.randn(160, Di, generator=gen)
-    key_slots = torch.stack([torch.randperm(160, generator=gen)[:L] for _ in range(B)]).to(torch.int32)
+    q, w, k_pool, key_slots = unmasked_inputs(B, S, Hi, Di, L, 5)
     allowed = torch.zeros(B, S, L, dtype=torch.bool)
     allowed[0, 0, 20:30] = True         # tile 1 only (first run: tiles 0-1)
     allowed[0, 1, 70:75] = True         # tile 4; tiles 2-3 in between blocked for this block
     allowed[0, 2, 95] = True            # one key in the last (partial) tile
     allowed[0, 3, 47] = True            # the last key of run 1 (tiles 2-3)
     # queries 4, 5 of sequence 0: nothing allowed (a whole query block of -inf)
-    allowed[1] = torch.rand(S, L, generator=gen) > 0.5
+    allowed[1] = torch.rand(S, L, generator=torch.Generator().manual_seed(6)) > 0.5
     allowed[1, :, 32:64] = False        # a blocked run in the middle of sequence 1
     key_slots[1, 90:] = -1
     cfg = PrefillConfig(2, 16, 0, 0, 2)
@@ -98,11 +104,7 @@ def test_prefill_interpreter_full_tiles():
     the last query block padded (S = 5, 2 queries a block: the pad row counts as allowed), and runs of 4
     tiles that the interpreter's pass reads 2 tiles a step (a run's full tiles found across steps)."""
     B, S, Hi, Di, L = 2, 5, 3, 32, 100
-    gen = torch.Generator().manual_seed(21)
-    q = torch.randn(B, S, Hi, Di, generator=gen)
-    w = torch.randn(B, S, Hi, generator=gen)
-    k_pool = torch.randn(160, Di, generator=gen)
-    key_slots = torch.stack([torch.randperm(160, generator=gen)[:L] for _ in range(B)]).to(torch.int32)
+    q, w, k_pool, key_slots = unmasked_inputs(B, S, Hi, Di, L, 21)
     allowed = torch.ones(B, S, L, dtype=torch.bool)
     allowed[0] = torch.arange(L)[None, :] <= (80 + torch.arange(S))[:, None]   # queries at 80..84
     allowed[1, 3, 40] = False           # query block 1 of sequence 1: tile 2 not full

@@ -172,8 +172,8 @@ class PrefillConfig(NamedTuple):
 
 
 # Keys a step of the prefill kernel's pass over ``allowed`` (finding the tiles to score and the run where every
-# pair is allowed): [block_s, SCAN_L] bytes, a whole run of the table's 32 × 128 keys in one step. The pass is a
-# program's prologue, before its first dot: at 512 keys a step its 8 dependent steps cost ~10 % of the kernel.
+# pair is allowed): [block_s, SCAN_L] bytes, a whole run of the table's 64 tiles × 64 keys in one step. The pass
+# is a program's prologue, before its first dot (at 512 keys a step it took 8 dependent steps).
 SCAN_L = 4096
 
 

@@ -44,13 +44,12 @@ WARPS = (2, 4, 8)
 STAGES = (1, 2, 3)
 # (block_s, block_l, warps, stages) of the prefill kernel: the table's and its neighbours that build for
 # sm_90a without spilling (ptxas, offline): 2 queries x 128 keys on 8 warps with 2-4 stages and 4 warps; 64-
-# and 256-key tiles; 1 and 4 queries a program (N = 64 / 256 columns of the dot); and 5 stages, the fewest at
-# which Triton (3.6) keeps a key tile in flight across the dot (3 key buffers, ``async_wait`` of 2 groups: at
-# 2-4 stages the slots take a stage and the loop waits at its top for the key copy issued at the end of the
-# previous iteration).
+# and 256-key tiles; 1 and 4 queries a program (N = 64 / 256 columns of the dot). Session 9 also swept 5 stages
+# (the fewest at which Triton 3.6 keeps a key tile in flight across the dot): 25-90 % slower in every case
+# (RESULTS.md, session 9), so they are no longer swept.
 PREFILL_TILES_GRID = [(2, 128, 8, 3), (2, 128, 8, 2), (2, 128, 8, 4), (2, 128, 4, 3), (2, 64, 4, 3), (2, 64, 8, 3),
                       (4, 64, 4, 3), (4, 64, 4, 2), (4, 128, 8, 2), (1, 128, 4, 3), (1, 64, 4, 3), (2, 256, 8, 3),
-                      (1, 256, 8, 3), (2, 64, 4, 5), (4, 64, 8, 5), (2, 128, 8, 5), (4, 64, 8, 4)]
+                      (1, 256, 8, 3)]
 PREFILL_KEYS = (0, 2048, 4096)   # keys a program (0: all of L)
 ONE_TILE_PREFILL = (128, 8, 3)   # the one-tile kernel's prefill config before the prefill kernel
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 # Under the Triton interpreter (CPU, tests) every wrapper launches one fixed small config, never autotunes.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -56,8 +57,6 @@ def uint8_mask(mask: torch.Tensor) -> torch.Tensor:
     2.11), and the conversion fuses into the kernel that computes the mask."""
     if mask.dtype == torch.uint8:
         return mask
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
     # a plain tensor outside any tracing (fake, functional and proxied tensors take the conversion)
     eager = type(mask) is torch.Tensor and not torch.compiler.is_compiling() and get_proxy_mode() is None
     return mask.view(torch.uint8) if mask.dtype == torch.bool and eager else mask.to(torch.uint8)

@@ -6,7 +6,9 @@ asks 80 %. Before writing a warp-specialised kernel, measure what each piece cos
 9: the mask cost 15 %, the dots and gathers alone ran at 86-92 %; after the changes this led to, the kernel
 runs at its maskless probe, 77-81 %: RESULTS.md session 9):
 
-  - ``kernel``: the op's prefill kernel at its table config (``choose_prefill_config``), given the mask as uint8
+  - ``ws``: the op as the model calls it (bool mask); on an H100/H200 at these dims that is the warp-specialised
+    Gluon kernel (``kernels/indexer_scores_prefill_ws.py``, session 10);
+  - ``kernel``: the Triton prefill kernel at its table config (``choose_prefill_config``), given the mask as uint8
     (as under torch.compile, where the bool -> uint8 conversion fuses into the mask's producer);
     ``kernel_bool_mask`` the op given a bool mask (in eager a uint8 view since session 9, ``common.uint8_mask``;
     before, a conversion every call: 5-10 % of the op);
@@ -44,6 +46,11 @@ sys.path.insert(0, str(HERE))
 
 CASES = [(8, 512, 8192), (8, 512, 32768)]   # (B, S, L): the model's 4096-token prefill chunks, every pair allowed
 MODES = {"full": 2, "head_sum": 1, "mma_only": 0}
+# table columns: the op on Hopper (the warp-specialised kernel), the Triton kernel, its probes
+COLUMNS = ("ws", "kernel_bool_mask", "kernel", *MODES)
+HEADERS = {"ws": "op (Hopper: warp-specialised), bool mask", "kernel_bool_mask": "Triton kernel, bool mask",
+           "kernel": "Triton kernel, uint8 mask", "full": "full (no mask)", "head_sum": "head_sum",
+           "mma_only": "mma_only"}
 
 
 @triton.jit
@@ -131,6 +138,7 @@ def main():
     from tune_indexer import cost
 
     from dcp_compile.ops.triton import indexer_scores as ix
+    from dcp_compile.ops.triton import indexer_scores_ws
 
     cfg = tuple(int(v) for v in args.config.split(",")) if args.config else tuple(ix.choose_prefill_config(64, False))
     if args.ncu:
@@ -161,6 +169,11 @@ def main():
                                                                 config=cfg), target_ms=20, replays=9),
                        kernel_bool_mask=time_us(lambda: ix.indexer_scores(q, w, k_pool, key_slots, allowed, scale,
                                                                           config=cfg), target_ms=20, replays=9))
+            if indexer_scores_ws.serves(q, k_pool):  # the op's own path on Hopper: the warp-specialised kernel, bool mask
+                got = ix.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+                row["ws"] = time_us(lambda: ix.indexer_scores(q, w, k_pool, key_slots, allowed, scale),
+                                    target_ms=20, replays=9)
             out = torch.empty(B, S, L, device="cuda")
             for mode in MODES:
                 ws = w * scale if mode == "full" else w
@@ -177,7 +190,7 @@ def main():
             rows.append(row)
             print(f"B={B} S={S} L={L} {layout:6s} floor {floor_us:8.1f} us | "
                   + " | ".join(f"{k} {row[k]:8.1f} ({100 * floor_us / row[k]:4.1f} %)"
-                               for k in ("kernel_bool_mask", "kernel", *MODES)), flush=True)
+                               for k in COLUMNS if k in row), flush=True)
             del q, w, k_pool, key_slots, allowed, allowed_u8, ref, out
             torch.cuda.empty_cache()
     result = dict(device=name, bw=bw, rate=rate, config=cfg, regs=regs, rows=rows)
@@ -186,12 +199,12 @@ def main():
     print(f"\n==== prefill indexer and its probes: {name}; config {cfg}; µs (% of the math floor at "
           f"{rate / 1e12:.0f} TFLOP/s) ====")
     print("registers, spills: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in regs.items()))
-    print("| B | S | L | layout | floor µs | op, bool mask | kernel (uint8 mask) | full (no mask) | head_sum | mma_only |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    cols = [k for k in COLUMNS if k in rows[0]]
+    print("| B | S | L | layout | floor µs | " + " | ".join(HEADERS[k] for k in cols) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(cols))
     for r in rows:
         print(f"| {r['B']} | {r['S']} | {r['L']} | {r['layout']} | {r['floor_us']:.0f} | "
-              + " | ".join(f"{r[k]:.0f} ({100 * r['floor_us'] / r[k]:.0f} %)"
-                           for k in ("kernel_bool_mask", "kernel", *MODES)) + " |")
+              + " | ".join(f"{r[k]:.0f} ({100 * r['floor_us'] / r[k]:.0f} %)" for k in cols) + " |")
 
 
 def plot(result, out_dir):
@@ -202,7 +215,7 @@ def plot(result, out_dir):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(9, 4))
-    names = tuple(k for k in ("kernel_bool_mask", "kernel", *MODES) if k in result["rows"][0])
+    names = tuple(k for k in COLUMNS if k in result["rows"][0])
     labels = [f"{r['B']}x{r['S']}x{r['L'] // 1024}K\n{r['layout']}" for r in result["rows"]]
     width = 0.8 / len(names)
     for j, k in enumerate(names):

@@ -11,6 +11,7 @@ sees them and can schedule around them. The ownership arithmetic (``DCPLayout``,
     dcp::sparse_mla_attn(q, kv, slots, counts, scale, v_dim) -> (out, lse)
     dcp::paged_write(pool!, rows, slots) -> ()
     dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
+    dcp::indexer_scores_prefill_ws(q, w, k_pool, key_slots, allowed, scale) -> scores  (Hopper, prefill)
     dcp::local_topk(scores, k) -> (values, columns)
     dcp::candidate_keys(scores, positions) -> keys
     dcp::topk_select(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size) -> (slots, counts)
@@ -193,6 +194,27 @@ _trace_under_compile(indexer_scores, _indexer_scores, when=lambda q, w, k_pool, 
 
 
 @indexer_scores.register_fake
+def _(q, w, k_pool, key_slots, allowed, scale):
+    return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
+
+
+# --- indexer_scores_prefill_ws ----------------------------------------------------------------------------
+# The Hopper warp-specialised prefill indexer (ops/triton/indexer_scores_ws.py), which dcp::indexer_scores'
+# host wrapper calls for the prefill calls it serves. An opaque op, not a triton_op: Inductor re-emits traced
+# user kernels as @triton.jit source, which a Gluon kernel is not, so under torch.compile it stays one node.
+def _indexer_scores_prefill_ws(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor,
+                               scale: float) -> Tensor:
+    """dcp::indexer_scores' contract, on CUDA, for the calls ``indexer_scores_ws.serves`` (allowed uint8)."""
+    from .triton.indexer_scores_ws import run
+
+    return run(q, w, k_pool, key_slots, allowed, scale)
+
+
+indexer_scores_prefill_ws = torch.library.custom_op(f"{LIB}::indexer_scores_prefill_ws", mutates_args=(),
+                                                    device_types="cuda")(_indexer_scores_prefill_ws)
+
+
+@indexer_scores_prefill_ws.register_fake
 def _(q, w, k_pool, key_slots, allowed, scale):
     return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
 

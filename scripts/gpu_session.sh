@@ -126,6 +126,18 @@ for p in $PARTS; do case $p in
   tune_local_topk) TAIL=70 part tune_local_topk 240 python3 benchmarks/tune_local_topk.py --out "$W/tune_local_topk" ;;
   # README's usage on the GPUs: torch.compile(model.forward) for prefill and decode, parity with HF
   demo_compile) TAIL=14 part demo_compile 150 $RUN examples/generate.py --compile --max-new-tokens 16 ;;
+  # A/B of the prefill kernel's query-block order (last to first, the committed one, vs first to last)
+  prefill_order_ab) TAIL=5 part prefill_order_last_first 100 python3 benchmarks/bench_prefill_indexer_kernels.py last-first
+                    sed -i 's/sb = n_sb - 1 - rest % n_sb/sb = rest % n_sb/' ops/triton/kernels/indexer_scores_prefill.py
+                    TAIL=5 part prefill_order_first_last 100 python3 benchmarks/bench_prefill_indexer_kernels.py first-last
+                    sed -i 's/sb = rest % n_sb/sb = n_sb - 1 - rest % n_sb/' ops/triton/kernels/indexer_scores_prefill.py ;;
+  # the prefill indexer's tests (both kernels), and the two kernels at tune_indexer's prefill cases
+  prefill_tests) TAIL=8 part prefill_tests 200 $PYTEST tests/test_indexer_prefill.py ;;
+  prefill_cases) TAIL=30 OUT="$W/prefill_kernels" part prefill_cases 150 python3 benchmarks/bench_prefill_indexer_kernels.py ;;
+  # e2e_prefill with the Triton prefill indexer (the warp-specialised kernel off): the A/B of e2e_prefill
+  e2e_prefill_triton) TAIL=18 DCP_PREFILL_INDEXER=triton part e2e_prefill_triton 160 $RUN benchmarks/bench_e2e.py \
+                        --out "$W/e2e_prefill_triton" --modes dcp tp --compile eager --batch 8 --context 32768 \
+                        --layers 2 --warmup 2 --steps 5 --profile-prefill ;;
   *) echo "unknown part $p" ;;
 esac; done
 rm -f "$W"/*/calls.pt.tmp

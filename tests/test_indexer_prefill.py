@@ -254,3 +254,166 @@ def test_bool_mask_is_a_view_in_eager_and_a_conversion_when_traced():
     with FakeTensorMode():
         fake = torch.empty(3, 5, dtype=torch.bool)
         assert common.uint8_mask(fake).dtype == torch.uint8
+
+
+# ------------------------------------------- the warp-specialised Hopper kernel (kernels/indexer_scores_prefill_ws.py)
+
+from dcp_compile.ops.triton import indexer_scores_ws as ws  # noqa: E402
+
+hopper = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)),
+                            reason="needs an H100/H200 (sm_90a: wgmma)")
+
+
+def ws_case(case):
+    """(q, w, k_pool, key_slots, allowed, scale) at the kernel's dims (64 heads × 128), bf16 unless named."""
+    B, S, L = {"runs": (2, 37, 2500), "first_chunk": (2, 256, 1024), "long": (3, 130, 9000)}.get(case, (3, 9, 1000))
+    dtype = torch.float16 if case == "fp16" else torch.bfloat16
+    q, w, k_pool, key_slots, allowed = inputs(B, S, 64, 128, L, 3 * L, dtype, "cuda", hash(case) % 1000)
+    if case in ("full", "runs", "long"):
+        # a chunk at the end of its context: full tiles, then the diagonal; a blocked pair breaks one full run;
+        # -1 slots inside full tiles
+        qpos = (L - S) + torch.arange(S, device="cuda")
+        allowed = (torch.arange(L, device="cuda")[None, :] <= qpos[:, None])[None].expand(B, S, L).contiguous()
+        allowed[1, 5, 300] = False
+        key_slots[:, 100] = -1
+        key_slots[1, 700:705] = -1
+    elif case == "first_chunk":
+        qpos = torch.arange(S, device="cuda") * (L // S)
+        allowed = (torch.arange(L, device="cuda")[None, :] <= qpos[:, None])[None].expand(B, S, L).contiguous()
+    elif case == "no_pair":
+        allowed[:, :, :] = False
+        allowed[0, 3, 500] = True     # one program with one live tile, the others none
+    return q, w, k_pool, key_slots, allowed, (-0.1 if case == "neg_scale" else 128 ** -0.5)
+
+
+def tile_bounds_reference(allowed, block_s, block_l, tiles):
+    """kernels/prefill_tile_bounds.py's four numbers a program, from their definitions, tile by tile."""
+    B, S, L = allowed.shape
+    n_sb, n_lt = -(-S // block_s), -(-L // block_l)
+    n_lc = -(-n_lt // tiles)
+    out = torch.empty(B, n_sb, n_lc, 4, dtype=torch.int32)
+    for b in range(B):
+        for sb in range(n_sb):
+            for lc in range(n_lc):
+                t_lo, t_hi = lc * tiles, min(lc * tiles + tiles, n_lt)
+                blocks = [allowed[b, sb * block_s:(sb + 1) * block_s, t * block_l:(t + 1) * block_l]
+                          for t in range(t_lo, t_hi)]
+                live = [t for t, blk in zip(range(t_lo, t_hi), blocks) if blk.any()]
+                full = [t for t, blk in zip(range(t_lo, t_hi), blocks) if blk.all() and blk.any()]
+                first, last = (live[0], live[-1]) if live else (t_hi, t_lo - 1)
+                full_lo = full[0] if full else t_hi
+                full_hi = next((t for t in range(full_lo + 1, t_hi) if t not in full), t_hi)
+                mid_lo = min(max(full_lo, first), last + 1)
+                out[b, sb, lc] = torch.tensor([first, last, mid_lo, min(max(full_hi, mid_lo), last + 1)])
+    return out
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 100])
+@pytest.mark.parametrize("mask", ["causal_chunk", "first_chunk", "holes", "none"])
+def test_prefill_tile_bounds(mask, tiles):
+    """The pass that finds each warp-specialised program's tiles (kernels/prefill_tile_bounds.py; the
+    interpreter on CPU, 2 tiles a step so a run spans several steps): first and last live tile and the run of
+    fully allowed ones, against their definitions: a chunk at the end of its context with a blocked pair inside
+    the full run, a first chunk (dead tiles), random holes, nothing allowed; S not a multiple of the query
+    block, L not of the tile."""
+    from dcp_compile.ops.triton import indexer_scores_ws
+
+    B, S, L = 2, 11, 150
+    device = "cuda" if HAS_CUDA else "cpu"
+    gen = torch.Generator().manual_seed(tiles)
+    pos = torch.arange(L)
+    qpos = {"first_chunk": torch.arange(S) * 13}.get(mask, (L - S) + torch.arange(S))
+    allowed = (pos[None, :] <= qpos[:, None])[None].expand(B, S, L).clone()
+    if mask == "causal_chunk":
+        allowed[1, 5, 40] = False
+    elif mask == "holes":
+        allowed &= torch.rand(B, S, L, generator=gen) > 0.02
+    elif mask == "none":
+        allowed[:] = False
+    got = indexer_scores_ws.tile_bounds(allowed.to(torch.uint8).to(device), 4, 16, tiles)
+    assert torch.equal(got.cpu(), tile_bounds_reference(allowed, 4, 16, tiles))
+
+
+@hopper
+@pytest.mark.parametrize("case", ["random", "full", "runs", "first_chunk", "long", "no_pair", "neg_scale", "fp16"])
+def test_prefill_ws_gpu_against_oracle(case):
+    """The op's default prefill path at DeepSeek-V3.2's indexer dims on Hopper is the warp-specialised kernel;
+    against the float64 oracle: random holes and a query with no key, causal chunks (full tiles, the diagonal,
+    a blocked pair inside a full run, -1 slots), a first chunk (dead tiles), programs with no live tile,
+    a negative scale, fp16, S not a multiple of 4 and L not of 64."""
+    q, w, k_pool, key_slots, allowed, scale = ws_case(case)
+    assert ws.serves(q, k_pool)
+    check(q, w, k_pool, key_slots, allowed, scale, 1e-5)
+
+
+@hopper
+@pytest.mark.parametrize("tiles", [1, 3, 16, 10**6])
+def test_prefill_ws_gpu_key_runs_equal_the_triton_kernel(tiles):
+    """Any split of the keys into runs a program gives the Triton kernel's scores (same products, fp32 sums in
+    another order: 1e-5)."""
+    q, w, k_pool, key_slots, allowed, scale = ws_case("runs")
+    want = idx.indexer_scores(q, w, k_pool, key_slots, allowed, scale,
+                              config=idx.choose_prefill_config(64, fp32_dots=False))
+    got = ws.run(q, w, k_pool, key_slots, allowed.to(torch.uint8), scale, tiles=tiles)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@hopper
+def test_prefill_ws_gpu_compiled_and_fallbacks():
+    """Under torch.compile the kernel is one opaque node with the eager result; a key pool whose rows are not
+    16-byte aligned takes the Triton kernel; DCP_PREFILL_INDEXER=triton turns the kernel off."""
+    q, w, k_pool, key_slots, allowed, scale = ws_case("full")
+    eager = torch.ops.dcp.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
+    compiled = torch.compile(lambda *a: torch.ops.dcp.indexer_scores(*a, scale), fullgraph=True)
+    torch.testing.assert_close(compiled(q, w, k_pool, key_slots, allowed), eager, rtol=0, atol=0)
+    offset = k_pool.new_empty(k_pool.numel() + 8)[1:1 + k_pool.numel()].view_as(k_pool)   # 2 bytes off
+    offset.copy_(k_pool)
+    assert offset.data_ptr() % 16
+    got = ws.run(q, w, offset, key_slots, allowed.to(torch.uint8), scale)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    import os
+    os.environ["DCP_PREFILL_INDEXER"] = "triton"
+    try:
+        assert not ws.serves(q, k_pool)
+    finally:
+        del os.environ["DCP_PREFILL_INDEXER"]
+
+
+BUILD_SM90 = """
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from dcp_compile.ops.triton.kernels.indexer_scores_prefill_ws import indexer_scores_prefill_ws_kernel as k
+
+names = k.arg_names
+types = ["*bf16", "*fp32", "*bf16", "*i32", "*u8", "*i32", "*fp32", "fp32"] + ["i32"] * (len(names) - 9) + ["constexpr"]
+aligned = {n for n in names if n.startswith("stride") or n in ("Q", "W", "KP", "KS", "ALLOWED", "BOUNDS", "OUT")}
+compiled = triton.compile(
+    GluonASTSource(fn=k, signature=dict(zip(names, types)), constexprs={(names.index("NEG_SCALE"),): True},
+                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned}),
+    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+ptx = compiled.asm["ptx"]
+print(json.dumps(dict(shared=compiled.metadata.shared, version=triton.__version__,
+                      maxnreg=sorted(set(re.findall(r"setmaxnreg[.][a-z.]*u32[^0-9]*([0-9]+)", ptx))),
+                      wgmma="wgmma.mma_async" in ptx, cp_async="cp.async" in ptx, local=".local" in ptx)))
+"""
+
+
+def test_prefill_ws_builds_for_sm90():
+    """Without a GPU: the warp-specialised kernel compiles for sm_90a with the installed Triton (the Gluon API
+    moves between releases: 3.6 on the GPU image, 3.9 in CI) into its partitions with their register budgets
+    (setmaxnreg 232 for the consumers, 40 for the producer), wgmma and cp.async, no local memory, within the
+    SM's shared memory. In a subprocess without the Triton interpreter (which replaces the language)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", BUILD_SM90], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = json.loads(run.stdout.strip().splitlines()[-1])
+    assert built["shared"] <= 227 * 1024, built
+    assert {"232", "40"} <= set(built["maxnreg"]), built
+    assert built["wgmma"] and built["cp_async"] and not built["local"], built

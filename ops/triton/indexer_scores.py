@@ -5,7 +5,9 @@ program with the grid sized to the SMs (bf16/fp16: its prefetch path, ``DecodeCo
 the tiles from the first to the last allowed key, ``DecodeConfig.live_scan``; which kernel: ``DECODE_TABLE``,
 ``choose_decode_config``); prefill
 (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
-pipelined key tiles, with the head sum inside a warp. Their designs are in the kernels' docstrings. The
+pipelined key tiles, with the head sum inside a warp; on an H100/H200 at DeepSeek-V3.2's indexer dims in
+bf16/fp16 the warp-specialised Gluon kernel ``kernels/indexer_scores_prefill_ws.py`` instead
+(``indexer_scores_ws.py``: the epilogue of one tile beside the dots of the next). Their designs are in the kernels' docstrings. The
 local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
 ``ops/triton/local_topk.py``; a stable sort elsewhere).
 
@@ -30,7 +32,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import common
+from . import common, indexer_scores_ws
 from .kernels.indexer_scores import indexer_scores_kernel
 from .kernels.indexer_scores_decode import indexer_scores_decode_kernel
 from .kernels.indexer_scores_prefill import indexer_scores_prefill_kernel
@@ -244,6 +246,12 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     if tune and prefill:
         raise ValueError(f"tune=True autotunes the decode kernel (S = 1), not S = {S}: "
                          "benchmarks/tune_indexer.py sweeps the prefill kernel's configs")
+    if (prefill and config is None and block_l is None and B * S * L and k_pool.shape[0]
+            and indexer_scores_ws.serves(q, k_pool)):
+        # Hopper, the model's indexer dims, bf16/fp16: the warp-specialised kernel (an opaque op)
+        return torch.ops.dcp.indexer_scores_prefill_ws(
+            common.unit_stride(q), w.to(torch.float32).contiguous(), common.unit_stride(k_pool),
+            common.int32_rows(key_slots), common.uint8_mask(allowed).contiguous(), scale)
     out = common.empty((B, S, L), torch.float32, device)
     if out.numel() == 0:
         return out

@@ -49,7 +49,9 @@ def indexer_scores_prefill_kernel(
     pid = tl.program_id(0)
     lc = pid % n_lc                    # key chunks fastest: programs running together share a sequence's keys
     rest = pid // n_lc
-    sb = rest % n_sb
+    # query blocks last to first: in a causal chunk the late queries see the most keys, so the longest programs
+    # start first and the short ones fill in behind them (launched first to last, they made the tail)
+    sb = n_sb - 1 - rest % n_sb
     b = (rest // n_sb).to(tl.int64)
 
     # column n of the dot = (query sb·BLOCK_S + n // BLOCK_HI, head n % BLOCK_HI)

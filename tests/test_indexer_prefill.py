@@ -316,7 +316,7 @@ def test_prefill_tile_bounds(mask, tiles):
     fully allowed ones, against their definitions: a chunk at the end of its context with a blocked pair inside
     the full run, a first chunk (dead tiles), random holes, nothing allowed; S not a multiple of the query
     block, L not of the tile."""
-    from dcp_compile.ops.triton import indexer_scores_ws
+    from dcp_compile.ops.triton.prefill_tile_bounds import tile_bounds
 
     B, S, L = 2, 11, 150
     device = "cuda" if HAS_CUDA else "cpu"
@@ -330,7 +330,7 @@ def test_prefill_tile_bounds(mask, tiles):
         allowed &= torch.rand(B, S, L, generator=gen) > 0.02
     elif mask == "none":
         allowed[:] = False
-    got = indexer_scores_ws.tile_bounds(allowed.to(torch.uint8).to(device), 4, 16, tiles)
+    got = tile_bounds(allowed.to(torch.uint8).to(device), 4, 16, tiles)
     assert torch.equal(got.cpu(), tile_bounds_reference(allowed, 4, 16, tiles))
 
 
@@ -387,7 +387,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from dcp_compile.ops.triton.kernels.indexer_scores_prefill_ws import indexer_scores_prefill_ws_kernel as k
 
 names = k.arg_names
-types = ["*bf16", "*fp32", "*bf16", "*i32", "*u8", "*i32", "*fp32", "fp32"] + ["i32"] * (len(names) - 9) + ["constexpr"]
+types = ["*bf16", "*fp32", "*bf16", "*i32", "*u8", "*fp32", "*i32", "fp32"] + ["i32"] * (len(names) - 9) + ["constexpr"]
 aligned = {n for n in names if n.startswith("stride") or n in ("Q", "W", "KP", "KS", "ALLOWED", "BOUNDS", "OUT")}
 compiled = triton.compile(
     GluonASTSource(fn=k, signature=dict(zip(names, types)), constexprs={(names.index("NEG_SCALE"),): True},

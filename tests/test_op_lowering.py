@@ -152,7 +152,9 @@ def test_triton_path_traces_to_kernel_launches():
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for mode, found in result.items():
         assert found["kernels"] == {"paged_write_kernel": 1, "sparse_mla_fwd_kernel": 1, "merge_partials_kernel": 1,
-                                    "indexer_scores_prefill_kernel": 1, "topk_select_kernel": 1,
+                                    # the prefill indexer after its pass over the mask
+                                    "prefill_tile_bounds_kernel": 1, "indexer_scores_prefill_kernel": 1,
+                                    "topk_select_kernel": 1,
                                     "candidate_keys_kernel": 1,
                                     # a few short rows: the five-pass scheme (local_topk.choose_scheme)
                                     "local_topk_histogram_kernel": 4,

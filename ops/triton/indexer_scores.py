@@ -33,6 +33,7 @@ import torch
 import triton
 
 from . import common, indexer_scores_ws
+from .prefill_tile_bounds import tile_bounds
 from .kernels.indexer_scores import indexer_scores_kernel
 from .kernels.indexer_scores_decode import indexer_scores_decode_kernel
 from .kernels.indexer_scores_prefill import indexer_scores_prefill_kernel
@@ -171,12 +172,6 @@ class PrefillConfig(NamedTuple):
     num_warps: int
     num_stages: int   # key tiles in flight (Triton software-pipelines the loop's loads)
     tiles: int        # key tiles a program scores before the next program takes over; 0: all of L
-
-
-# Keys a step of the prefill kernel's pass over ``allowed`` (finding the tiles to score and the run where every
-# pair is allowed): [block_s, SCAN_L] bytes, a whole run of the table's 64 tiles × 64 keys in one step. The pass
-# is a program's prologue, before its first dot (at 512 keys a step it took 8 dependent steps).
-SCAN_L = 4096
 
 
 def choose_prefill_config(block_hi: int, fp32_dots: bool) -> PrefillConfig:
@@ -345,8 +340,6 @@ def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, me
         cfg = PrefillConfig(*(config or choose_prefill_config(meta["BLOCK_HI"], meta["DOT_PRECISION"] == "ieee")))
         launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     bl = block_l or cfg.block_l
-    # whole tiles a scan step; the interpreter takes 2 a step, so that a run spans several steps
-    scan_l = 2 * bl if common.fixed_launch(q.device) else max(SCAN_L, bl)
     _power_of_two("block_s", cfg.block_s, 1)
     _power_of_two("block_l", bl, 16)  # tl.dot needs 16 rows at least
     if cfg.tiles < 0:
@@ -355,7 +348,8 @@ def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, me
     n_lt = triton.cdiv(L, bl)
     tiles = cfg.tiles or n_lt
     n_lc = triton.cdiv(n_lt, tiles)
+    bounds = tile_bounds(allowed_u8, cfg.block_s, bl, tiles)
     # relu(scale·x) = |scale|·relu(±x): the kernel folds |scale| into the head weights
     common.launch(indexer_scores_prefill_kernel)[(B * n_sb * n_lc,)](
-        q, w, k_pool, key_slots, allowed_u8, out, abs(float(scale)), S, L, Hi, n_sb, n_lc, tiles, *strides,
-        **meta, BLOCK_S=cfg.block_s, BLOCK_L=bl, NEG_SCALE=float(scale) < 0, SCAN_L=scan_l, **launch)
+        q, w, k_pool, key_slots, allowed_u8, out, bounds, abs(float(scale)), S, L, Hi, n_sb, n_lc, tiles,
+        *strides, **meta, BLOCK_S=cfg.block_s, BLOCK_L=bl, NEG_SCALE=float(scale) < 0, **launch)

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from . import common
-from .kernels.prefill_tile_bounds import prefill_tile_bounds_kernel
+from .prefill_tile_bounds import tile_bounds
 
 HEADS, DIM, BLOCK_S, BLOCK_L = 64, 128, 4, 64
 
@@ -79,22 +79,8 @@ def run(q, w, k_pool, key_slots, allowed_u8, scale: float, tiles: int | None = N
     bounds = tile_bounds(allowed_u8, BLOCK_S, BLOCK_L, tiles)
     n_sb, n_lc = bounds.shape[1], bounds.shape[2]
     _kernel()[(B * n_sb * n_lc,)](
-        q, w, k_pool, key_slots, allowed_u8, bounds, out, abs(float(scale)), S, L, n_sb, n_lc, tiles,
+        q, w, k_pool, key_slots, allowed_u8, out, bounds, abs(float(scale)), S, L, n_sb, n_lc, tiles,
         q.stride(0), q.stride(1), q.stride(2), w.stride(1), k_pool.stride(0), key_slots.stride(0),
         allowed_u8.stride(1), out.stride(1), NEG_SCALE=float(scale) < 0, num_warps=4, maxnreg=168)
     return out
 
-
-def tile_bounds(allowed_u8: torch.Tensor, block_s: int, block_l: int, tiles: int) -> torch.Tensor:
-    """[B, n_sb, n_lc, 4] int32: for each (sequence, block of ``block_s`` queries, run of ``tiles`` key tiles of
-    ``block_l`` keys) its first and last tile holding an allowed pair and its run of fully allowed tiles
-    [mid_lo, mid_hi) (``kernels/prefill_tile_bounds.py``). allowed [B, S, L] uint8, last dim contiguous."""
-    B, S, L = allowed_u8.shape
-    n_sb, n_lc = triton.cdiv(S, block_s), triton.cdiv(triton.cdiv(L, block_l), tiles)
-    bounds = common.empty((B, n_sb, n_lc, 4), torch.int32, allowed_u8.device)
-    # the interpreter: 2 tiles a step, so that a run spans several steps at test sizes
-    scan_l = 2 * block_l if common.fixed_launch(allowed_u8.device) else max(4096, block_l)
-    common.launch(prefill_tile_bounds_kernel)[(B * n_sb * n_lc,)](
-        allowed_u8, bounds, S, L, n_sb, n_lc, tiles, allowed_u8.stride(0), allowed_u8.stride(1),
-        BLOCK_S=block_s, BLOCK_L=block_l, SCAN_L=scan_l, num_warps=4)
-    return bounds

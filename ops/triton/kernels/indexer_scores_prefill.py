@@ -17,7 +17,8 @@ Prefill is bound by the dot (2·S·Hi·Di flops a key), so the layout is chosen 
   do no dot; they store -inf (causal prefill skips about half). A tile between them is scored in full; the
   tiles where every pair is allowed (a chunk's earlier context) skip the per-tile ``allowed`` load and its
   layout conversion (through shared memory, with a barrier): that mask cost 15 % of the kernel at 8 × 512
-  queries × 32K keys (benchmarks/bench_prefill_indexer_probe.py, RESULTS.md session 9).
+  queries × 32K keys (benchmarks/bench_prefill_indexer_probe.py, RESULTS.md session 9). Which tiles those are
+  comes from ``kernels/prefill_tile_bounds.py``, run before this kernel (as for the warp-specialised one).
 
 Loads of input pointers stay in this body (no ``@triton.jit`` helper), so Inductor's mutation analysis sees
 only OUT written (tests/test_kernel_access.py).
@@ -29,6 +30,7 @@ import triton.language as tl
 @triton.jit
 def indexer_scores_prefill_kernel(
     Q, W, KP, KS, ALLOWED, OUT,
+    BOUNDS,                            # [B, n_sb, n_lc, 4] int32: first, last, mid_lo, mid_hi (prefill_tile_bounds)
     scale_abs,                         # |scale|; its sign is NEG_SCALE
     S, L, HI, n_sb, n_lc, tiles_per_program,
     stride_qb, stride_qs, stride_qh,   # q [B, S, Hi, Di], last dim contiguous
@@ -41,7 +43,6 @@ def indexer_scores_prefill_kernel(
     BLOCK_L: tl.constexpr, CAST_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,       # "ieee" for fp32 operands, else None (Triton's default)
     NEG_SCALE: tl.constexpr,           # scale < 0: relu(scale·x) = |scale|·relu(-x)
-    SCAN_L: tl.constexpr,              # keys a step of the pass that finds the tiles to score
 ):
     N: tl.constexpr = BLOCK_S * BLOCK_HI
     # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64)
@@ -77,40 +78,19 @@ def indexer_scores_prefill_kernel(
     row_out = OUT + b * stride_ob + offs_s.to(tl.int64) * stride_os
 
     # This program's run of key tiles, [t_lo, t_hi), narrowed to [first, last], the tiles holding an allowed
-    # pair of its queries, and within it [full_lo, full_hi), the run of tiles where every pair is allowed (the
-    # keys before a causal chunk: most of a long context). A branch around the dot inside the scoring loop
-    # would keep Triton from pipelining the key loads, so loop bounds carry the skip and the mask instead: one
-    # pass over the queries' ``allowed`` rows (a byte a (query, key), against the dot's 2·Hi·Di flops), a
-    # [BLOCK_S, SCAN_L] load a step (SCAN_L keys: the whole run in one step at the GPU config), finds them.
+    # pair of its queries, and within it [mid_lo, mid_hi), the run of tiles where every pair is allowed (the
+    # keys before a causal chunk: most of a long context): found by a pass over the mask before this kernel
+    # (kernels/prefill_tile_bounds.py, every SM at once; in this prologue it held up the program's first dot).
+    # A branch around the dot inside the scoring loop would keep Triton from pipelining the key loads, so loop
+    # bounds carry the skip and the mask instead.
     n_lt = tl.cdiv(L, BLOCK_L)
     t_lo = lc * tiles_per_program
     t_hi = tl.minimum(t_lo + tiles_per_program, n_lt)
-    l_end = tl.minimum(t_hi * BLOCK_L, L)
-    offs_c = tl.arange(0, SCAN_L)
-    TILES_A_STEP: tl.constexpr = SCAN_L // BLOCK_L
-    offs_ct = tl.arange(0, TILES_A_STEP)
-    first = t_hi                       # t_hi if no pair is allowed
-    last = t_lo - 1                    # t_lo - 1 then
-    full_lo = t_hi                     # t_hi if no tile is full
-    full_hi = t_hi
-    for c in range(t_lo * BLOCK_L, l_end, SCAN_L):
-        offs = c + offs_c
-        in_run = (offs < l_end)[None, :] & mask_s[:, None]
-        # padded queries and keys past the run count as allowed for "every", not for "any"
-        a = tl.load(row_allowed[:, None] + offs[None, :], mask=in_run, other=1)
-        key_any = tl.max(tl.where(in_run, a, 0), 0)                   # [SCAN_L]: some query of the block
-        key_all = tl.min(a, 0)                                         # [SCAN_L]: every query of the block
-        tile_any = tl.max(tl.reshape(key_any, (TILES_A_STEP, BLOCK_L)), 1) != 0
-        tile_full = (tl.min(tl.reshape(key_all, (TILES_A_STEP, BLOCK_L)), 1) != 0) & tile_any
-        t_idx = c // BLOCK_L + offs_ct
-        first = tl.minimum(first, tl.min(tl.where(tile_any, t_idx, t_hi), 0))
-        last = tl.maximum(last, tl.max(tl.where(tile_any, t_idx, t_lo - 1), 0))
-        # steps come in key order, so full_lo is final once a step has set it
-        full_lo = tl.minimum(full_lo, tl.min(tl.where(tile_full, t_idx, t_hi), 0))
-        breaks_run = ~tile_full & (t_idx > full_lo) & (t_idx < t_hi)     # a tile after full_lo, not full
-        full_hi = tl.minimum(full_hi, tl.min(tl.where(breaks_run, t_idx, t_hi), 0))
-    mid_lo = tl.minimum(tl.maximum(full_lo, first), last + 1)
-    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), last + 1)
+    row_bounds = BOUNDS + ((b * n_sb + sb) * n_lc + lc) * 4
+    first = tl.load(row_bounds)
+    last = tl.load(row_bounds + 1)
+    mid_lo = tl.load(row_bounds + 2)
+    mid_hi = tl.load(row_bounds + 3)
 
     offs_tile = tl.arange(0, BLOCK_L)
     no_score = tl.full([BLOCK_L, BLOCK_S], float("-inf"), tl.float32)

@@ -107,7 +107,8 @@ def _score_tiles(KP, KS, ALLOWED, OUT, W, L, S, b, sb, stride_kp, stride_ksb, st
 
 @gluon.jit
 def indexer_scores_prefill_ws_kernel(
-    Q, W, KP, KS, ALLOWED, BOUNDS, OUT,
+    Q, W, KP, KS, ALLOWED, OUT,
+    BOUNDS,                            # [B, n_sb, n_lc, 4] int32: first, last, mid_lo, mid_hi (prefill_tile_bounds)
     scale_abs,                         # |scale| (fp32); its sign is NEG_SCALE
     S, L, n_sb, n_lc, tiles_per_program,
     stride_qb, stride_qs, stride_qh,   # q [B, S, 64, 128], last dim contiguous
@@ -116,7 +117,6 @@ def indexer_scores_prefill_ws_kernel(
     stride_ksb,                        # key_slots [B, L] int32, last dim contiguous
     stride_as,                         # allowed [B, S, L] uint8, contiguous: row stride (= L)
     stride_os,                         # out [B, S, L] fp32, contiguous: row stride (= L, as allowed's)
-                                       # BOUNDS [B, n_sb, n_lc, 4] int32: first, last, mid_lo, mid_hi
     NEG_SCALE: gl.constexpr,           # scale < 0: relu(scale·x) = |scale|·relu(-x), and -x = k·(-q)
 ):
     N: gl.constexpr = BLOCK_S * HI

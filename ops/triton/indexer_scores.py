@@ -7,8 +7,9 @@ the tiles from the first to the last allowed key, ``DecodeConfig.live_scan``; wh
 (S > 1, bound by the dot) ``kernels/indexer_scores_prefill.py``, a block of queries a program looping over
 pipelined key tiles, with the head sum inside a warp; on an H100/H200 at DeepSeek-V3.2's indexer dims in
 bf16/fp16 the warp-specialised Gluon kernel ``kernels/indexer_scores_prefill_ws.py`` instead
-(``indexer_scores_ws.py``: the epilogue of one tile beside the dots of the next). Their designs are in the kernels' docstrings. The
-local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
+(``indexer_scores_ws.py``: the epilogue of one tile beside the dots of the next). Both prefill kernels take
+their tiles from one pass over the mask (``prefill_tile_bounds.py``). Their designs are in the kernels'
+docstrings. The local top-k that follows is ``dcp::local_topk`` (ties to the lower position: a radix select on CUDA,
 ``ops/triton/local_topk.py``; a stable sort elsewhere).
 
 Precision: products and sums in fp32. bf16/fp16 operands go to the tensor cores as they are (every such

@@ -345,11 +345,9 @@ def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, me
     _power_of_two("block_l", bl, 16)  # tl.dot needs 16 rows at least
     if cfg.tiles < 0:
         raise ValueError(f"tiles = {cfg.tiles}: key tiles a program, >= 0 (0: all)")
-    n_sb = triton.cdiv(S, cfg.block_s)
-    n_lt = triton.cdiv(L, bl)
-    tiles = cfg.tiles or n_lt
-    n_lc = triton.cdiv(n_lt, tiles)
-    bounds = tile_bounds(allowed_u8, cfg.block_s, bl, tiles)
+    tiles = cfg.tiles or triton.cdiv(L, bl)
+    bounds = tile_bounds(allowed_u8, cfg.block_s, bl, tiles)      # [B, n_sb, n_lc, 4]: the grid's programs
+    n_sb, n_lc = bounds.shape[1], bounds.shape[2]
     # relu(scale·x) = |scale|·relu(±x): the kernel folds |scale| into the head weights
     common.launch(indexer_scores_prefill_kernel)[(B * n_sb * n_lc,)](
         q, w, k_pool, key_slots, allowed_u8, out, bounds, abs(float(scale)), S, L, Hi, n_sb, n_lc, tiles,

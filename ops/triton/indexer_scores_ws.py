@@ -52,7 +52,7 @@ def serves(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
 
 def choose_tiles(B: int, S: int, L: int, sms: int) -> int:
     """Key tiles a program: all of a sequence's keys when the (sequence, query block) programs fill the SMs
-    four times over (a program's prologue, its queries and its pass over the mask, is paid once), else the
+    four times over (a program's prologue, loading its queries into shared memory, is paid once), else the
     keys split into runs so that they do (a short chunk at a long context)."""
     n_lt = triton.cdiv(L, BLOCK_L)
     programs = B * triton.cdiv(S, BLOCK_S)

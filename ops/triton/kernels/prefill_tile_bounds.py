@@ -1,8 +1,9 @@
 """Which key tiles a prefill indexer program scores, from the mask: one program a (sequence, block of queries, run
-of key tiles), the same programs as the warp-specialised prefill kernel (``indexer_scores_prefill_ws.py``), which
-reads the four numbers this writes instead of scanning the mask itself.
+of key tiles), the same programs as the prefill kernels (``indexer_scores_prefill.py``, the warp-specialised
+``indexer_scores_prefill_ws.py``), which read the four numbers this writes instead of scanning the mask.
 
-Why a kernel of its own: that kernel runs one program an SM, so a pass over the mask in its prologue (4 queries ×
+Why a kernel of its own: the warp-specialised kernel runs one program an SM, so a pass over the mask in its
+prologue (4 queries ×
 every key of the run, step after dependent step) left the SM's tensor cores idle; it cost 7-8 % at 8 × 512
 queries × 8K-32K keys (RESULTS.md, session 10). Here the pass runs on every SM at once, many programs an SM,
 bound by the mask's bytes (one read of [B, S, L]: ~1 % of the indexer's time at those shapes).
@@ -12,8 +13,7 @@ Per program, tiles of BLOCK_L keys in its run [t_lo, t_hi):
                   when none: no live tile);
   mid_lo, mid_hi  the run [mid_lo, mid_hi) ⊆ [first, last] of tiles where every pair is allowed, starting at
                   the first such tile (a chunk's earlier context; empty when there is none).
-Padded queries (past S) and keys past the run count as allowed for "every", not for "any" (the Triton prefill
-kernel's own pass, ``indexer_scores_prefill.py``, follows the same rules).
+Padded queries (past S) and keys past the run count as allowed for "every", not for "any".
 """
 import triton
 import triton.language as tl

@@ -150,15 +150,27 @@ def main():
                    help="the live-range study: 4 small-batch cases, fewer one-tile and fixed-run loop configs")
     p.add_argument("--ncu", action="store_true",
                    help="only call the op a few times at the recorded call (8 x 10240, 80 %% of keys live) with "
-                   "the table's decode kernel: a target for ncu")
+                   "the table's decode kernel, each call beside the gather probe and a copy of the op's bytes: a "
+                   "target for ncu")
     args = p.parse_args()
     if args.ncu:
         from dcp_compile.ops.triton import indexer_scores as ix
 
-        inputs = make_set(8, 10240, 0.8)
+        from bench_gather_ceiling import probe
+        from bench_kernels import stream_copy
+
+        B, L, present = RECORDED
+        inputs = make_set(B, L, present)
         inputs = (*inputs[:4], inputs[4].to(torch.uint8))
+        # beside it, what moving the same bytes costs: the gather probe (the indexer's loads and store, no
+        # arithmetic) and a streaming copy reading and writing the op's bytes
+        out = torch.empty(B, L, device=DEVICE)
+        src = torch.empty(op_cost(B, L, present)[0] // 4, device=DEVICE, dtype=torch.bfloat16).normal_()
+        dst = torch.empty_like(src)
         for _ in range(3):  # the table's decode kernel, as the model calls it
             ix.indexer_scores(*inputs, DI ** -0.5)
+            probe(inputs[2], inputs[3], inputs[4], out, 64, 4)
+            stream_copy(src, dst)
         torch.cuda.synchronize()
         return
     from bench_kernels import measure_ceilings, time_us

@@ -12,6 +12,7 @@ sees them and can schedule around them. The ownership arithmetic (``DCPLayout``,
     dcp::paged_write(pool!, rows, slots) -> ()
     dcp::indexer_scores(q, w, k_pool, key_slots, allowed, scale) -> scores
     dcp::indexer_scores_prefill_ws(q, w, k_pool, key_slots, allowed, scale) -> scores  (Hopper, prefill)
+    dcp::indexer_scores_decode_pdl(q, w, k_pool, key_slots, allowed, scale) -> scores  (sm_90+, decode)
     dcp::local_topk(scores, k) -> (values, columns)
     dcp::candidate_keys(scores, positions) -> keys
     dcp::topk_select(cand_keys, seq_index, block_table, k, rank, world, interleave, page_size) -> (slots, counts)
@@ -28,7 +29,7 @@ if __name__ != "dcp_compile.ops":  # one module identity, so the ops are registe
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from . import inference_only, reference  # noqa: E402
+from . import inference_only, reference, trace_choices  # noqa: E402
 from .distributed import all_gather_heads, all_reduce_sum, distributed_topk, local_topk_padded, lse_merge  # noqa: E402,F401
 from .layout import DCPLayout  # noqa: E402,F401
 
@@ -87,30 +88,6 @@ def _trace_under_compile(op, body, when) -> None:
     op.register_torch_dispatch(FunctionalTensorMode, rule)
 
 
-def _key_compile_caches_by_op_sources() -> None:
-    """Compiled graphs hold the traced host wrappers, kernels and references, but torch.compile's caches
-    (AOTAutograd's, Inductor's FX graph cache) key a graph by Dynamo's graph, where each op is one node
-    (triton_op's source scan, meant to add the kernels to that key, cannot see ours behind the lazy imports).
-    A new process would then reuse a stale compiled graph after an edit of ops/. So the hash of ops/'s
-    sources goes into ``torch.compiler.config.cache_key_tag`` (appended to any tag already set)."""
-    import hashlib
-    import pathlib
-
-    config = getattr(torch.compiler, "config", None)
-    if config is None or not hasattr(config, "cache_key_tag"):
-        return
-    root = pathlib.Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    tag = f"dcp-ops-{digest.hexdigest()[:16]}"
-    if tag not in config.cache_key_tag:
-        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
-
-
-_key_compile_caches_by_op_sources()
-
-
 # --- sparse_mla_attn ---------------------------------------------------------------------------------------
 def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
     from .triton.sparse_mla_attn import sparse_mla_attn as kernel
@@ -119,26 +96,27 @@ def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
 
 
 # Kernels for dcp::sparse_mla_attn on Triton devices, by name: ``use_attention_kernel(name)`` picks one for
-# the process, before the first compile (Inductor traces the chosen one into the graph; a compiled graph
-# keeps the kernel it was traced with). "reference" is the plain-PyTorch one. TRACED_ATTENTION_KERNELS: the
+# the process's next compiles (Inductor traces the chosen one into the graph; a compiled graph keeps the kernel
+# it was traced with, and the choice is in torch.compile's cache key: ops/trace_choices.py). "reference" is the plain-PyTorch one. TRACED_ATTENTION_KERNELS: the
 # ones torch.compile traces into the graph (host code made of wrap_triton launches); any other stays an
 # opaque op.
 ATTENTION_KERNELS = {"triton": _triton_sparse_mla_attn, "reference": reference.sparse_mla_attn}
 TRACED_ATTENTION_KERNELS = {"triton"}
-_attention_kernel = {"name": "triton"}
 
 
 def use_attention_kernel(name: str) -> None:
+    """The kernel for this process's next compiles and eager calls (and torch.compile's cache key with it:
+    ops/trace_choices.py)."""
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; registered: {sorted(ATTENTION_KERNELS)}")
-    _attention_kernel["name"] = name
+    trace_choices.set("attention_kernel", name)
 
 
 def _sparse_mla_attn(q: Tensor, kv: Tensor, slots: Tensor, counts: Tensor, scale: float, v_dim: int) -> tuple[Tensor, Tensor]:
     """q [T, H, Dk], kv [S, Dk], slots [T, K] int32 (valid first), counts [T] int32 ->
     out [T, H, v_dim] (q's dtype), lse [T, H] float32 (float64 for float64 q; natural log, -inf where
     counts is 0, out exactly 0 there). S may be 0 (a rank that owns no token yet; every count is then 0)."""
-    kernel = ATTENTION_KERNELS[_attention_kernel["name"]] if _on_triton(q) else reference.sparse_mla_attn
+    kernel = ATTENTION_KERNELS[trace_choices.get("attention_kernel")] if _on_triton(q) else reference.sparse_mla_attn
     return kernel(q, kv, slots, counts, scale, v_dim)
 
 
@@ -146,7 +124,7 @@ sparse_mla_attn = torch.library.triton_op(f"{LIB}::sparse_mla_attn", mutates_arg
 sparse_mla_attn.register_kernel("cpu")(reference.sparse_mla_attn)
 _trace_under_compile(
     sparse_mla_attn, _sparse_mla_attn,
-    when=lambda q, *rest: _on_triton(q) and _attention_kernel["name"] in TRACED_ATTENTION_KERNELS,
+    when=lambda q, *rest: _on_triton(q) and trace_choices.get("attention_kernel") in TRACED_ATTENTION_KERNELS,
 )
 
 
@@ -198,25 +176,31 @@ def _(q, w, k_pool, key_slots, allowed, scale):
     return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
 
 
-# --- indexer_scores_prefill_ws ----------------------------------------------------------------------------
-# The Hopper warp-specialised prefill indexer (ops/triton/indexer_scores_ws.py), which dcp::indexer_scores'
-# host wrapper calls for the prefill calls it serves. An opaque op, not a triton_op: Inductor re-emits traced
-# user kernels as @triton.jit source, which a Gluon kernel is not, so under torch.compile it stays one node.
-def _indexer_scores_prefill_ws(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor,
-                               scale: float) -> Tensor:
-    """dcp::indexer_scores' contract, on CUDA, for the calls ``indexer_scores_ws.serves`` (allowed uint8)."""
-    from .triton.indexer_scores_ws import run
+# --- indexer_scores_prefill_ws, indexer_scores_decode_pdl -------------------------------------------------
+# Two launches of dcp::indexer_scores' kernels that its host wrapper sends to opaque ops (not triton_ops), each
+# with dcp::indexer_scores' contract (allowed as uint8) for the calls its module's ``serves`` takes:
+# - prefill on Hopper, the warp-specialised Gluon kernel (ops/triton/indexer_scores_ws.py): Inductor re-emits
+#   traced user kernels as @triton.jit source, which a Gluon kernel is not;
+# - decode on sm_90+, the decode loop kernel as a programmatic dependent launch (ops/triton/indexer_scores_pdl.py):
+#   Inductor launches traced user kernels without launch attributes.
+# Under torch.compile each stays one extern node; under CUDA graphs its host dispatch is not replayed.
+def _opaque_indexer_op(name: str, module: str):
+    def impl(q: Tensor, w: Tensor, k_pool: Tensor, key_slots: Tensor, allowed: Tensor, scale: float) -> Tensor:
+        import importlib
 
-    return run(q, w, k_pool, key_slots, allowed, scale)
+        return importlib.import_module(f".triton.{module}", __name__).run(q, w, k_pool, key_slots, allowed, scale)
+
+    op = torch.library.custom_op(f"{LIB}::{name}", impl, mutates_args=(), device_types="cuda")
+
+    @op.register_fake
+    def _(q, w, k_pool, key_slots, allowed, scale):
+        return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
+
+    return op
 
 
-indexer_scores_prefill_ws = torch.library.custom_op(f"{LIB}::indexer_scores_prefill_ws", mutates_args=(),
-                                                    device_types="cuda")(_indexer_scores_prefill_ws)
-
-
-@indexer_scores_prefill_ws.register_fake
-def _(q, w, k_pool, key_slots, allowed, scale):
-    return q.new_empty(q.shape[0], q.shape[1], key_slots.shape[1], dtype=torch.float32)
+indexer_scores_prefill_ws = _opaque_indexer_op("indexer_scores_prefill_ws", "indexer_scores_ws")
+indexer_scores_decode_pdl = _opaque_indexer_op("indexer_scores_decode_pdl", "indexer_scores_pdl")
 
 
 # --- local_topk --------------------------------------------------------------------------------------------

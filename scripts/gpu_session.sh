@@ -110,7 +110,7 @@ for p in $PARTS; do case $p in
   indexer_live) TAIL=6 part indexer_live_tests 120 $PYTEST tests/test_triton_kernels.py -k "decode and gpu"
                 TAIL=45 part tune_indexer_live 200 python3 benchmarks/tune_indexer_decode.py --live --out "$W/tune_live" ;;
   # Nsight Compute on the decode indexer at the recorded small-batch call (8 x 10240, 80 % of keys live)
-  ncu_indexer) TAIL=80 part ncu_indexer 120 ncu --clock-control none -k regex:indexer_scores -c 2 \
+  ncu_indexer) TAIL=80 part ncu_indexer 120 ncu --clock-control none -k regex:"indexer_scores|paged_gather_probe|stream_copy" -c 9 \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis python3 benchmarks/tune_indexer_decode.py --ncu ;;
   # the prefill indexer beside probes without its mask / relu·w / epilogue, at two key layouts (NOTES session 9)
@@ -138,6 +138,25 @@ for p in $PARTS; do case $p in
   e2e_prefill_triton) TAIL=18 DCP_PREFILL_INDEXER=triton part e2e_prefill_triton 160 $RUN benchmarks/bench_e2e.py \
                         --out "$W/e2e_prefill_triton" --modes dcp tp --compile eager --batch 8 --context 32768 \
                         --layers 2 --warmup 2 --steps 5 --profile-prefill ;;
+  # the decode indexer as a dependent launch: its tests, its benchmark in a compiled layer, the compiled
+  # decode step's op lowering on CUDA, and the model's decode step with it off / on / on with Inductor's own PDL
+  pdl_tests) TAIL=8 part pdl_tests 200 $PYTEST tests/test_indexer_decode_pdl.py ;;
+  pdl_bench) TAIL=40 part pdl_bench 240 python3 benchmarks/bench_decode_indexer_pdl.py --out "$W/decode_pdl" ;;
+  lowering_cuda) TAIL=8 part lowering_cuda 200 $PYTEST tests/test_op_lowering.py -k cuda ;;
+  e2e_pdl) for s in off on; do
+             TAIL=8 DCP_DECODE_INDEXER_PDL=$s part e2e_pdl_$s 130 $RUN benchmarks/bench_e2e.py --out "$W/e2e_pdl_$s" \
+               --modes dcp --compile cudagraphs --batch 8 --context 16384 --layers 4 --fill random --steps 60
+           done
+           TAIL=8 TORCHINDUCTOR_ENABLE_PDL=1 DCP_DECODE_INDEXER_PDL=on part e2e_pdl_inductor 130 $RUN benchmarks/bench_e2e.py \
+             --out "$W/e2e_pdl_inductor" --modes dcp --compile cudagraphs --batch 8 --context 16384 --layers 4 \
+             --fill random --steps 60 ;;
+  # the same step with the dependent launch's wait alone (0 tiles prefetched), each with and without Inductor's
+  # own kernels as dependent launches, the plain step first and last (process-to-process spread)
+  e2e_pdl_wait) i=0; for c in off:0 0:0 off:1 0:1 off:0; do i=$((i + 1)); n="e2e_pdl${i}_${c%:*}_ind${c#*:}"
+                  TAIL=4 DCP_DECODE_INDEXER_PDL=${c%:*} TORCHINDUCTOR_ENABLE_PDL=${c#*:} part "$n" 100 \
+                    $RUN benchmarks/bench_e2e.py --out "$W/$n" --modes dcp --compile cudagraphs --batch 8 \
+                    --context 16384 --layers 4 --fill random --steps 100
+                done ;;
   *) echo "unknown part $p" ;;
 esac; done
 rm -f "$W"/*/calls.pt.tmp

@@ -362,7 +362,8 @@ def test_prefill_ws_gpu_key_runs_equal_the_triton_kernel(tiles):
 @hopper
 def test_prefill_ws_gpu_compiled_and_fallbacks():
     """Under torch.compile the kernel is one opaque node with the eager result; a key pool whose rows are not
-    16-byte aligned takes the Triton kernel; DCP_PREFILL_INDEXER=triton turns the kernel off."""
+    16-byte aligned takes the Triton kernel; the trace choice ``prefill_indexer`` (``DCP_PREFILL_INDEXER``) =
+    triton turns the kernel off."""
     q, w, k_pool, key_slots, allowed, scale = ws_case("full")
     eager = torch.ops.dcp.indexer_scores(q, w, k_pool, key_slots, allowed, scale)
     compiled = torch.compile(lambda *a: torch.ops.dcp.indexer_scores(*a, scale), fullgraph=True)
@@ -372,12 +373,13 @@ def test_prefill_ws_gpu_compiled_and_fallbacks():
     assert offset.data_ptr() % 16
     got = ws.run(q, w, offset, key_slots, allowed.to(torch.uint8), scale)
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
-    import os
-    os.environ["DCP_PREFILL_INDEXER"] = "triton"
+    from dcp_compile.ops import trace_choices
+
+    trace_choices.set("prefill_indexer", "triton")
     try:
         assert not ws.serves(q, k_pool)
     finally:
-        del os.environ["DCP_PREFILL_INDEXER"]
+        trace_choices.set("prefill_indexer", "auto")
 
 
 BUILD_SM90 = """

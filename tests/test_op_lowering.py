@@ -303,11 +303,15 @@ def test_decode_step_compiles_to_triton_launches_cuda():
             assert torch.equal(compiled.latent_pool, eager.latent_pool), f"replay {replay}: latent pool"
             assert torch.equal(compiled.index_pool, eager.index_pool), f"replay {replay}: index pool"
     code = "\n".join(codes)
-    assert "torch.ops.dcp." not in code, re.findall(r"torch\.ops\.dcp\.\w+", code)
-    from dcp_compile.ops.triton import indexer_scores as ixs
+    from dcp_compile.ops.triton import indexer_scores as ixs, indexer_scores_pdl
 
-    # the decode indexer kernel the table picks for bf16 operands (the prefetch loop kernel as shipped)
-    decode_indexer = ("indexer_scores_decode_kernel" if ixs.DECODE_TABLE["tensor_cores"] is not None
+    # every dcp op lowered to kernels Inductor launches, except the decode indexer's dependent launch
+    # (sm_90+: an opaque op, ops/triton/indexer_scores_pdl.py); else the kernel the table picks for bf16
+    # operands (the prefetch loop kernel as shipped)
+    pdl = indexer_scores_pdl.serves(args[6], compiled.index_pool, args[8].shape[1])
+    assert set(re.findall(r"torch\.ops\.dcp\.(\w+)", code)) == ({"indexer_scores_decode_pdl"} if pdl else set())
+    decode_indexer = ("torch.ops.dcp.indexer_scores_decode_pdl" if pdl
+                      else "indexer_scores_decode_kernel" if ixs.DECODE_TABLE["tensor_cores"] is not None
                       else "indexer_scores_kernel")
     for kernel in ("sparse_mla_fwd_kernel", "merge_partials_kernel", decode_indexer, "paged_write_kernel",
                    "candidate_keys_kernel", "topk_select_kernel"):

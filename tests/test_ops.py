@@ -2,6 +2,7 @@
 independent float64 oracles of tests/op_oracles.py, empty pools, and the inference-only backward errors."""
 from __future__ import annotations
 
+import os
 import re
 
 import op_oracles as oracle
@@ -641,3 +642,39 @@ def test_registered_attention_kernels_agree_on_cuda():
         use_attention_kernel("triton")
     for a, b in zip(outs["triton"], outs["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_trace_choices_key_the_compile_caches():
+    """The ops' trace-time choices (attention kernel, prefill indexer, decode dependent launch) are in
+    torch.compile's cache key with ops/'s source hash, each change replacing our part of the tag in place and
+    keeping the user's; a bad value is refused naming the choice (and, read from the environment at import,
+    the variable)."""
+    import subprocess
+    import sys
+
+    from dcp_compile.ops import trace_choices, use_attention_kernel
+
+    config = torch.compiler.config
+    saved = config.cache_key_tag
+    try:
+        config.cache_key_tag = "user-tag"
+        trace_choices.set("prefill_indexer", "triton")
+        tag = config.cache_key_tag
+        assert tag.startswith("user-tag+dcp-ops-") and "prefill_indexer=triton" in tag and tag.count("dcp-ops-") == 1
+        use_attention_kernel("reference")
+        assert "attention_kernel=reference" in config.cache_key_tag and "prefill_indexer=triton" in config.cache_key_tag
+        trace_choices.set("prefill_indexer", "auto")
+        use_attention_kernel("triton")
+        assert config.cache_key_tag != tag and "prefill_indexer=auto" in config.cache_key_tag
+        with pytest.raises(ValueError, match="decode_indexer_pdl must be one of off, on"):
+            trace_choices.set("decode_indexer_pdl", "maybe")
+        with pytest.raises(KeyError, match="unknown trace choice"):
+            trace_choices.get("nope")
+    finally:
+        config.cache_key_tag = saved
+        trace_choices.set("prefill_indexer", "auto")
+        use_attention_kernel("triton")
+    env = {**os.environ, "DCP_DECODE_INDEXER_PDL": "sometimes"}
+    run = subprocess.run([sys.executable, "-c", "import dcp_compile.ops"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and "DCP_DECODE_INDEXER_PDL='sometimes'" in run.stderr, run.stderr[-2000:]

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from . import common, indexer_scores_ws
+from . import common, indexer_scores_pdl, indexer_scores_ws
 from .prefill_tile_bounds import tile_bounds
 from .kernels.indexer_scores import indexer_scores_kernel
 from .kernels.indexer_scores_decode import indexer_scores_decode_kernel
@@ -211,7 +211,7 @@ def _power_of_two(name, value, least):
 
 
 def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: int | None = None,
-                   config: tuple | None = None, tune: bool = False):
+                   config: tuple | None = None, tune: bool = False, pdl: int | None = None):
     """DSA lightning-indexer scores of queries against this rank's own index-key rows.
     q [B, S, Hi, Di] (any float dtype), w [B, S, Hi] fp32 (per-head weights, may be negative), k_pool [P, Di],
     key_slots [B, L] int32 (row of k_pool for local key l of sequence b; -1 = no key), allowed [B, S, L] bool.
@@ -222,7 +222,9 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     ``config`` a ``DecodeConfig`` (the decode loop kernel; S = 1 only), a ``PrefillConfig`` (5 numbers: the
     prefill kernel, whatever S) or (BLOCK_L, num_warps, num_stages[, maxnreg]) (the one-tile decode kernel,
     whatever S; maxnreg caps its registers a thread, None or 0 no cap);
-    ``tune`` Triton's autotuner over the one-tile kernel instead of the table (S = 1 only; not traceable).
+    ``tune`` Triton's autotuner over the one-tile kernel instead of the table (S = 1 only; not traceable);
+    ``pdl`` with a ``DecodeConfig``: launch it as a programmatic dependent launch prefetching that many key
+    tiles into L2 before its wait (CUDA, compute capability >= 9; not traceable: ``indexer_scores_pdl.py``).
     Under the Triton interpreter the warps and stages of ``config`` are ignored."""
     loop_config = isinstance(config, DecodeConfig)
     if config is not None and not loop_config and len(config) not in (3, 4, 5):
@@ -236,6 +238,8 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     if loop_config and S != 1:
         raise ValueError(f"config {config!r} is the decode loop kernel's, which scores one query a sequence "
                          f"(S = 1), not S = {S}")
+    if pdl is not None and not loop_config:
+        raise ValueError(f"pdl = {pdl}: a dependent launch of the decode loop kernel, which needs its DecodeConfig")
     if tune and loop_config:
         raise ValueError("tune=True autotunes the one-tile decode kernel; a DecodeConfig picks the loop kernel")
     prefill = (not loop_config and len(config) == 5) if config is not None else S != 1
@@ -248,6 +252,12 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
         return torch.ops.dcp.indexer_scores_prefill_ws(
             common.unit_stride(q), w.to(torch.float32).contiguous(), common.unit_stride(k_pool),
             common.int32_rows(key_slots), common.uint8_mask(allowed).contiguous(), scale)
+    if (not prefill and config is None and block_l is None and not tune and B * L and k_pool.shape[0]
+            and indexer_scores_pdl.serves(q, k_pool, L)):
+        # decode on Hopper and later, tensor-core operands: the loop kernel as a dependent launch (opaque op)
+        return torch.ops.dcp.indexer_scores_decode_pdl(
+            common.unit_stride(q), common.unit_stride(w.to(torch.float32)), common.unit_stride(k_pool),
+            common.int32_rows(key_slots), common.unit_stride(common.uint8_mask(allowed)), scale)
     out = common.empty((B, S, L), torch.float32, device)
     if out.numel() == 0:
         return out
@@ -273,7 +283,7 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     if config is None and S == 1 and not tune:
         config = choose_decode_config(B, L, BLOCK_HI, fp32_dots)
     if isinstance(config, DecodeConfig):
-        _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, config)
+        _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, config, pdl)
         return out
 
     # The one-tile kernel (decode by the table or a 3-number config; any S given a 3-number config).
@@ -300,8 +310,11 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     return out
 
 
-def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, cfg: DecodeConfig):
-    """The decode loop kernel's launch: one program a (sequence, run of ``tiles`` key tiles)."""
+def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, cfg: DecodeConfig,
+                        pdl: int | None = None):
+    """The decode loop kernel's launch: one program a (sequence, run of ``tiles`` key tiles). ``pdl`` (not
+    None): a programmatic dependent launch prefetching that many key tiles into L2 before its wait
+    (``indexer_scores_pdl.py``); launched directly, never traced (the op that asks for it is opaque)."""
     B, _, Hi, _ = q.shape
     L = key_slots.shape[1]
     if cfg.tiles < 0 or cfg.programs_per_sm < 1:
@@ -323,10 +336,19 @@ def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, b
     else:
         tiles = decode_tiles(B, n_lt, num_sms(q.device), cfg.programs_per_sm)
         n_chunks = triton.cdiv(n_lt, tiles)
-    common.launch(indexer_scores_decode_kernel)[(B * n_chunks,)](
-        q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles,
+    if pdl is None:
+        kernel, pdl = common.launch(indexer_scores_decode_kernel), -1
+    else:
+        if pdl < 0 or pdl & (pdl - 1) or (pdl and (cfg.live_scan or meta["BLOCK_D"] < 64)):
+            raise ValueError(f"pdl = {pdl}: key tiles prefetched before the wait, 0 or a power of two; a prefetch "
+                             "needs fixed runs (live_scan 0) and rows of >= 64 elements")
+        kernel = indexer_scores_decode_kernel
+        launch["launch_pdl"] = True
+    kernel[(B * n_chunks,)](
+        q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles, k_pool.shape[0],
         q.stride(0), q.stride(2), w.stride(0), k_pool.stride(0), key_slots.stride(0), allowed_u8.stride(0),
-        out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, PREFETCH=bool(cfg.prefetch), **launch)
+        out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, PREFETCH=bool(cfg.prefetch), PDL=pdl,
+        **launch)
 
 
 def _launch_prefill(q, w, k_pool, key_slots, allowed_u8, out, scale, strides, meta, block_l, config):

@@ -8,16 +8,17 @@ H100/H200 (compute capability 9.0: the kernel is built on wgmma), DeepSeek-V3.2'
 ``dcp::indexer_scores_prefill_ws`` (ops/__init__.py): Inductor re-emits a traced user kernel from its source as
 a ``@triton.jit`` kernel, which a Gluon kernel is not, so under torch.compile the launch stays one extern node
 (a prefill call is milliseconds of work: the node's dispatch does not show). ``DCP_PREFILL_INDEXER=triton``
-in the environment sends every call to the Triton kernel instead (A/B runs, bench_e2e).
+in the environment (read at import; ``trace_choices.set("prefill_indexer", ...)`` in a process) sends every
+call to the Triton kernel instead (A/B runs, bench_e2e).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from .. import trace_choices
 from . import common
 from .prefill_tile_bounds import tile_bounds
 
@@ -42,7 +43,7 @@ def _hopper(index: int) -> bool:
 def serves(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
     """True where the warp-specialised kernel takes this prefill call (shapes, dtypes and device only, so the
     choice traces)."""
-    if os.environ.get("DCP_PREFILL_INDEXER", "auto") == "triton" or common.fixed_launch(q.device):
+    if trace_choices.get("prefill_indexer") == "triton" or common.fixed_launch(q.device):
         return False
     _, _, hi, di = q.shape
     return (hi == HEADS and di == DIM and q.dtype == k_pool.dtype and q.dtype in (torch.bfloat16, torch.float16)

@@ -7,7 +7,7 @@ on the paged keys, compiled together by ``torch.compile`` as the model's step is
 per input set, rotating over enough sets that a replay's keys exceed 3 × the L2 (``bench_kernels.time_us``),
 give the time a layer; variants:
   - ``plain``: the loop kernel as Inductor launches a traced user kernel (the default: the choice off);
-  - ``pdl wait``: the dependent launch, the wait alone; ``pdl N``: N key tiles prefetched into L2 before it;
+  - ``pdl``: the dependent launch (the choice ``decode_indexer_pdl`` on);
 each with Inductor's own kernels plain and as dependent launches (``triton.enable_pdl``: they wait before their
 first dependent load and let their dependents start after their last load), and ``producer``: the layer
 without the indexer. The indexer's share of a layer = layer − producer (same Inductor setting); its floor =
@@ -16,7 +16,8 @@ by itself (graph replays of the op only), the figure sessions 8-10 reported.
 
 Cases: the recorded decode call (8 × 10240 local keys, 80 % live: bench_e2e --record, 4 × H200, 8 × 32K), the
 same at 20480 and 40960 keys, and 64 × 163840 (the largest decode call, where nothing may get slower). Every
-variant's scores are compared with ``plain``'s, bit for bit.
+variant's scores are compared with ``plain``'s, bit for bit. (Session 11's first runs also had the kernel
+prefetch its first key rows into L2 before the wait, 1-4 tiles: slower at every depth; removed.)
 
     python benchmarks/bench_decode_indexer_pdl.py [--quick]    # one H100/H200, ~2 min: a table; results.json,
                                                                # decode_pdl.png in --out (default $OUT)
@@ -39,12 +40,11 @@ from tune_indexer_decode import L2_BYTES, RECORDED, make_set, op_cost  # noqa: E
 
 import dcp_compile.ops  # noqa: E402,F401  (registers the dcp ops)
 from dcp_compile.ops import trace_choices  # noqa: E402
-from dcp_compile.ops.triton import indexer_scores_pdl  # noqa: E402
 
 CASES = [RECORDED, (8, 20480, 0.8), (8, 40960, 0.8), (64, 163840, 1.0)]
 QUICK_CASES = [RECORDED, (64, 163840, 1.0)]
 # the trace choice decode_indexer_pdl per variant (ops/trace_choices.py; DCP_DECODE_INDEXER_PDL at import)
-VARIANTS = {"plain": "off", "pdl wait": "0", "pdl 1": "1", "pdl 2": "2", "pdl 4": "4"}
+VARIANTS = {"plain": "off", "pdl": "on"}
 SCALE = 128 ** -0.5
 
 
@@ -63,7 +63,7 @@ def make_layer(with_indexer: bool, inductor_pdl: bool):
         return torch.compile(layer, fullgraph=True, dynamic=False)
 
 
-def run_case(B, L, live, bw, quick):
+def run_case(B, L, live, bw):
     nbytes, _ = op_cost(B, L, live)
     floor = nbytes / bw * 1e6
     n_sets = max(2, min(64, -(-3 * L2_BYTES // nbytes)))
@@ -75,33 +75,27 @@ def run_case(B, L, live, bw, quick):
         sets.append((q.view(B, -1).contiguous(), w.view(B, 1, 64).contiguous(), pool, key_slots,
                      allowed.to(torch.uint8)))
     rows, ref, alone = [], None, {}
-    variants = {k: v for k, v in VARIANTS.items() if not (quick and k in ("pdl 2", "pdl 4"))}
     for inductor_pdl in (False, True):
-        for routing in ("off", "on"):
-            # the routing (the traced loop kernel or the opaque op) is fixed while tracing, the prefetch depth
-            # read at each call: one compile a routing (make_layer resets dynamo: one compiled layer at a time)
-            trace_choices.set("decode_indexer_pdl", routing)
+        for name, setting in VARIANTS.items():
+            # the routing (the traced loop kernel or the opaque op) is fixed while tracing: a compile a variant
+            # (make_layer resets dynamo: one compiled layer at a time)
+            trace_choices.set("decode_indexer_pdl", setting)
             fn = make_layer(True, inductor_pdl)
-            with inductor_config.patch({"triton.enable_pdl": inductor_pdl}):
-                fn(*sets[0])
-            for name, setting in variants.items():
-                if (setting == "off") != (routing == "off"):
-                    continue
-                trace_choices.set("decode_indexer_pdl", setting)
-                with inductor_config.patch({"triton.enable_pdl": inductor_pdl}):
-                    got = fn(*sets[0])
-                    if ref is None:
-                        ref = got.clone()
-                    same = torch.equal(got, ref)
-                    t = time_us([lambda s=s: fn(*s) for s in sets], target_ms=20, replays=11)
-                rows.append(dict(B=B, L=L, live=live, variant=name, inductor_pdl=inductor_pdl, layer_us=t, same=same))
-                print(f"B={B} L={L} live={live} {name} inductor_pdl={inductor_pdl}: layer {t:.2f} us"
-                      + ("" if same else "  SCORES DIFFER"), flush=True)
-                if not inductor_pdl:
-                    # the op by itself, eager (graph replays of the indexer only: the figure of sessions 8-10)
-                    qw = [(s[0].view(B, 1, 64, 128), s[1]) for s in sets]
-                    alone[name] = time_us([lambda s=s, a=a: torch.ops.dcp.indexer_scores(a[0], a[1], *s[2:], SCALE)
-                                           for s, a in zip(sets, qw)], target_ms=20, replays=11)
+            with inductor_config.patch({"triton.enable_pdl": inductor_pdl}):  # compiles here
+                got = fn(*sets[0])
+                if ref is None:
+                    ref = got.clone()
+                same = torch.equal(got, ref)
+                t = time_us([lambda s=s: fn(*s) for s in sets], target_ms=20, replays=11)
+            rows.append(dict(B=B, L=L, live=live, variant=name, inductor_pdl=inductor_pdl, layer_us=t,
+                             same=same))
+            print(f"B={B} L={L} live={live} {name} inductor_pdl={inductor_pdl}: layer {t:.2f} us"
+                  + ("" if same else "  SCORES DIFFER"), flush=True)
+            if not inductor_pdl:
+                # the op by itself, eager (graph replays of the indexer only: the figure of sessions 8-10)
+                qw = [(s[0].view(B, 1, 64, 128), s[1]) for s in sets]
+                alone[name] = time_us([lambda s=s, a=a: torch.ops.dcp.indexer_scores(a[0], a[1], *s[2:], SCALE)
+                                       for s, a in zip(sets, qw)], target_ms=20, replays=11)
     trace_choices.set("decode_indexer_pdl", "off")
     producer = {}
     for inductor_pdl in (False, True):
@@ -128,8 +122,8 @@ def main():
     name = torch.cuda.get_device_name()
     rows = []
     for B, L, live in (QUICK_CASES if args.quick else CASES):
-        rows += run_case(B, L, live, bw, args.quick)
-    result = dict(device=name, copy_bw=bw, default_prefetch_tiles=indexer_scores_pdl.PREFETCH_TILES, rows=rows)
+        rows += run_case(B, L, live, bw)
+    result = dict(device=name, copy_bw=bw, rows=rows)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     plot(result, out_dir)
     print(f"\n==== decode indexer, dependent launch: {name}; copy ceiling {bw / 1e9:.0f} GB/s ====")

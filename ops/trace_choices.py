@@ -24,11 +24,11 @@ import pathlib
 
 import torch
 
-# name -> (environment variable or None, default, allowed values or None for any non-negative integer)
+# name -> (environment variable or None, default, allowed values or None: checked by the setter's caller)
 _SPECS = {
     "attention_kernel": (None, "triton", None),          # values: ops.ATTENTION_KERNELS' names (checked there)
     "prefill_indexer": ("DCP_PREFILL_INDEXER", "auto", ("auto", "triton")),
-    "decode_indexer_pdl": ("DCP_DECODE_INDEXER_PDL", "off", ("off", "on", "<tiles>")),
+    "decode_indexer_pdl": ("DCP_DECODE_INDEXER_PDL", "off", ("off", "on")),
 }
 
 
@@ -36,7 +36,7 @@ def _check(name: str, value: str) -> str:
     if name not in _SPECS:
         raise KeyError(f"unknown trace choice {name!r}; known: {sorted(_SPECS)}")
     env, _, allowed = _SPECS[name]
-    if allowed is not None and value not in allowed and not ("<tiles>" in allowed and value.isdigit()):
+    if allowed is not None and value not in allowed:
         source = f"{env}={value!r}" if env else repr(value)
         raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}")
     return value

@@ -132,7 +132,7 @@ for p in $PARTS; do case $p in
                     TAIL=5 part prefill_order_first_last 100 python3 benchmarks/bench_prefill_indexer_kernels.py first-last
                     sed -i 's/sb = rest % n_sb/sb = n_sb - 1 - rest % n_sb/' ops/triton/kernels/indexer_scores_prefill.py ;;
   # the prefill indexer's tests (both kernels), and the two kernels at tune_indexer's prefill cases
-  prefill_tests) TAIL=8 part prefill_tests 200 $PYTEST tests/test_indexer_prefill.py ;;
+  prefill_tests) TAIL=8 part prefill_tests 200 $PYTEST tests/test_indexer_prefill.py ${PREFILL_K:+-k $PREFILL_K} ;;
   prefill_cases) TAIL=30 OUT="$W/prefill_kernels" part prefill_cases 150 python3 benchmarks/bench_prefill_indexer_kernels.py ;;
   # e2e_prefill with the Triton prefill indexer (the warp-specialised kernel off): the A/B of e2e_prefill
   e2e_prefill_triton) TAIL=18 DCP_PREFILL_INDEXER=triton part e2e_prefill_triton 160 $RUN benchmarks/bench_e2e.py \

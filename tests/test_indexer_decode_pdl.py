@@ -7,12 +7,12 @@ What could go wrong, and the test that would see it:
   at once, then spins and only then writes the query, the weights and a new key row (as the model's step
   writes the new token's index key just before the indexer), eagerly and replayed in a CUDA graph;
 - different scores: the dependent launch must give the plain launch's scores bit for bit (the same body
-  after the wait), at every prefetch depth, on ragged shapes and -1 slots;
+  after the wait), on ragged shapes and -1 slots;
 - the routing: with the choice on, decode calls on sm_90+ take the opaque op (also under torch.compile and
   CUDA graphs); turned off in the same process, the next compile traces the loop kernel again, not a graph from
   torch.compile's caches (ops/trace_choices.py puts the choice in their key).
-GPU only (a dependent launch needs the device); without CUDA the kernel's sm_90a build with the wait and the
-prefetch is checked instead (``test_pdl_builds_for_sm90``).
+GPU only (a dependent launch needs the device); without CUDA the kernel's sm_90a build with the wait before its
+first load is checked instead (``test_pdl_builds_for_sm90``).
 """
 from __future__ import annotations
 
@@ -84,15 +84,14 @@ def assert_oracle(out, q, w, k_pool, key_slots, allowed):
 @pytest.mark.parametrize("B,L,P,live", [(8, 10240, 1 << 17, 0.8), (3, 1000, 4096, 1.0), (1, 64, 64, 1.0),
                                         (16, 4097, 1 << 16, 0.9)])
 def test_pdl_scores_equal_the_plain_launch(pdl_on, dtype, B, L, P, live):
-    """Every prefetch depth (0: the wait alone; 1, 2, 4 tiles) gives the plain launch's scores bit for bit,
-    and the op as the model calls it takes the dependent launch and gives them too."""
+    """The dependent launch gives the plain launch's scores bit for bit, called directly and as the op the model
+    calls (which takes it)."""
     args = decode_inputs(B, L, P, dtype, seed=B * 7 + L, live=live)
     want = plain(*args)
     assert_oracle(want, *args)
     cfg = idx.choose_decode_config(B, L, HI, fp32_dots=False)
-    for tiles in (0, 1, 2, 4):
-        got = idx.indexer_scores(*args, SCALE, config=cfg, pdl=tiles)
-        assert torch.equal(got, want), f"pdl={tiles}: {(got != want).sum().item()} scores differ"
+    got = idx.indexer_scores(*args, SCALE, config=cfg, pdl=True)
+    assert torch.equal(got, want), f"{(got != want).sum().item()} scores differ"
     assert pdl.serves(args[0], args[2], L)
     assert torch.equal(torch.ops.dcp.indexer_scores(*args, SCALE), want)
 
@@ -131,10 +130,10 @@ def late_writer():
 def test_pdl_waits_for_the_previous_kernel(pdl_on, late_writer):
     """The indexer after a kernel that writes its query, weights and the new token's key row late: its scores
     are those of the written values (the oracle on them), eagerly and over CUDA-graph replays with new values
-    each time; the new key's slot is in the first tile a program prefetches before its wait."""
+    each time."""
     B, L, P = 8, 4096, 1 << 15
     q, w, k_pool, key_slots, allowed = decode_inputs(B, L, P, torch.bfloat16, seed=1)
-    new_slot = int(key_slots[2, 0])             # sequence 2's first key: a program's first prefetched tile
+    new_slot = int(key_slots[2, 0])             # sequence 2's first key
     q_src, w_src, new_key = torch.empty_like(q), torch.empty_like(w), torch.empty(DI, dtype=q.dtype, device="cuda")
 
     def fresh(seed):
@@ -198,13 +197,18 @@ def test_pdl_compiled_graphed_and_off_switch(pdl_on):
     torch._dynamo.reset()
 
 
-def test_pdl_setting_parses():
-    """``decode_indexer_pdl``: off none, on the module's depth, a number that depth."""
+def test_pdl_choice():
+    """``decode_indexer_pdl``: off by default (unless the environment set it), on or off, nothing else."""
+    import os
+
     before = trace_choices.get("decode_indexer_pdl")
+    assert before == os.environ.get("DCP_DECODE_INDEXER_PDL", "off")
     try:
-        for setting, want in (("off", None), ("on", pdl.PREFETCH_TILES), ("0", 0), ("2", 2)):
+        for setting in ("on", "off"):
             trace_choices.set("decode_indexer_pdl", setting)
-            assert pdl.prefetch_tiles() == want, setting
+            assert pdl.enabled() == (setting == "on")
+        with pytest.raises(ValueError, match="must be one of off, on"):
+            trace_choices.set("decode_indexer_pdl", "1")
     finally:
         trace_choices.set("decode_indexer_pdl", before)
 
@@ -218,7 +222,7 @@ from dcp_compile.ops.triton.kernels.indexer_scores_decode import indexer_scores_
 names = k.arg_names
 ptrs = {"Q": "*bf16", "W": "*fp32", "KP": "*bf16", "KS": "*i32", "ALLOWED": "*u8", "OUT": "*fp32", "scale": "fp32"}
 const = dict(D=128, BLOCK_D=128, BLOCK_HI=64, BLOCK_L=64, CAST_F32=False, DOT_PRECISION=None, LIVE_SCAN=0,
-             PREFETCH=True, PDL=%d)
+             PREFETCH=True, PDL=True)
 sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
 aligned = {n for n in names if n.startswith("stride") or (n in ptrs and n != "scale")}
 c = triton.compile(ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
@@ -226,21 +230,18 @@ c = triton.compile(ASTSource(fn=k, signature=sig, constexprs={(names.index(n),):
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1, launch_pdl=True))
 ptx = c.asm["ptx"]
 wait = ptx.find("griddepcontrol.wait")
-print(json.dumps(dict(wait=wait >= 0, prefetch=ptx.count("prefetch.global.L2"), local=".local" in ptx,
-                      loads_before_wait=ptx[:max(wait, 0)].count("ld.global"), launch_pdl=c.metadata.launch_pdl)))
+print(json.dumps(dict(wait=wait >= 0, local=".local" in ptx, loads_before_wait=ptx[:max(wait, 0)].count("ld.global"),
+                      launch_pdl=c.metadata.launch_pdl)))
 """
 
 
-@pytest.mark.parametrize("tiles", [0, 1])
-def test_pdl_builds_for_sm90(tiles):
-    """Without a GPU: the dependent launch's kernel compiles for sm_90a with the installed Triton, with the
-    wait in it, before it only the slot loads of the prefetch (none at depth 0) and the L2 prefetches, and no
-    local memory. In a subprocess without the Triton interpreter (which replaces the language)."""
+def test_pdl_builds_for_sm90():
+    """Without a GPU: the dependent launch's kernel compiles for sm_90a with the installed Triton, with the wait
+    before its first load and no local memory. In a subprocess without the Triton interpreter (which replaces
+    the language)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", BUILD_SM90 % tiles], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", BUILD_SM90], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout.strip().splitlines()[-1])
     assert built["wait"] and built["launch_pdl"] and not built["local"], built
-    assert (built["prefetch"] > 0) == (tiles > 0), built
-    assert built["loads_before_wait"] == (1 if tiles else 0), built
+    assert built["loads_before_wait"] == 0, built

@@ -211,7 +211,7 @@ def _power_of_two(name, value, least):
 
 
 def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: int | None = None,
-                   config: tuple | None = None, tune: bool = False, pdl: int | None = None):
+                   config: tuple | None = None, tune: bool = False, pdl: bool = False):
     """DSA lightning-indexer scores of queries against this rank's own index-key rows.
     q [B, S, Hi, Di] (any float dtype), w [B, S, Hi] fp32 (per-head weights, may be negative), k_pool [P, Di],
     key_slots [B, L] int32 (row of k_pool for local key l of sequence b; -1 = no key), allowed [B, S, L] bool.
@@ -223,8 +223,8 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     prefill kernel, whatever S) or (BLOCK_L, num_warps, num_stages[, maxnreg]) (the one-tile decode kernel,
     whatever S; maxnreg caps its registers a thread, None or 0 no cap);
     ``tune`` Triton's autotuner over the one-tile kernel instead of the table (S = 1 only; not traceable);
-    ``pdl`` with a ``DecodeConfig``: launch it as a programmatic dependent launch prefetching that many key
-    tiles into L2 before its wait (CUDA, compute capability >= 9; not traceable: ``indexer_scores_pdl.py``).
+    ``pdl`` with a ``DecodeConfig``: launch it as a programmatic dependent launch (CUDA, compute capability
+    >= 9; not traceable: ``indexer_scores_pdl.py``).
     Under the Triton interpreter the warps and stages of ``config`` are ignored."""
     loop_config = isinstance(config, DecodeConfig)
     if config is not None and not loop_config and len(config) not in (3, 4, 5):
@@ -238,8 +238,8 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
     if loop_config and S != 1:
         raise ValueError(f"config {config!r} is the decode loop kernel's, which scores one query a sequence "
                          f"(S = 1), not S = {S}")
-    if pdl is not None and not loop_config:
-        raise ValueError(f"pdl = {pdl}: a dependent launch of the decode loop kernel, which needs its DecodeConfig")
+    if pdl and not loop_config:
+        raise ValueError("pdl=True: a dependent launch of the decode loop kernel, which needs its DecodeConfig")
     if tune and loop_config:
         raise ValueError("tune=True autotunes the one-tile decode kernel; a DecodeConfig picks the loop kernel")
     prefill = (not loop_config and len(config) == 5) if config is not None else S != 1
@@ -311,10 +311,10 @@ def indexer_scores(q, w, k_pool, key_slots, allowed, scale: float, *, block_l: i
 
 
 def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, block_l, cfg: DecodeConfig,
-                        pdl: int | None = None):
-    """The decode loop kernel's launch: one program a (sequence, run of ``tiles`` key tiles). ``pdl`` (not
-    None): a programmatic dependent launch prefetching that many key tiles into L2 before its wait
-    (``indexer_scores_pdl.py``); launched directly, never traced (the op that asks for it is opaque)."""
+                        pdl: bool = False):
+    """The decode loop kernel's launch: one program a (sequence, run of ``tiles`` key tiles). ``pdl``: as a
+    programmatic dependent launch (``indexer_scores_pdl.py``), launched directly: never traced (the op that
+    asks for it is opaque)."""
     B, _, Hi, _ = q.shape
     L = key_slots.shape[1]
     if cfg.tiles < 0 or cfg.programs_per_sm < 1:
@@ -336,16 +336,12 @@ def _launch_decode_loop(q, w, k_pool, key_slots, allowed_u8, out, scale, meta, b
     else:
         tiles = decode_tiles(B, n_lt, num_sms(q.device), cfg.programs_per_sm)
         n_chunks = triton.cdiv(n_lt, tiles)
-    if pdl is None:
-        kernel, pdl = common.launch(indexer_scores_decode_kernel), -1
-    else:
-        if pdl < 0 or pdl & (pdl - 1) or (pdl and (cfg.live_scan or meta["BLOCK_D"] < 64)):
-            raise ValueError(f"pdl = {pdl}: key tiles prefetched before the wait, 0 or a power of two; a prefetch "
-                             "needs fixed runs (live_scan 0) and rows of >= 64 elements")
+    kernel = common.launch(indexer_scores_decode_kernel)
+    if pdl:
         kernel = indexer_scores_decode_kernel
         launch["launch_pdl"] = True
     kernel[(B * n_chunks,)](
-        q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles, k_pool.shape[0],
+        q, w, k_pool, key_slots, allowed_u8, out, float(scale), L, Hi, n_chunks, tiles,
         q.stride(0), q.stride(2), w.stride(0), k_pool.stride(0), key_slots.stride(0), allowed_u8.stride(0),
         out.stride(0), **meta, BLOCK_L=bl, LIVE_SCAN=cfg.live_scan, PREFETCH=bool(cfg.prefetch), PDL=pdl,
         **launch)

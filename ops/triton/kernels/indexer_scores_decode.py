@@ -67,15 +67,11 @@ kernel itself is at 54-81 % of the floor (launch and the first round trip). Its 
 kernel's to fp32 rounding (another head-sum order), not bit for bit; the mask, -inf pattern and every
 product are the same. The live-range scan composes with it (``LIVE_SCAN``) but measured 3-18 % slower.
 
-PDL (``PDL`` >= 0: launched with ``launch_pdl`` by ``ops/triton/indexer_scores_pdl.py``). The programs may
-start before the previous kernel of the stream has finished, so the body begins with ``gdc_wait``
-(``griddepcontrol.wait``: the previous kernel complete, its writes visible) and nothing before it reaches a
-score. Before it, with ``PDL`` > 0, each program reads the slots of its run's first ``PDL`` tiles as they stand
-(in a CUDA graph, last step's values at the same address for every older key; anything, in eager) and
-prefetches those key rows into L2, clamped into the pool: the first round trip of the gather overlaps the
-previous kernel's tail. L2 is the GPU's point of coherence, where the previous kernel's writes land, so a line
-prefetched early is never stale for the loads after the wait; a wrong slot costs one wasted line. The scores
-are the plain launch's, bit for bit (the same body after the wait).
+PDL (``PDL``: launched with ``launch_pdl`` by ``ops/triton/indexer_scores_pdl.py``, an opt-in). The programs
+may start before the previous kernel of the stream has finished, so the body begins with ``gdc_wait``
+(``griddepcontrol.wait``: the previous kernel complete, its writes visible) before any load; the scores are the
+plain launch's, bit for bit. (Session 11 also tried prefetching each program's first key rows into L2 before
+the wait, from the slots as they stood: slower at every depth, 1-4 tiles; removed, commit 433409c has it.)
 
 Loads of input pointers stay in this body (the ``@triton.jit`` helpers take values only), so Inductor's
 mutation analysis sees only OUT written (tests/test_kernel_access.py).
@@ -89,7 +85,6 @@ def indexer_scores_decode_kernel(
     Q, W, KP, KS, ALLOWED, OUT,
     scale,
     L, HI, n_chunks, tiles_per_program,  # runs a sequence; tiles a run (LIVE_SCAN = 0 only)
-    n_pool_rows,                       # P, the key pool's rows (PDL > 0 only: its speculative prefetch stays inside)
     stride_qb, stride_qh,              # q [B, 1, Hi, Di], last dim contiguous
     stride_wb,                         # w [B, 1, Hi], last dim contiguous
     stride_kp,                         # k_pool [P, Di], last dim contiguous
@@ -101,8 +96,7 @@ def indexer_scores_decode_kernel(
     DOT_PRECISION: tl.constexpr,       # "ieee" for fp32 operands, else None (Triton's default)
     LIVE_SCAN: tl.constexpr,           # keys a step of the live-range scan over ``allowed``; 0: fixed runs
     PREFETCH: tl.constexpr,            # the next tile's loads issued by hand before a tile is scored
-    PDL: tl.constexpr,                 # -1: a plain launch; >= 0: a dependent launch (module docstring, "PDL"),
-                                       # its first PDL key tiles prefetched into L2 before the wait
+    PDL: tl.constexpr,                 # launched as a dependent launch: wait for the previous kernel first
 ):
     # fp32 whatever the launcher passed (Inductor's launch of a user kernel can type a Python float as fp64)
     scale32 = tl.cast(scale, tl.float32)
@@ -113,18 +107,8 @@ def indexer_scores_decode_kernel(
     row_slots = KS + b * stride_ksb
     row_allowed = ALLOWED + b * stride_ab
     row_out = OUT + b * stride_ob
-    if PDL >= 0:
-        if PDL > 0:
-            # Before the wait the previous kernel may still be writing any input (this step's query, its new
-            # key row, even the slots), so nothing read here reaches a score: the slots as they stand (last
-            # step's for every older key) only aim an L2 prefetch of the run's first key rows, clamped into
-            # the pool. L2 is where the writes land, so a line prefetched early is never stale; a wrong slot
-            # costs a wasted line, never a wrong score. Fixed runs only (the host checks LIVE_SCAN = 0).
-            offs_p = chunk * tiles_per_program * BLOCK_L + tl.arange(0, PDL * BLOCK_L)
-            slot_p = tl.load(row_slots + offs_p, mask=offs_p < L, other=0)
-            slot_p = tl.minimum(tl.maximum(slot_p, 0), n_pool_rows - 1).to(tl.int64)
-            offs_line = tl.arange(0, BLOCK_D // 64) * 64       # a 128-byte line a 64 bf16/fp16 elements
-            _prefetch_l2(KP + slot_p[:, None] * stride_kp + offs_line[None, :])
+    if PDL:
+        # the previous kernel may still be running: nothing is read before its writes are visible
         tl.extra.cuda.gdc_wait()
     if LIVE_SCAN > 0:
         # The live-range scan's first step is loaded before the query: both round trips in flight together
@@ -224,13 +208,6 @@ def indexer_scores_decode_kernel(
                         mask=(has_key if LIVE_SCAN > 0 else ok)[:, None] & mask_d[None, :], other=0.0)
             res = _score_tile(q, k, w_col, ok, scale32, CAST_F32, DOT_PRECISION, BLOCK_HI, BLOCK_L)
             tl.store(row_out + offs_l[None, :], res, mask=mask_l[None, :])
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the line at each pointer (``prefetch.global.L2``): no register waits for it, nothing faults."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit

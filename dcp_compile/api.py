@@ -242,6 +242,7 @@ def apply(model: nn.Module, mesh=None, dcp_size: int | None = None, page_size: i
         layout, tp_rank % dcp_size, tp_rank, tp_size, CacheFormat.of(layers), layers[0].key_rows.device,
         RankGroup(mesh.get_group() if tp_size > 1 else None, tp_rank, tp_size), fingerprint,
         _a_parameter(layers[0].module), cache_budget_tokens, verify_ranks, stats,
+        index_topk=max((g.match.indexer.topk for g in groups if g.match.indexer), default=None),
     )
     install_hooks(model)
     model.train(was_training)

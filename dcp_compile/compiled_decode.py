@@ -6,7 +6,7 @@
 
 Why a dispatcher rather than ``model.forward = torch.compile(model.forward, mode="reduce-overhead")`` (which works
 too): prefill and decode want different compilation. A decode step (at most ``STATIC_STEP_TOKENS`` tokens per
-sequence) has fixed shapes (``cache.py``: static key and mask widths, the length on the device), so it is compiled
+sequence after the request's first step, whose prompt is a prefill however short) has fixed shapes (``cache.py``: static key and mask widths, the length on the device), so it is compiled
 with ``dynamic=False`` — one static graph, and one CUDA graph, per (batch size, capacity bucket), replayed at
 every length. Prefill chunks have a new shape each request; compiled, each would be a new graph (and with CUDA
 graphs a new recording holding its activations in the graph pool). So, as HF's generate does for its own
@@ -42,6 +42,14 @@ def _step_tokens(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _first_step(kwargs: dict) -> bool:
+    """A request's first step (its cache holds no position yet: the forward hooks have opened the step, the
+    length is read on the host). A short prompt is a prefill, not a decode or verification step: compiled, each
+    prompt length of at most ``STATIC_STEP_TOKENS`` tokens would be a static graph of its own."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return getattr(cache, "seq_length", None) == 0
+
+
 def compile_decode(model: nn.Module, *, mode: str | None = "reduce-overhead", prefill_options: dict | None = None,
                    **options) -> nn.Module:
     """Compile ``model``'s decode steps (``torch.compile(model.forward, mode=mode, dynamic=False, **options)``)
@@ -61,7 +69,7 @@ def compile_decode(model: nn.Module, *, mode: str | None = "reduce-overhead", pr
     @functools.wraps(eager)
     def forward(*args, **kwargs):
         steps = _step_tokens(args, kwargs)
-        if steps is not None and steps <= STATIC_STEP_TOKENS:
+        if steps is not None and steps <= STATIC_STEP_TOKENS and not _first_step(kwargs):
             if cuda_graphs:
                 # A new replay may overwrite the previous step's outputs: HF copies the logits it keeps.
                 torch.compiler.cudagraph_mark_step_begin()

@@ -30,6 +30,7 @@ class DCPRuntime:
     verify_ranks: bool = True
     apply_stats: dict = field(default_factory=dict)  # what apply did: layers, distinct layers, traces, seconds
     bucket_pools: bool = False  # size per-request pools by capacity bucket (compile_decode sets it)
+    index_topk: int | None = None  # the largest indexer top-k of the rewritten layers (None: dense MLA only)
     _fixed: ShardedPagedCache | None = None
 
     def __post_init__(self):

@@ -96,10 +96,10 @@ def _triton_sparse_mla_attn(q, kv, slots, counts, scale, v_dim):
 
 
 # Kernels for dcp::sparse_mla_attn on Triton devices, by name: ``use_attention_kernel(name)`` picks one for
-# the process's next compiles (Inductor traces the chosen one into the graph; a compiled graph keeps the kernel
-# it was traced with, and the choice is in torch.compile's cache key: ops/trace_choices.py). "reference" is the plain-PyTorch one. TRACED_ATTENTION_KERNELS: the
-# ones torch.compile traces into the graph (host code made of wrap_triton launches); any other stays an
-# opaque op.
+# the process's next compiles (Inductor traces the chosen one into the graph; a compiled graph keeps the
+# kernel it was traced with, and the choice is in torch.compile's cache key: ops/trace_choices.py).
+# "reference" is the plain-PyTorch one. TRACED_ATTENTION_KERNELS: the ones torch.compile traces into the
+# graph (host code made of wrap_triton launches); any other stays an opaque op.
 ATTENTION_KERNELS = {"triton": _triton_sparse_mla_attn, "reference": reference.sparse_mla_attn}
 TRACED_ATTENTION_KERNELS = {"triton"}
 

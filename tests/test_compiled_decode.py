@@ -100,3 +100,33 @@ def test_512_decode_steps_one_static_graph():
     for rank, (_, unique, graphs, recompiles) in enumerate(results):
         assert unique == 1 and graphs == [[]], f"rank {rank}: {unique} graphs, symbolic inputs {graphs}"
         assert not recompiles, f"rank {rank}: recompiles {recompiles}"
+
+
+def short_prompt_run(rank, world):
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
+    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
+    graphs: list = []
+    dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    out = []
+    for length in (5, 9):
+        counters.clear()
+        out.append((model.generate(prompt(length), max_new_tokens=6, do_sample=False),
+                    counters["stats"]["unique_graphs"]))
+    return out
+
+
+def test_short_prompts_prefill_eagerly():
+    """A prompt of at most STATIC_STEP_TOKENS tokens is a request's first step, a prefill: it runs eagerly, so
+    prompts of 5 and 9 tokens share the one decode graph (compiled as static steps, each length would be a graph
+    of its own), with tokens equal to HF."""
+    ref = tiny_deepseek_v32(seed=0, dtype=torch.float32)
+    with TopkGapRecorder(tiny_deepseek_v32_config().index_topk) as gaps, torch.no_grad():
+        want = [ref.generate(prompt(length), max_new_tokens=6, do_sample=False) for length in (5, 9)]
+    if gaps.min_gap <= 1e-4:
+        pytest.fail(f"near tie at the indexer's top-k boundary ({gaps.min_gap:.2e}): change the prompts")
+    ((first, second),) = run_ranks(short_prompt_run, 1)
+    assert torch.equal(first[0], want[0]) and torch.equal(second[0], want[1])
+    assert (first[1], second[1]) == (1, 0), f"graphs compiled per request: {first[1]}, {second[1]}"

@@ -93,3 +93,30 @@ def test_cuda_graph_decode_matches_eager_and_hf_without_recompiles_or_rerecordin
     assert recordings.count == first_recordings, (first_recordings, recordings.count)
     eager_again = eager.generate(prompt(40, seed=7), max_new_tokens=DECODE_STEPS + 1, do_sample=False)
     assert torch.equal(again, eager_again)
+
+
+def test_warm_up_records_what_the_first_requests_replay(mesh):
+    """``warm_up`` with a fixed pool: afterwards requests of the warmed batch sizes and capacity buckets compile
+    nothing and record no CUDA graph (they replay the warm-up's), with the eager DCP model's tokens."""
+    import dcp_compile
+    from torch._dynamo.utils import counters
+
+    hf = dense_tiny()
+    eager = dcp_compile.apply(copy.deepcopy(hf), mesh, page_size=4, cache_budget_tokens=1024)
+    graphed = dcp_compile.apply(copy.deepcopy(hf), mesh, page_size=4, cache_budget_tokens=1024)
+    dcp_compile.compile_decode(graphed)
+    records = dcp_compile.warm_up(graphed, batch_sizes=(1, 2), contexts=(None, 300))
+    assert all(r["seconds"] is not None for r in records), records
+    requests = [(prompt(19), None), (torch.cat([prompt(19), prompt(19, seed=7)]), None), (prompt(40, seed=8), 300)]
+    counters.clear()
+    with GraphRecordings() as recordings:
+        for ids, positions in requests:
+            kwargs = dict(max_new_tokens=24, do_sample=False)
+            got = graphed.generate(ids, **kwargs, **({} if positions is None else
+                                                     {"cache": graphed.dcp.new_cache(ids.shape[0], positions)}))
+            want = eager.generate(ids, **kwargs, **({} if positions is None else
+                                                    {"cache": eager.dcp.new_cache(ids.shape[0], positions)}))
+            assert torch.equal(got, want), f"request {tuple(ids.shape)}, cache {positions}: tokens differ"
+    assert counters["stats"]["unique_graphs"] == 0, counters["stats"]
+    assert recordings.count == 0, f"{recordings.count} CUDA graph(s) recorded after warm_up"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -1,5 +1,5 @@
-"""What the Triton host wrappers of ``ops/triton`` share: the interpreter flag, the launch hook, the output
-allocation hook, the ``tl.dot`` input precision and the input normalisation.
+"""What the Triton host wrappers of ``ops/triton`` share: the interpreter flag, the device's compute capability,
+the launch hook, the output allocation hook, the ``tl.dot`` input precision and the input normalisation.
 
 Kernels are in ``ops/triton/kernels/`` (one ``@triton.jit`` kernel per file); the wrappers beside this file
 check inputs, allocate outputs, choose tiles / configs and launch.
@@ -10,6 +10,7 @@ autotuning; choices may depend on shapes, dtypes and devices only. Every launch 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,6 +23,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def fixed_launch(device: torch.device) -> bool:
     """True where the kernels run with a fixed small config: the interpreter, or a tensor not on CUDA."""
     return INTERPRET or device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (cached: the wrappers ask on every call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch(kernel):

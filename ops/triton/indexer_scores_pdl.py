@@ -29,8 +29,6 @@ extern node: under CUDA graphs (``compile_decode``'s decode step) its host dispa
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
@@ -41,11 +39,6 @@ from . import common
 def enabled() -> bool:
     """The trace choice ``decode_indexer_pdl`` is on (off by default)."""
     return trace_choices.get("decode_indexer_pdl") == "on"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def _decode_config(B: int, L: int, hi: int):
@@ -63,7 +56,7 @@ def serves(q: torch.Tensor, k_pool: torch.Tensor, L: int) -> bool:
     B, _, hi, _ = q.shape
     if not (q.dtype == k_pool.dtype and q.dtype in (torch.bfloat16, torch.float16)):
         return False
-    if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0] < 9:
+    if common.capability(q.device)[0] < 9:
         return False
     from .indexer_scores import DecodeConfig
 

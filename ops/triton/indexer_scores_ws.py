@@ -35,11 +35,6 @@ def _kernel():
     return indexer_scores_prefill_ws_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
 def serves(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
     """True where the warp-specialised kernel takes this prefill call (shapes, dtypes and device only, so the
     choice traces)."""
@@ -47,7 +42,7 @@ def serves(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
         return False
     _, _, hi, di = q.shape
     return (hi == HEADS and di == DIM and q.dtype == k_pool.dtype and q.dtype in (torch.bfloat16, torch.float16)
-            and _hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            and common.capability(q.device) == (9, 0)
             and _kernel() is not None)
 
 

@@ -171,7 +171,7 @@ class ShardedPagedCache(Cache):
         self.key_width = 0  # L of the step in progress
         self.mask_width = 0  # HF attention-mask columns of the step in progress
         self._positions: StepPositions | None = None  # computed by the step's first DCP layer, shared by the rest
-        self._block_tables: dict[tuple[int, int], torch.Tensor] = {}  # by (batch size, pages): see _set_batch
+        self._table_rows: torch.Tensor | None = None  # the block tables' rows (see _set_batch)
         self._set_batch(batch_size)
         for t in (self.past, *self.latent.values(), *self.index_keys.values()):
             _static_address(t)
@@ -180,17 +180,16 @@ class ShardedPagedCache(Cache):
     def _set_batch(self, batch_size: int) -> None:
         self.num_sequences = batch_size
         self._pages: list[list[int]] = [[] for _ in range(batch_size)]
-        # One block table per batch size, kept: a request of a batch size seen before gets the same address, so
-        # a CUDA graph recorded for that batch size replays instead of re-recording (a fixed pool serving
-        # alternating batch sizes would otherwise re-record at every change).
-        shape = (batch_size, max(1, self.allocator.num_pages))
-        tables = self._block_tables
-        if shape in tables:
-            tables[shape].fill_(-1)
-        else:
-            tables[shape] = torch.full(shape, -1, dtype=torch.int32, device=self.device)
-            _static_address(tables[shape])
-        self.block_table = tables[shape]
+        # The block table is the first rows of one table kept for the largest batch seen, so every batch size up
+        # to it gets the same address: a CUDA graph recorded for a batch size replays after requests of other
+        # sizes (a fixed pool serving alternating batch sizes would otherwise re-record at every change), at the
+        # memory of one table. A larger batch makes a new table (``warm_up`` runs the largest batch first).
+        pages = max(1, self.allocator.num_pages)
+        if self._table_rows is None or self._table_rows.shape[0] < batch_size:
+            self._table_rows = torch.full((batch_size, pages), -1, dtype=torch.int32, device=self.device)
+        self.block_table = self._table_rows[:batch_size]
+        self.block_table.fill_(-1)
+        _static_address(self.block_table)
 
     def start_request(self, batch_size: int, num_tokens: int) -> None:
         """Free everything, then reserve ``num_tokens`` positions for each of ``batch_size`` sequences.

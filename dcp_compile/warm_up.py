@@ -15,9 +15,10 @@ replay the third), token ids 0, 1, 2, ... modulo the vocabulary, the same on eve
 1. ``long prompt``: batch 1, index_topk × the DCP size + one page of tokens, so that every rank holds more keys
    than the top-k: the prefill's long-context kernels. Not run for a model without an indexer, or where a fixed
    pool (``cache_budget_tokens``) cannot hold it (such a pool never holds a request that needs them).
-2. per batch size and context: a one-page prompt decoded in a cache reserved for ``context`` positions
-   (``model.dcp.new_cache``): the decode step of that batch size and that context's capacity bucket, compiled
-   (and recorded) as a request of that size and length will replay it. ``contexts=None``: the smallest bucket.
+2. per batch size (the largest first) and context: a one-page prompt decoded in a cache reserved for ``context``
+   positions (``model.dcp.new_cache``): the decode step of that batch size and that context's capacity bucket,
+   compiled (and recorded) as a request of that size and length will replay it. ``contexts=None``: the
+   smallest bucket.
    Not run where a fixed pool cannot hold ``batch × context`` positions.
 Each returns a record (what, batch, prompt and cache positions, seconds or None, and why not where skipped).
 The skips depend on shapes and the model only, so every rank skips the same requests.
@@ -92,7 +93,8 @@ def warm_up(model: nn.Module, batch_sizes=(1,), contexts=None, decode_steps: int
         else:
             records.append({**record, "seconds": None,
                             "skipped": f"the fixed pool of {runtime.cache_budget_tokens} tokens cannot hold it"})
-    for batch in batch_sizes:
+    # the largest batch first: its block table is the one every smaller batch then shares (cache.py, _set_batch)
+    for batch in sorted(set(batch_sizes), reverse=True):
         for context in contexts:
             positions = page + decode_steps if context is None else context
             record = dict(what="decode", batch=batch, prompt=page, positions=positions)

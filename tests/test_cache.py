@@ -194,19 +194,24 @@ def test_start_request_and_reset_free_pages():
     assert cache.used_pages() == 2 and (cache.block_table[0] == -1).all() and (cache.block_table[1, :2] >= 0).all()
 
 
-def test_block_table_address_kept_per_batch_size():
-    """A fixed pool serving alternating batch sizes hands each batch size the block table it had before (same
-    address: a CUDA graph recorded for it replays), emptied of the previous request's pages."""
-    cache = make_cache(world=2, page_size=4, rank=0, num_pages=10, batch=1)
-    cache.start_request(1, 17)
-    one = cache.block_table
-    cache.start_request(2, 9)
-    two = cache.block_table
-    assert two.data_ptr() != one.data_ptr() and two.shape[0] == 2
-    cache.start_request(1, 9)
-    assert cache.block_table is one and (one[0, 2:] == -1).all() and (one[0, :2] >= 0).all()  # 5 of 9: 2 pages
+def test_block_table_address_kept_across_batch_sizes():
+    """A fixed pool serving alternating batch sizes gives every batch size up to the largest seen the same block
+    table address (a CUDA graph recorded for one replays after requests of another), emptied of the previous
+    request's pages; a larger batch gets a new table, which the smaller ones then share."""
+    cache = make_cache(world=2, page_size=4, rank=0, num_pages=12, batch=1)
     cache.start_request(2, 17)
-    assert cache.block_table is two and (two[:, :3] >= 0).all()
+    base = cache.block_table.data_ptr()
+    assert cache.block_table.shape == (2, 12) and (cache.block_table[:, :3] >= 0).all()  # 9 of 17: 3 pages
+    cache.start_request(1, 9)
+    assert cache.block_table.data_ptr() == base and cache.block_table.shape == (1, 12)
+    assert (cache.block_table[0, :2] >= 0).all() and (cache.block_table[0, 2:] == -1).all()  # 5 of 9: 2 pages
+    cache.start_request(2, 9)
+    assert cache.block_table.data_ptr() == base and (cache.block_table[:, 2:] == -1).all()
+    cache.start_request(3, 9)
+    bigger = cache.block_table.data_ptr()
+    assert bigger != base and cache.block_table.shape == (3, 12)
+    cache.start_request(1, 9)
+    assert cache.block_table.data_ptr() == bigger
 
 
 def test_page_allocator_all_or_nothing():

@@ -20,7 +20,8 @@ replay the third), token ids 0, 1, 2, ... modulo the vocabulary, the same on eve
    compiled (and recorded) as a request of that size and length will replay it. ``contexts=None``: the
    smallest bucket.
    Not run where a fixed pool cannot hold ``batch × context`` positions.
-Each returns a record (what, batch, prompt and cache positions, seconds or None, and why not where skipped).
+Each returns a record: what, batch, prompt and cache positions, seconds (None where skipped) and skipped (why
+not, or None).
 The skips depend on shapes and the model only, so every rank skips the same requests.
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def warm_up(model: nn.Module, batch_sizes=(1,), contexts=None, decode_steps: int
                            **({} if cache is None else {"cache": cache}))
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)
-        return {**record, "seconds": round(time.perf_counter() - start, 3)}
+        return {**record, "seconds": round(time.perf_counter() - start, 3), "skipped": None}
 
     records = []
     if runtime.index_topk is None:

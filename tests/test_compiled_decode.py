@@ -33,14 +33,22 @@ def static_graph_recorder(graphs: list):
     return backend
 
 
-def compiled_decode_run(rank, world):
-    from torch._dynamo.utils import counters
+def compiled_tiny(world: int, **apply_kwargs):
+    """In a rank of ``run_ranks``: the tiny model applied over ``world`` CPU ranks (page size 4) with its decode
+    compiled by Inductor without CUDA graphs, and the list that records its decode graphs' symbolic inputs."""
     from torch.distributed.device_mesh import init_device_mesh
 
     model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
-    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
+    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4, **apply_kwargs)
     graphs: list = []
     dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    return model, graphs
+
+
+def compiled_decode_run(rank, world):
+    from torch._dynamo.utils import counters
+
+    model, graphs = compiled_tiny(world)
     results = []
     for length, batch in REQUESTS:
         counters.clear()
@@ -81,12 +89,8 @@ def test_compile_decode_needs_apply():
 
 def long_decode_run(rank, world, steps):
     from torch._dynamo.utils import counters
-    from torch.distributed.device_mesh import init_device_mesh
 
-    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
-    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
-    graphs: list = []
-    dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    model, graphs = compiled_tiny(world)
     counters.clear()
     out = model.generate(prompt(19), max_new_tokens=steps + 1, do_sample=False)
     return out, counters["stats"]["unique_graphs"], graphs, dict(counters["recompiles"])
@@ -104,12 +108,8 @@ def test_512_decode_steps_one_static_graph():
 
 def short_prompt_run(rank, world):
     from torch._dynamo.utils import counters
-    from torch.distributed.device_mesh import init_device_mesh
 
-    model = tiny_deepseek_v32(seed=0, dtype=torch.float32)
-    dcp_compile.apply(model, init_device_mesh("cpu", (world,)), page_size=4)
-    graphs: list = []
-    dcp_compile.compile_decode(model, mode=None, backend=static_graph_recorder(graphs))
+    model, _ = compiled_tiny(world)
     out = []
     for length in (5, 9):
         counters.clear()

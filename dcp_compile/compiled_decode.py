@@ -6,9 +6,9 @@
 
 Why a dispatcher rather than ``model.forward = torch.compile(model.forward, mode="reduce-overhead")`` (which works
 too): prefill and decode want different compilation. A decode step (at most ``STATIC_STEP_TOKENS`` tokens per
-sequence after the request's first step, whose prompt is a prefill however short) has fixed shapes (``cache.py``: static key and mask widths, the length on the device), so it is compiled
-with ``dynamic=False`` — one static graph, and one CUDA graph, per (batch size, capacity bucket), replayed at
-every length. Prefill chunks have a new shape each request; compiled, each would be a new graph (and with CUDA
+sequence after the request's first step, whose prompt is a prefill however short) has fixed shapes
+(``cache.py``: static key and mask widths, the length on the device), so it is compiled with ``dynamic=False`` —
+one static graph, and one CUDA graph, per (batch size, capacity bucket), replayed at every length. Prefill chunks have a new shape each request; compiled, each would be a new graph (and with CUDA
 graphs a new recording holding its activations in the graph pool). So, as HF's generate does for its own
 compileable caches, long steps run the uncompiled forward, or a forward compiled with ``prefill_options`` (e.g.
 ``{"backend": "inductor", "dynamic": True}``).

@@ -70,8 +70,7 @@ def warm_up(model: nn.Module, batch_sizes=(1,), contexts=None, decode_steps: int
         kwargs["pad_token_id"] = 0  # HF's generate wants one for its padding of finished rows
 
     def prompt(batch: int, tokens: int) -> torch.Tensor:
-        ids = torch.arange(batch * tokens, device=runtime.device).remainder_(vocab).view(batch, tokens)
-        return ids
+        return torch.arange(batch * tokens, device=runtime.device).remainder_(vocab).view(batch, tokens)
 
     def run(record: dict, ids: torch.Tensor, cache=None) -> dict:
         start = time.perf_counter()

@@ -32,10 +32,14 @@ _SPECS = {
 }
 
 
-def _check(name: str, value: str) -> str:
+def _known(name: str) -> str:
     if name not in _SPECS:
         raise KeyError(f"unknown trace choice {name!r}; known: {sorted(_SPECS)}")
-    env, _, allowed = _SPECS[name]
+    return name
+
+
+def _check(name: str, value: str) -> str:
+    env, _, allowed = _SPECS[_known(name)]
     if allowed is not None and value not in allowed:
         source = f"{env}={value!r}" if env else repr(value)
         raise ValueError(f"{source}: {name} must be one of {', '.join(allowed)}")
@@ -47,9 +51,7 @@ _choices = {name: _check(name, os.environ.get(env, default) if env else default)
 
 
 def get(name: str) -> str:
-    if name not in _choices:
-        raise KeyError(f"unknown trace choice {name!r}; known: {sorted(_SPECS)}")
-    return _choices[name]
+    return _choices[_known(name)]
 
 
 def set(name: str, value: str) -> None:  # noqa: A001 - the module is used as trace_choices.set
